@@ -1,0 +1,133 @@
+"""Settings from flags, `WGJIT_*` environment variables and a TOML file.
+
+Precedence is flag > environment > file > default, so an operator can keep a
+fleet-wide file and override one value on one host. Every error names the key
+and where it came from, because "invalid config" alone costs an operator an hour.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "WGJIT_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag's long name with dashes, e.g. "idle-timeout"
+    type: Callable[[Any], Any] = str
+    default: Any = None
+    required: bool = False
+    check: Callable[[Any], str | None] | None = None  # returns a problem or None
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+BOOL = _parse_bool
+LIST = _parse_list
+
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def host_port(value: Any) -> str | None:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT with a port from 1 to 65535"
+    return None
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {p}: not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p}: not valid TOML: {e}") from e
+
+
+def resolve(
+    options: list[Option],
+    flags: Mapping[str, Any],
+    file_data: Mapping[str, Any] | None = None,
+    section: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Resolve every option to a typed value, or raise ConfigError naming the key.
+
+    `flags` holds argparse values (None when the flag was not given). In the file,
+    a key may sit at the top level or in the `[section]` table; the table wins.
+    Unknown keys in the section table are an error, so a typo does not pass silently.
+    """
+    environ = os.environ if environ is None else environ
+    file_data = dict(file_data or {})
+    table = file_data.get(section, {}) if section else {}
+    if section and not isinstance(table, dict):
+        raise ConfigError(f"config key {section!r}: must be a table")
+    known = {o.key for o in options}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"config key {section}.{key}: unknown setting")
+    result: dict[str, Any] = {}
+    for opt in options:
+        raw, source = None, None
+        if flags.get(opt.key) is not None:
+            raw, source = flags[opt.key], f"--{opt.name}"
+        elif opt.env in environ:
+            raw, source = environ[opt.env], f"environment {opt.env}"
+        elif opt.key in table:
+            raw, source = table[opt.key], f"config key {section}.{opt.key}"
+        elif opt.key in file_data and not isinstance(file_data[opt.key], dict):
+            raw, source = file_data[opt.key], f"config key {opt.key}"
+        if raw is None:
+            if opt.required:
+                raise ConfigError(
+                    f"{opt.key}: required (give --{opt.name}, {opt.env} or '{opt.key}' in the config file)"
+                )
+            result[opt.key] = opt.default
+            continue
+        try:
+            value = opt.type(raw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: invalid value {raw!r}: {e}") from e
+        if opt.check is not None and (problem := opt.check(value)):
+            raise ConfigError(f"{source}: {problem} (got {raw!r})")
+        result[opt.key] = value
+    return result

@@ -1,0 +1,1 @@
+"""The wgjit lab: network namespaces (and qemu VMs) with real WireGuard."""
