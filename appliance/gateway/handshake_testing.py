@@ -43,11 +43,14 @@ def build_initiation(
     sender_index: int | None = None,
     ephemeral_private: bytes | None = None,
     mac2: bytes = bytes(MAC_SIZE),
+    claimed_static: bytes | None = None,
 ) -> bytes:
     """A 148-byte MESSAGE_INITIATION from `initiator_private` to `responder_public`.
 
     The pre-shared key is not an input: it enters the handshake only after the
     first message (psk2), so the first message is the same with or without one.
+    `claimed_static` puts someone else's public key in the static field while the
+    timestamp is still keyed with `initiator_private`: a forgery, for tests.
     """
     s_i = X25519PrivateKey.from_private_bytes(initiator_private)
     e_i = (X25519PrivateKey.generate() if ephemeral_private is None
@@ -63,7 +66,8 @@ def build_initiation(
     c = KDF1(c, ephemeral)
     h = HASH(h + ephemeral)
     c, key = KDF2(c, DH(e_i, responder_public))
-    encrypted_static = AEAD_ENCRYPT(key, s_i.public_key().public_bytes_raw(), h)
+    static = s_i.public_key().public_bytes_raw() if claimed_static is None else claimed_static
+    encrypted_static = AEAD_ENCRYPT(key, static, h)
     h = HASH(h + encrypted_static)
     c, key = KDF2(c, DH(s_i, responder_public))
     encrypted_timestamp = AEAD_ENCRYPT(key, timestamp, h)
