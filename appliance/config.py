@@ -119,7 +119,8 @@ def resolve(
         if raw is None:
             if opt.required:
                 raise ConfigError(
-                    f"{opt.key}: required (give --{opt.name}, {opt.env} or '{opt.key}' in the config file)"
+                    f"{opt.key}: required (give --{opt.name}, {opt.env}"
+                    f" or '{opt.key}' in the config file)"
                 )
             result[opt.key] = opt.default
             continue

@@ -20,7 +20,8 @@ def read_secret(path: str | os.PathLike[str], *, what: str = "secret") -> str:
         raise SecretFileError(f"{what} file {p}: not found") from e
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SecretFileError(
-            f"{what} file {p}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; chmod 600 {p}"
+            f"{what} file {p}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it;"
+            f" chmod 600 {p}"
         )
     value = p.read_text().strip()
     if not value:

@@ -1,0 +1,310 @@
+"""`wgjit registry|token|tenant|peer ...`: serve the registry and talk to it.
+
+`registry serve` and `token ...` work on the database file directly (they run
+on the registry host); `tenant` and `peer` talk to the HTTP API like any client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from appliance import config
+from appliance.config import Option
+from appliance.secrets import read_secret, write_secret
+
+SERVE_OPTIONS = [
+    Option("db", required=True),
+    Option("listen", default="127.0.0.1:8080", check=config.host_port),
+    Option("workers", int, 2, check=config.positive),
+    Option("threads", int, 4, check=config.positive),
+    Option("access-log"),
+]
+DB_OPTIONS = [Option("db", required=True)]
+CLIENT_OPTIONS = [
+    Option("registry", required=True),
+    Option("token-file", required=True),
+    Option("timeout", float, 10.0, check=config.positive),
+]
+
+
+def _settings(args: argparse.Namespace, options: list[Option], section: str) -> dict:
+    return config.resolve(options, vars(args), config.read_config_file(args.config), section)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--registry", metavar="URL", help="registry base URL (WGJIT_REGISTRY)")
+    p.add_argument("--token-file", metavar="FILE", help="0600 file holding an admin token")
+    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _client(args: argparse.Namespace):
+    from appliance.registry.client import RegistryClient
+
+    s = _settings(args, CLIENT_OPTIONS, "client")
+    token = read_secret(s["token_file"], what="token")
+    return RegistryClient(s["registry"], token, timeout=s["timeout"])
+
+
+def _print(args: argparse.Namespace, obj: object, text: str) -> None:
+    print(json.dumps(obj, indent=2) if args.json else text)
+
+
+def _peer_line(p: dict) -> str:
+    state = "revoked" if p["revoked"] else "active"
+    return (f"{p['public_key']}  {p['tenant']}  {state}  {','.join(p['allowed_ips'])}"
+            f"  {p.get('name') or ''}").rstrip()
+
+
+def _with_api_errors(func):
+    def wrapper(args: argparse.Namespace) -> int:
+        from appliance.registry.client import RegistryError
+        from appliance.secrets import SecretFileError
+
+        try:
+            return func(args) or 0
+        except RegistryError as e:
+            print(f"wgjit: {e}", file=sys.stderr)
+            return 1
+        except SecretFileError as e:
+            print(f"wgjit: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+# registry
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.registry.serve import serve
+
+    s = _settings(args, SERVE_OPTIONS, "registry")
+    serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"])
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from appliance.registry import db
+
+    s = _settings(args, DB_OPTIONS, "registry")
+    conn = db.connect(s["db"])
+    print(f"schema version {db.migrate(conn)}")
+    return 0
+
+
+# tokens
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from appliance.registry import db, tokens
+
+    s = _settings(args, DB_OPTIONS, "registry")
+    db.init_db(s["db"])
+    try:
+        token = tokens.create(db.connect(s["db"]), args.scope, args.tenant, args.name)
+    except ValueError as e:
+        print(f"wgjit: token create: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        write_secret(args.output, token)
+        print(f"token written to {args.output} (mode 0600)")
+    else:
+        print(token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from appliance.registry import db, tokens
+
+    s = _settings(args, DB_OPTIONS, "registry")
+    rows = tokens.list_tokens(db.connect(s["db"]))
+    text = "\n".join(
+        f"{r['id']}  {r['scope']}  {r['tenant'] or '-'}  "
+        f"{'revoked' if r['revoked_at'] else 'active'}  {r['name'] or ''}".rstrip()
+        for r in rows
+    )
+    _print(args, rows, text or "no tokens")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from appliance.registry import db, tokens
+
+    s = _settings(args, DB_OPTIONS, "registry")
+    if not tokens.revoke(db.connect(s["db"]), args.id):
+        print(f"wgjit: no active token {args.id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id}")
+    return 0
+
+
+# tenants
+
+@_with_api_errors
+def cmd_tenant_add(args: argparse.Namespace) -> int:
+    t = _client(args).create_tenant(args.name)
+    _print(args, t, f"created tenant {t['name']}")
+    return 0
+
+
+@_with_api_errors
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    ts = _client(args).list_tenants()
+    _print(args, ts, "\n".join(f"{t['name']}  {t['peers']} peers" for t in ts) or "no tenants")
+    return 0
+
+
+# peers
+
+@_with_api_errors
+def cmd_peer_add(args: argparse.Namespace) -> int:
+    psk = read_secret(args.preshared_key_file, what="preshared key") \
+        if args.preshared_key_file else None
+    p = _client(args).create_peer(args.tenant, args.public_key, args.allowed_ip, args.name, psk)
+    _print(args, p, f"added {_peer_line(p)}")
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    peers = list(client.iter_peers(args.tenant))
+    _print(args, peers, "\n".join(_peer_line(p) for p in peers) or "no peers")
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_show(args: argparse.Namespace) -> int:
+    p = _client(args).get_peer(args.public_key)
+    text = "\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in p.items())
+    _print(args, p, text)
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_update(args: argparse.Namespace) -> int:
+    fields: dict = {}
+    if args.allowed_ip:
+        fields["allowed_ips"] = args.allowed_ip
+    if args.name is not None:
+        fields["name"] = args.name
+    if args.preshared_key_file:
+        fields["preshared_key"] = read_secret(args.preshared_key_file, what="preshared key")
+    if args.clear_preshared_key:
+        fields["preshared_key"] = None
+    if not fields:
+        print("wgjit: peer update: nothing to change", file=sys.stderr)
+        return 2
+    p = _client(args).update_peer(args.public_key, **fields)
+    _print(args, p, f"updated {_peer_line(p)}")
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_revoke(args: argparse.Namespace) -> int:
+    p = _client(args).revoke_peer(args.public_key)
+    _print(args, p, f"revoked {p['public_key']}")
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_restore(args: argparse.Namespace) -> int:
+    p = _client(args).restore_peer(args.public_key)
+    _print(args, p, f"restored {p['public_key']}")
+    return 0
+
+
+@_with_api_errors
+def cmd_peer_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_peer(args.public_key)
+    _print(args, {"deleted": args.public_key}, f"deleted {args.public_key}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    reg = sub.add_parser("registry", help="the peer registry service")
+    rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    p = rsub.add_parser("serve", help="serve the registry API under gunicorn")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH", help="SQLite database (created if missing)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    p.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (2)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads per worker (4)")
+    p.add_argument("--access-log", metavar="FILE", help="access log ('-' for stderr)")
+    p.set_defaults(func=cmd_serve)
+    p = rsub.add_parser("migrate", help="create or upgrade the database schema")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH")
+    p.set_defaults(func=cmd_migrate)
+
+    tok = sub.add_parser("token", help="API tokens (on the registry host)")
+    tsub = tok.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    p = tsub.add_parser("create", help="create a token and print it (only its hash is kept)")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("--scope", required=True, choices=["admin", "gateway"])
+    p.add_argument("--tenant", help="limit an admin token to one tenant")
+    p.add_argument("--name", help="a label to recognise the token by")
+    p.add_argument("--output", metavar="FILE", help="write the token to a 0600 file instead")
+    p.set_defaults(func=cmd_token_create)
+    p = tsub.add_parser("list", help="list tokens (never their secrets)")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub.add_parser("revoke", help="revoke a token by its id")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_token_revoke)
+
+    ten = sub.add_parser("tenant", help="tenants, through the API")
+    tsub = ten.add_subparsers(dest="tenant_command", required=True, metavar="COMMAND")
+    p = tsub.add_parser("add", help="create a tenant")
+    _add_client(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_tenant_add)
+    p = tsub.add_parser("list", help="list tenants")
+    _add_client(p)
+    p.set_defaults(func=cmd_tenant_list)
+
+    peer = sub.add_parser("peer", help="peers, through the API")
+    psub = peer.add_subparsers(dest="peer_command", required=True, metavar="COMMAND")
+    p = psub.add_parser("add", help="register a peer")
+    _add_client(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--public-key", required=True, metavar="B64")
+    p.add_argument("--allowed-ip", action="append", required=True, metavar="CIDR")
+    p.add_argument("--name")
+    p.add_argument("--preshared-key-file", metavar="FILE")
+    p.set_defaults(func=cmd_peer_add)
+    p = psub.add_parser("list", help="list peers")
+    _add_client(p)
+    p.add_argument("--tenant")
+    p.set_defaults(func=cmd_peer_list)
+    for name, func, text in (
+        ("show", cmd_peer_show, "show one peer"),
+        ("revoke", cmd_peer_revoke, "revoke a peer (gateways drop it)"),
+        ("restore", cmd_peer_restore, "undo a revocation"),
+        ("delete", cmd_peer_delete, "delete a peer for good"),
+    ):
+        p = psub.add_parser(name, help=text)
+        _add_client(p)
+        p.add_argument("public_key", metavar="PUBLIC_KEY")
+        p.set_defaults(func=func)
+    p = psub.add_parser("update", help="change a peer's allowed IPs, name or preshared key")
+    _add_client(p)
+    p.add_argument("public_key", metavar="PUBLIC_KEY")
+    p.add_argument("--allowed-ip", action="append", metavar="CIDR")
+    p.add_argument("--name")
+    p.add_argument("--preshared-key-file", metavar="FILE")
+    p.add_argument("--clear-preshared-key", action="store_true")
+    p.set_defaults(func=cmd_peer_update)
+
+

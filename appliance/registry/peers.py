@@ -1,0 +1,172 @@
+"""/v1/peers: the admin API for peers (create, list, show, update, revoke, delete).
+
+A public key in a path may be standard base64 (percent-encoded) or URL-safe.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, url_for
+
+from appliance.registry import auth, db, model, validate
+from appliance.registry.errors import APIError, invalid
+
+bp = Blueprint("peers", __name__, url_prefix="/v1/peers")
+
+MAX_PAGE = 1000
+
+
+def path_key(raw: str) -> str:
+    try:
+        return validate.key(raw, "public_key")
+    except APIError as e:
+        raise APIError(404, "not_found", f"no peer with key {raw!r}: {e.message}") from e
+
+
+def _not_found(key: str) -> APIError:
+    return APIError(404, "not_found", f"no peer with key {key}")
+
+
+def _public(peer: dict) -> dict:
+    return {k: v for k, v in peer.items() if k != "tenant_id"}
+
+
+def _load(key: str) -> dict:
+    peer = model.get_peer(db.get_db(), key)
+    if peer is None:
+        raise _not_found(key)
+    auth.check_tenant(peer["tenant_id"])
+    return peer
+
+
+def _optional_psk(body: dict) -> str | None:
+    value = body.get("preshared_key")
+    return None if value is None else validate.key(value, "preshared_key")
+
+
+@bp.post("")
+@auth.require("admin")
+def create():
+    body = validate.json_body()
+    validate.reject_unknown(body, {"tenant", "public_key", "allowed_ips", "name", "preshared_key"})
+    tenant = validate.name(body.get("tenant"), "tenant", required=True)
+    key = validate.key(body.get("public_key"))
+    nets = validate.allowed_ips(body.get("allowed_ips"))
+    name = validate.name(body.get("name"))
+    psk = _optional_psk(body)
+    conn = db.get_db()
+    tid = model.tenant_id(conn, tenant)
+    limit = auth.tenant_limit()
+    if tid is None or (limit is not None and limit != tid):
+        raise invalid("tenant", f"no tenant {tenant!r}")
+    try:
+        model.create_peer(conn, tenant, key, nets, name, psk)
+    except model.Conflict as e:
+        raise APIError(409, e.error, e.message) from e
+    except LookupError as e:  # the tenant vanished between the check and the write
+        raise invalid("tenant", f"no tenant {tenant!r}") from e
+    peer = _public(model.get_peer(conn, key))
+    resp = jsonify(peer)
+    resp.status_code = 201
+    resp.headers["Location"] = url_for("peers.show", key=key.replace("/", "_").replace("+", "-"))
+    return resp
+
+
+@bp.get("")
+@auth.require("admin")
+def list_():
+    """Keyset pagination: `after` is the opaque cursor from the previous page."""
+    conn = db.get_db()
+    limit = validate.int_arg("limit", 100, 1, MAX_PAGE)
+    after = validate.int_arg("after", 0, 0, 2**62)
+    where, params = ["p.id > ?"], [after]
+    tenant = request.args.get("tenant")
+    if tenant is not None:
+        tid = model.tenant_id(conn, tenant)
+        if tid is None:
+            raise invalid("tenant", f"no tenant {tenant!r}")
+        where.append("p.tenant_id = ?")
+        params.append(tid)
+    if auth.tenant_limit() is not None:
+        where.append("p.tenant_id = ?")
+        params.append(auth.tenant_limit())
+    revoked = request.args.get("revoked")
+    if revoked is not None:
+        if revoked not in ("true", "false"):
+            raise invalid("revoked", "must be true or false")
+        where.append("p.revoked_at IS NOT NULL" if revoked == "true" else "p.revoked_at IS NULL")
+    rows = conn.execute(
+        "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id = p.tenant_id"
+        f" WHERE {' AND '.join(where)} ORDER BY p.id LIMIT ?",
+        (*params, limit + 1),
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    ips = model.peer_ips(conn, [r["id"] for r in rows])
+    peers = [_public(model.peer_dict(r, ips[r["id"]])) for r in rows]
+    return jsonify(peers=peers, next=str(rows[-1]["id"]) if more else None)
+
+
+@bp.get("/<path:key>")
+@auth.require("admin")
+def show(key: str):
+    return jsonify(_public(_load(path_key(key))))
+
+
+@bp.patch("/<path:key>")
+@auth.require("admin")
+def update(key: str):
+    key = path_key(key)
+    peer = _load(key)
+    body = validate.json_body()
+    validate.reject_unknown(body, {"allowed_ips", "name", "preshared_key"})
+    if not body:
+        raise APIError(400, "invalid_json", "nothing to update")
+    kwargs: dict = {"nets": None}
+    if "allowed_ips" in body:
+        kwargs["nets"] = validate.allowed_ips(body["allowed_ips"])
+    if "name" in body:
+        kwargs["name"] = validate.name(body["name"])
+    if "preshared_key" in body:
+        kwargs["preshared_key"] = _optional_psk(body)
+    conn = db.get_db()
+    try:
+        model.update_peer(conn, key, expect_tenant=peer["tenant_id"], **kwargs)
+    except model.Conflict as e:
+        raise APIError(409, e.error, e.message) from e
+    except LookupError as e:
+        raise _not_found(key) from e
+    return jsonify(_public(model.get_peer(conn, key)))
+
+
+def _set_revoked(key: str, revoked: bool):
+    key = path_key(key)
+    peer = _load(key)
+    try:
+        model.set_revoked(db.get_db(), key, revoked, expect_tenant=peer["tenant_id"])
+    except LookupError as e:
+        raise _not_found(key) from e
+    return jsonify(_public(model.get_peer(db.get_db(), key)))
+
+
+@bp.post("/<path:key>/revoke")
+@auth.require("admin")
+def revoke(key: str):
+    return _set_revoked(key, True)
+
+
+@bp.post("/<path:key>/restore")
+@auth.require("admin")
+def restore(key: str):
+    return _set_revoked(key, False)
+
+
+@bp.delete("/<path:key>")
+@auth.require("admin")
+def delete(key: str):
+    key = path_key(key)
+    peer = _load(key)
+    try:
+        model.delete_peer(db.get_db(), key, expect_tenant=peer["tenant_id"])
+    except LookupError as e:
+        raise _not_found(key) from e
+    return "", 204

@@ -1,0 +1,65 @@
+"""Serve the registry with gunicorn (never the Flask development server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from appliance.registry import create_app, db
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+class RegistryServer(BaseApplication):
+    def __init__(self, db_path: str, listen: str, workers: int = 2, threads: int = 4,
+                 access_log: str | None = None) -> None:
+        self.db_path = db_path
+        self.options = {
+            "bind": listen,
+            "workers": workers,
+            # gthread keeps client connections alive between requests, which the
+            # gateways' pooled HTTP sessions rely on; sync workers close each one.
+            "worker_class": "gthread",
+            "threads": threads,
+            "timeout": 30,
+            "graceful_timeout": 10,
+            "keepalive": 30,
+            "accesslog": access_log,
+            "child_exit": _child_exit,
+            "proc_name": "wgjit-registry",
+            # gunicorn >= 24 opens a control socket at a fixed path by default;
+            # two registries on one host (the lab, tests) would fight over it.
+            "control_socket_disable": True,
+        }
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            # Settings this gunicorn does not know (older releases) are skipped.
+            if value is not None and key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self):
+        return create_app({"DATABASE": self.db_path, "SKIP_MIGRATE": True})
+
+
+def serve(db_path: str, listen: str, workers: int = 2, threads: int = 4,
+          access_log: str | None = None) -> None:
+    # Migrate once in the master, before any worker can see the database.
+    db.init_db(db_path)
+    # Per-worker metric files must start empty: stale files from a previous run
+    # would be summed into this one's counters.
+    metrics_dir = tempfile.mkdtemp(prefix="wgjit-registry-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        RegistryServer(db_path, listen, workers, threads, access_log).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

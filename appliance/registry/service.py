@@ -1,0 +1,25 @@
+"""Service routes: /healthz and /openapi.json (/metrics lives in metrics.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from flask import Blueprint, jsonify
+
+from appliance.registry import db, openapi
+
+bp = Blueprint("service", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    try:
+        version = db.schema_version(db.get_db())
+    except sqlite3.Error as e:
+        return jsonify(status="error", error="database_unavailable", message=str(e)), 503
+    return jsonify(status="ok", schema_version=version)
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return jsonify(openapi.spec())
