@@ -7,12 +7,12 @@ knows the peer: without it, anyone who recorded one initiation could replay it
 to make the gateway pull and install that peer again and again.
 
 Memory is bounded: at most `capacity` keys, least recently accepted evicted
-first. About 250 bytes per key on CPython, so the default 100,000 keys cost
-~25 MB. A key that was evicted (or forgotten by a restart) can be replayed
-once more; the worst that buys an attacker is one rate-limited registry lookup
-and a peer installation that never completes a handshake (the data plane still
-refuses the stale timestamp or cannot answer without the client's ephemeral
-private key), which eviction then removes.
+first. About 220 bytes per key on CPython (measured), so the default 100,000 keys
+cost ~22 MB. A key that was evicted (or forgotten by a restart) can be replayed
+once more. The worst that buys an attacker is one rate-limited registry lookup
+and the install of a peer the registry already allows, with the replay's source
+as its endpoint: the gateway's own handshake towards it completes only if that is
+the real client, and the never-handshaken grace period evicts it otherwise.
 """
 
 from __future__ import annotations

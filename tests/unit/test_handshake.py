@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import struct
 from pathlib import Path
 
@@ -11,7 +13,10 @@ from noise.connection import Keypair, NoiseConnection
 
 from appliance.gateway.handshake import (
     CONSTRUCTION,
+    HMAC,
     IDENTIFIER,
+    KDF1,
+    KDF2,
     MESSAGE_INITIATION_SIZE,
     OFFSET_EPHEMERAL,
     OFFSET_MAC1,
@@ -204,6 +209,17 @@ def test_fields(keys):
     assert got.timestamp == ts
     assert got.unix_time == pytest.approx(1_800_000_000.25)
     assert len(got.initiator_static) == 32
+
+
+def test_hmac_and_kdf_match_the_stdlib():
+    for n in range(50):
+        key, data = secrets.token_bytes(n % 33 + 32 * (n % 2)), secrets.token_bytes(n)
+        assert HMAC(key, data) == hmac.digest(key, data, "blake2s")
+        t0 = hmac.digest(key, data, "blake2s")
+        t1 = hmac.digest(t0, b"\x01", "blake2s")
+        t2 = hmac.digest(t0, t1 + b"\x02", "blake2s")
+        assert KDF1(key, data) == t1
+        assert KDF2(key, data) == (t1, t2)
 
 
 def test_tai64n():
