@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from werkzeug.routing import BaseConverter
 
 MAX_BODY_BYTES = 64 * 1024
+
+
+class WireGuardKeyConverter(BaseConverter):
+    """A key in a path: standard base64 may hold '/' anywhere, even first,
+    which Werkzeug's `path` converter refuses."""
+
+    regex = r".+?"
+    part_isolating = False
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -23,7 +32,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.teardown_appcontext(db.close_db)
     errors.register(app)
     metrics.init_app(app)
+    app.url_map.strict_slashes = False
+    app.url_map.converters["wgkey"] = WireGuardKeyConverter
+    # Standard base64 keys may begin with '/', giving '/v1/peers//abc...' once
+    # decoded; merging the slashes would silently change the key.
+    app.url_map.merge_slashes = False
     for bp in (service.bp, tenants.bp, peers.bp, gateway.bp):
         app.register_blueprint(bp)
-    app.url_map.strict_slashes = False
     return app

@@ -19,7 +19,7 @@ bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
 MAX_CHANGES = 1000
 
 
-@bp.get("/peers/<path:key>")
+@bp.get("/peers/<wgkey:key>")
 @auth.require("gateway", "admin")
 def peer(key: str):
     key = path_key(key)

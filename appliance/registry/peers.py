@@ -106,13 +106,13 @@ def list_():
     return jsonify(peers=peers, next=str(rows[-1]["id"]) if more else None)
 
 
-@bp.get("/<path:key>")
+@bp.get("/<wgkey:key>")
 @auth.require("admin")
 def show(key: str):
     return jsonify(_public(_load(path_key(key))))
 
 
-@bp.patch("/<path:key>")
+@bp.patch("/<wgkey:key>")
 @auth.require("admin")
 def update(key: str):
     key = path_key(key)
@@ -148,19 +148,19 @@ def _set_revoked(key: str, revoked: bool):
     return jsonify(_public(model.get_peer(db.get_db(), key)))
 
 
-@bp.post("/<path:key>/revoke")
+@bp.post("/<wgkey:key>/revoke")
 @auth.require("admin")
 def revoke(key: str):
     return _set_revoked(key, True)
 
 
-@bp.post("/<path:key>/restore")
+@bp.post("/<wgkey:key>/restore")
 @auth.require("admin")
 def restore(key: str):
     return _set_revoked(key, False)
 
 
-@bp.delete("/<path:key>")
+@bp.delete("/<wgkey:key>")
 @auth.require("admin")
 def delete(key: str):
     key = path_key(key)

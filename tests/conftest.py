@@ -1,0 +1,106 @@
+"""Fixtures shared by every tier."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+WGJIT = [sys.executable, "-m", "appliance"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class RegistryProcess:
+    """A real `wgjit registry serve` (gunicorn) on loopback."""
+
+    def __init__(self, db: Path, workers: int = 2, port: int | None = None) -> None:
+        self.db = db
+        self.workers = workers
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = db.with_suffix(".log")
+
+    def start(self) -> RegistryProcess:
+        self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*WGJIT, "registry", "serve", "--db", str(self.db),
+             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+            stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_http(self.url + "/healthz", proc=self.proc)
+        return self
+
+    def kill9(self) -> None:
+        """Kill the master and its workers at once, as a power cut would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, 9)
+        self.proc.wait()
+        self._logf.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        if self.proc is not None:
+            # Workers may outlive a killed master for a moment.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+            self._logf.close()
+
+
+def make_token(db: Path, scope: str, tenant: str | None = None) -> str:
+    from appliance.registry import db as regdb
+    from appliance.registry import tokens
+
+    regdb.init_db(db)
+    conn = regdb.connect(db)
+    try:
+        return tokens.create(conn, scope, tenant)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def registry_server(tmp_path):
+    servers: list[RegistryProcess] = []
+
+    def start(db: Path | None = None, workers: int = 2) -> RegistryProcess:
+        srv = RegistryProcess(db or tmp_path / "registry.db", workers).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()

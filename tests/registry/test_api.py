@@ -1,0 +1,328 @@
+"""The registry API through Flask's test client over a real SQLite file."""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+
+import pytest
+
+from appliance.registry import db as regdb
+from appliance.registry import tokens
+from tests.conftest import make_token
+from tests.registry.conftest import new_key
+
+
+def q(key: str) -> str:
+    return urllib.parse.quote(key, safe="")
+
+
+def add_peer(client, headers, tenant="acme", ips=("198.18.0.2/32",), key=None, **extra):
+    key = key or new_key()
+    body = {"tenant": tenant, "public_key": key, "allowed_ips": list(ips), **extra}
+    return key, client.post("/v1/peers", json=body, headers=headers)
+
+
+def test_create_show_and_gateway_view(client, admin, gateway, tenant):
+    psk = new_key()
+    key, r = add_peer(client, admin, ips=["198.18.0.2/32", "fd00::2/128"], name="laptop",
+                      preshared_key=psk)
+    assert r.status_code == 201, r.json
+    assert r.json["public_key"] == key and r.json["has_preshared_key"] is True
+    assert "preshared_key" not in r.json  # the admin view never shows the secret
+    shown = client.get(f"/v1/peers/{q(key)}", headers=admin).json
+    assert shown["allowed_ips"] == ["198.18.0.2/32", "fd00::2/128"]
+    assert shown["name"] == "laptop" and shown["revoked"] is False
+    gw = client.get(f"/v1/gateway/peers/{q(key)}", headers=gateway)
+    assert gw.status_code == 200
+    assert gw.json["preshared_key"] == psk
+    assert gw.json["allowed_ips"] == ["198.18.0.2/32", "fd00::2/128"]
+
+
+@pytest.mark.parametrize("raw", [bytes([0xFB, 0xFF] * 16), bytes([0xFF, 0xFB] * 16)])
+def test_key_in_path_urlsafe_and_standard(client, admin, gateway, tenant, raw):
+    # Keys with '+' and '/' in their standard base64, one starting with '/'.
+    key = base64.b64encode(raw).decode()
+    assert "+" in key and "/" in key
+    add_peer(client, admin, key=key)
+    urlsafe = base64.urlsafe_b64encode(raw).decode()
+    for spelled in (q(key), urlsafe, key):
+        r = client.get(f"/v1/gateway/peers/{spelled}", headers=gateway)
+        assert r.status_code == 200 and r.json["public_key"] == key
+        assert client.get(f"/v1/peers/{spelled}", headers=admin).status_code == 200
+
+
+def test_revoked_and_unknown_are_404_for_gateways(client, admin, gateway, tenant):
+    key, _ = add_peer(client, admin)
+    assert client.post(f"/v1/peers/{q(key)}/revoke", headers=admin).json["revoked"] is True
+    r = client.get(f"/v1/gateway/peers/{q(key)}", headers=gateway)
+    assert r.status_code == 404 and r.json["error"] == "not_found"
+    assert client.get(f"/v1/gateway/peers/{q(new_key())}", headers=gateway).status_code == 404
+    assert client.post(f"/v1/peers/{q(key)}/restore", headers=admin).json["revoked"] is False
+    assert client.get(f"/v1/gateway/peers/{q(key)}", headers=gateway).status_code == 200
+
+
+def test_update_and_delete(client, admin, gateway, tenant):
+    key, _ = add_peer(client, admin)
+    r = client.patch(f"/v1/peers/{q(key)}", json={"allowed_ips": ["198.18.1.0/24"]},
+                     headers=admin)
+    assert r.status_code == 200 and r.json["allowed_ips"] == ["198.18.1.0/24"]
+    # The old address is free again, the new range is taken.
+    assert add_peer(client, admin, ips=["198.18.0.2/32"])[1].status_code == 201
+    assert add_peer(client, admin, ips=["198.18.1.7/32"])[1].status_code == 409
+    assert client.delete(f"/v1/peers/{q(key)}", headers=admin).status_code == 204
+    assert client.get(f"/v1/peers/{q(key)}", headers=admin).status_code == 404
+    assert add_peer(client, admin, ips=["198.18.1.7/32"])[1].status_code == 201
+
+
+def test_tenants(client, admin, tenant):
+    assert client.post("/v1/tenants", json={"name": "acme"}, headers=admin).status_code == 409
+    add_peer(client, admin)
+    listed = client.get("/v1/tenants", headers=admin).json["tenants"]
+    assert listed == [{"name": "acme", "created_at": listed[0]["created_at"], "peers": 1}]
+    r = client.delete("/v1/tenants/acme", headers=admin)
+    assert r.status_code == 409 and r.json["error"] == "tenant_not_empty"
+    client.post("/v1/tenants", json={"name": "empty"}, headers=admin)
+    assert client.delete("/v1/tenants/empty", headers=admin).status_code == 204
+    assert client.get("/v1/tenants/empty", headers=admin).status_code == 404
+
+
+def test_same_ips_in_two_tenants_is_fine(client, admin, tenant):
+    client.post("/v1/tenants", json={"name": "other"}, headers=admin)
+    assert add_peer(client, admin, "acme", ["198.18.0.0/24"])[1].status_code == 201
+    assert add_peer(client, admin, "other", ["198.18.0.0/24"])[1].status_code == 201
+
+
+@pytest.mark.parametrize("existing,new,clash", [
+    ("198.18.0.0/24", "198.18.0.77/32", True),
+    ("198.18.0.77/32", "198.18.0.0/24", True),
+    ("198.18.0.0/24", "198.18.1.0/24", False),
+    ("198.18.0.0/24", "198.18.0.0/16", True),
+    ("fd00::/64", "fd00::1/128", True),
+    ("fd00::/64", "fd00:0:0:1::/64", False),
+    ("198.18.0.0/24", "fd00::/8", False),
+    ("0.0.0.0/0", "203.0.113.9/32", True),
+])
+def test_overlap_detection(client, admin, tenant, existing, new, clash):
+    assert add_peer(client, admin, ips=[existing])[1].status_code == 201
+    # Neighbours on both sides, so the O(log n) search must pick the right one.
+    add_peer(client, admin, ips=["198.19.255.0/24"])
+    r = add_peer(client, admin, ips=[new])[1]
+    if clash:
+        assert r.status_code == 409 and r.json["error"] == "allowed_ip_overlap"
+        assert existing in r.json["message"]
+    else:
+        assert r.status_code == 201, r.json
+
+
+BAD_PEERS = [
+    ({"public_key": "not base64!"}, 400, "public_key"),
+    ({"public_key": base64.b64encode(b"x" * 31).decode() + "=="}, 400, "public_key"),
+    ({"public_key": base64.b64encode(b"x" * 33).decode()}, 400, "public_key"),
+    ({"public_key": 42}, 400, "public_key"),
+    ({"allowed_ips": ["198.18.0.300/32"]}, 400, "allowed_ips[0]"),
+    ({"allowed_ips": ["198.18.0.1/24"]}, 400, "allowed_ips[0]"),  # host bits set
+    ({"allowed_ips": ["198.18.0.1"]}, 400, "allowed_ips[0]"),
+    ({"allowed_ips": []}, 400, "allowed_ips"),
+    ({"allowed_ips": "198.18.0.1/32"}, 400, "allowed_ips"),
+    ({"allowed_ips": ["198.18.0.0/24", "198.18.0.5/32"]}, 400, "allowed_ips[1]"),
+    ({"tenant": "nope"}, 400, "tenant"),
+    ({"tenant": None}, 400, "tenant"),
+    ({"name": "x" * 500}, 400, "name"),
+    ({"preshared_key": "short"}, 400, "preshared_key"),
+    ({"colour": "red"}, 400, "colour"),
+]
+
+
+@pytest.mark.parametrize("override,status,field", BAD_PEERS)
+def test_bad_peer_input_names_the_field(client, admin, tenant, override, status, field):
+    body = {"tenant": "acme", "public_key": new_key(), "allowed_ips": ["198.18.0.9/32"]}
+    body.update(override)
+    r = client.post("/v1/peers", json=body, headers=admin)
+    assert r.status_code == status
+    assert r.json["error"] == "invalid_field" and r.json["field"] == field
+
+
+def test_duplicate_key_conflicts(client, admin, tenant):
+    key, _ = add_peer(client, admin)
+    r = add_peer(client, admin, key=key, ips=["198.18.5.0/24"])[1]
+    assert r.status_code == 409 and r.json["error"] == "peer_exists"
+
+
+def test_body_errors_are_json(client, admin, tenant):
+    r = client.post("/v1/peers", data="tenant=acme", headers=admin,
+                    content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 415 and r.json["error"] == "unsupported_media_type"
+    r = client.post("/v1/peers", data="{not json", headers=admin, content_type="application/json")
+    assert r.status_code == 400 and r.json["error"] == "invalid_json"
+    r = client.post("/v1/peers", data="[1]", headers=admin, content_type="application/json")
+    assert r.status_code == 400
+    big = '{"name": "' + "x" * 100_000 + '"}'
+    r = client.post("/v1/tenants", data=big, headers=admin, content_type="application/json")
+    assert r.status_code == 413 and r.json["error"] == "body_too_large"
+
+
+def test_404_405_are_json(client, admin):
+    r = client.get("/v1/nothing-here", headers=admin)
+    assert r.status_code == 404 and r.json["error"] == "not_found"
+    r = client.put("/v1/tenants", headers=admin)
+    assert r.status_code == 405 and r.json["error"] == "method_not_allowed"
+    assert "POST" in r.headers["Allow"]
+    assert client.get(f"/v1/peers/{q(new_key())}", headers=admin).status_code == 404
+    r = client.get("/v1/peers/garbage", headers=admin)
+    assert r.status_code == 404 and r.json["error"] == "not_found"
+
+
+def test_500_is_json(app, client, admin, monkeypatch):
+    from appliance.registry import model
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(model, "create_tenant", boom)
+    r = client.post("/v1/tenants", json={"name": "x"}, headers=admin)
+    assert r.status_code == 500 and r.json == {"error": "internal_error",
+                                               "message": "internal server error"}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic abc", "Bearer wgj_nope_nope",
+                                    "Bearer garbage"])
+def test_missing_or_invalid_token(client, header):
+    headers = {"Authorization": header} if header else {}
+    r = client.get("/v1/peers", headers=headers)
+    assert r.status_code == 401 and r.json["error"] == "unauthorized"
+
+
+def test_revoked_token(client, db_path, app):
+    tok = make_token(db_path, "admin")
+    h = {"Authorization": f"Bearer {tok}"}
+    assert client.get("/v1/peers", headers=h).status_code == 200
+    assert tokens.revoke(regdb.connect(db_path), tok.split("_")[1])
+    assert client.get("/v1/peers", headers=h).status_code == 401
+
+
+def test_token_with_right_id_wrong_secret(client, db_path, app):
+    tok = make_token(db_path, "admin")
+    forged = tok[:-4] + ("AAAA" if not tok.endswith("AAAA") else "BBBB")
+    assert client.get("/v1/peers", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+
+
+def test_gateway_token_cannot_write_or_list(client, admin, gateway, tenant):
+    key, _ = add_peer(client, admin)
+    for method, url, body in [
+        ("post", "/v1/peers", {"tenant": "acme", "public_key": new_key(),
+                               "allowed_ips": ["198.18.9.9/32"]}),
+        ("post", "/v1/tenants", {"name": "evil"}),
+        ("patch", f"/v1/peers/{q(key)}", {"name": "x"}),
+        ("post", f"/v1/peers/{q(key)}/revoke", None),
+        ("delete", f"/v1/peers/{q(key)}", None),
+        ("get", "/v1/peers", None),
+        ("get", "/v1/tenants", None),
+    ]:
+        r = getattr(client, method)(url, json=body, headers=gateway)
+        assert r.status_code == 403, (method, url)
+        assert r.json["error"] == "forbidden"
+    assert client.get(f"/v1/peers/{q(key)}", headers=admin).json["revoked"] is False
+
+
+def test_tenant_limited_admin(client, admin, db_path, tenant):
+    client.post("/v1/tenants", json={"name": "other"}, headers=admin)
+    mine, _ = add_peer(client, admin, "acme", ["198.18.0.2/32"])
+    theirs, _ = add_peer(client, admin, "other", ["198.18.0.3/32"])
+    lim = {"Authorization": f"Bearer {make_token(db_path, 'admin', 'acme')}"}
+    assert [p["public_key"] for p in client.get("/v1/peers", headers=lim).json["peers"]] == [mine]
+    assert [t["name"] for t in client.get("/v1/tenants", headers=lim).json["tenants"]] == ["acme"]
+    assert client.get(f"/v1/peers/{q(theirs)}", headers=lim).status_code == 404
+    assert client.post(f"/v1/peers/{q(theirs)}/revoke", headers=lim).status_code == 404
+    assert client.delete(f"/v1/peers/{q(theirs)}", headers=lim).status_code == 404
+    assert client.get("/v1/tenants/other", headers=lim).status_code == 404
+    assert add_peer(client, lim, "other", ["198.18.7.0/24"])[1].status_code == 400
+    assert add_peer(client, lim, "acme", ["198.18.7.0/24"])[1].status_code == 201
+    assert client.post("/v1/tenants", json={"name": "x"}, headers=lim).status_code == 403
+    assert client.get(f"/v1/peers/{q(theirs)}", headers=admin).json["revoked"] is False
+
+
+def test_pagination_visits_every_peer_once(client, admin, tenant):
+    keys = {add_peer(client, admin, ips=[f"198.18.{i // 250}.{i % 250}/32"])[0]
+            for i in range(257)}
+    seen, after, pages = [], None, 0
+    while True:
+        params = {"limit": 50} | ({"after": after} if after else {})
+        page = client.get("/v1/peers", query_string=params, headers=admin).json
+        seen += [p["public_key"] for p in page["peers"]]
+        pages += 1
+        after = page["next"]
+        if after is None:
+            break
+    assert pages == 6 and len(seen) == 257 and set(seen) == keys
+    r = client.get("/v1/peers", query_string={"limit": 0}, headers=admin)
+    assert r.status_code == 400 and r.json["field"] == "limit"
+    r = client.get("/v1/peers", query_string={"after": "x"}, headers=admin)
+    assert r.status_code == 400 and r.json["field"] == "after"
+
+
+def test_change_feed_orders_every_write(client, admin, gateway, tenant):
+    k1, _ = add_peer(client, admin, ips=["198.18.0.1/32"])
+    k2, _ = add_peer(client, admin, ips=["198.18.0.2/32"])
+    client.patch(f"/v1/peers/{q(k1)}", json={"allowed_ips": ["198.18.0.9/32"]}, headers=admin)
+    client.post(f"/v1/peers/{q(k2)}/revoke", headers=admin)
+    client.post(f"/v1/peers/{q(k2)}/restore", headers=admin)
+    client.delete(f"/v1/peers/{q(k1)}", headers=admin)
+    feed = client.get("/v1/gateway/changes?since=0", headers=gateway).json
+    ops = [(c["op"], c["public_key"]) for c in feed["changes"]]
+    assert ops == [("create", k1), ("create", k2), ("update", k1), ("revoke", k2),
+                   ("restore", k2), ("delete", k1)]
+    cursors = [c["cursor"] for c in feed["changes"]]
+    assert cursors == list(range(cursors[0], cursors[0] + 6))
+    assert feed["cursor"] == cursors[-1] == feed["latest"] and feed["more"] is False
+    assert len(feed["feed_id"]) == 16
+    later = client.get(f"/v1/gateway/changes?since={cursors[2]}&limit=2", headers=gateway).json
+    assert [c["cursor"] for c in later["changes"]] == cursors[3:5] and later["more"] is True
+    empty = client.get(f"/v1/gateway/changes?since={feed['cursor']}", headers=gateway).json
+    assert empty["changes"] == [] and empty["cursor"] == feed["cursor"]
+    # A failed write leaves no trace in the feed.
+    add_peer(client, admin, ips=["198.18.0.2/32"])
+    after = client.get(f"/v1/gateway/changes?since={feed['cursor']}", headers=gateway).json
+    assert after["changes"] == []
+
+
+def test_healthz_openapi_metrics(app, client, admin, tenant):
+    assert client.get("/healthz").json["status"] == "ok"
+    spec = client.get("/openapi.json").json
+    assert spec["openapi"].startswith("3.")
+    described = {(path, m) for path, item in spec["paths"].items() for m in item
+                 if m != "parameters"}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<wgkey:key>", "{key}").replace("<name>", "{name}")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (path, method.lower()) in described, (path, method)
+    add_peer(client, admin)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'wgjit_registry_peers{state="active"} 1.0' in text
+    assert 'wgjit_registry_requests_total{method="POST",route="/v1/peers",status="201"}' in text
+
+
+def test_migration_from_v1_keeps_data(tmp_path):
+    from appliance.keys import generate_keypair
+
+    path = tmp_path / "old.db"
+    conn = regdb.connect(path)
+    assert regdb.migrate(conn, target=1) == 1
+    conn.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', 'x')")
+    key = generate_keypair()[1]
+    conn.execute("INSERT INTO peers (public_key, tenant_id, created_at, updated_at)"
+                 " VALUES (?, 1, 'x', 'x')", (key,))
+    assert regdb.migrate(conn) == regdb.SCHEMA_VERSION
+    assert conn.execute("SELECT public_key FROM peers").fetchone()[0] == key
+    assert len(regdb.feed_id(conn)) == 16
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert regdb.migrate(conn) == regdb.SCHEMA_VERSION  # idempotent
+
+
+def test_newer_schema_is_refused(tmp_path):
+    conn = regdb.connect(tmp_path / "new.db")
+    conn.execute(f"PRAGMA user_version = {regdb.SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer"):
+        regdb.migrate(conn)
