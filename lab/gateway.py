@@ -1,0 +1,118 @@
+"""Lab gateway hosts: a wireguard-go interface, and in "jit" mode the wgjit daemon on it.
+
+The lab always creates the interface itself and the daemon adopts it (the CLI
+contract: an existing interface's private key is read from the device). So the
+"plain" baseline and the JIT gateway differ only in who installs peers: `wg set`
+by hand before any traffic, or the daemon on the first initiation.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from lab import procs
+from lab.netns import LabError, sh, wg
+from lab.nsexec import NetnsWorker
+from lab.registry import _help, wgjit_argv
+from lab.state import Client, Gateway, Registry
+
+MODES = ("jit", "plain")
+METRICS_LISTEN = "127.0.0.1:9586"
+
+
+@functools.cache
+def gateway_available() -> bool:
+    """True once `wgjit gateway run` is the daemon rather than the placeholder."""
+    return "--interface" in _help("gateway", "run")
+
+
+def configure_interface(g: Gateway) -> None:
+    wg(["set", g.ifname, "private-key", g.private_key_file, "listen-port", str(g.listen_port)])
+    batch = "\n".join([
+        f"address add {g.tunnel4} dev {g.ifname}",
+        f"address add {g.tunnel6} dev {g.ifname} nodad",
+        f"link set {g.ifname} up",
+    ]) + "\n"
+    sh(["ip", "-n", g.ns, "-batch", "-"], input=batch)
+
+
+def provision(g: Gateway, c: Client) -> None:
+    """Pre-provision a client by hand, the way push-provisioning does (the baseline)."""
+    args = ["set", g.ifname, "peer", c.public_key, "allowed-ips", f"{c.tunnel4},{c.tunnel6}"]
+    if c.psk_file:
+        args += ["preshared-key", c.psk_file]
+    wg(args)
+
+
+def remove_peer(g: Gateway, public_key: str) -> None:
+    wg(["set", g.ifname, "peer", public_key, "remove"])
+
+
+@dataclass
+class PeerInfo:
+    public_key: str
+    endpoint: str | None
+    allowed_ips: list[str]
+    latest_handshake: int  # unix seconds, 0 = never
+    rx_bytes: int
+    tx_bytes: int
+    persistent_keepalive: int
+
+
+def peers(ifname: str) -> list[PeerInfo]:
+    """The interface's peers from `wg show dump`, without the private or preshared keys."""
+    lines = wg(["show", ifname, "dump"]).splitlines()
+    out = []
+    for line in lines[1:]:  # the first line is the interface, with its private key
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        out.append(PeerInfo(
+            public_key=f[0], endpoint=None if f[2] == "(none)" else f[2],
+            allowed_ips=[] if f[3] == "(none)" else f[3].split(","),
+            latest_handshake=int(f[4]), rx_bytes=int(f[5]), tx_bytes=int(f[6]),
+            persistent_keepalive=0 if f[7] == "off" else int(f[7])))
+    return out
+
+
+def daemon_argv(g: Gateway, reg: Registry, state_dir: str, idle_timeout: float,
+                evict_interval: float) -> list[str]:
+    return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
+            "--registry", reg.url, "--token-file", reg.gateway_token_file,
+            "--listen-port", str(g.listen_port), "--state-dir", state_dir,
+            "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
+            "--evict-interval", f"{evict_interval:g}", "--backend", "uapi"]
+
+
+def start_daemon(g: Gateway, reg: Registry, lab_dir: str, idle_timeout: float,
+                 evict_interval: float) -> None:
+    state_dir = Path(lab_dir) / f"gateway-{g.name}"
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    g.metrics = METRICS_LISTEN
+    g.daemon_log = str(Path(lab_dir) / f"gateway-{g.name}.log")
+    g.daemon_pid = procs.spawn(g.ns, daemon_argv(g, reg, str(state_dir), idle_timeout,
+                                                 evict_interval), g.daemon_log)
+
+
+def wait_daemon(g: Gateway, timeout: float = 20.0) -> float:
+    """Seconds until the daemon's /healthz answered 200 inside its namespace."""
+    t0 = time.monotonic()
+    with NetnsWorker(g.ns) as w, requests.Session() as s:
+        w.on_close(s.close)
+        while True:
+            try:
+                if w.call(s.get, f"http://{g.metrics}/healthz", timeout=1.0).status_code == 200:
+                    return time.monotonic() - t0
+            except requests.RequestException:
+                pass
+            if not procs.alive(g.daemon_pid):
+                raise LabError(f"gateway daemon {g.name} exited:\n{procs.tail(g.daemon_log)}")
+            if time.monotonic() - t0 > timeout:
+                raise LabError(f"gateway daemon {g.name}: no /healthz after {timeout}s:\n"
+                               f"{procs.tail(g.daemon_log)}")
+            time.sleep(0.05)
