@@ -52,7 +52,12 @@ def key_from_hex(text: str) -> bytes:
 
 def generate_private_key() -> bytes:
     """A clamped Curve25519 private key, as `wg genkey` makes."""
-    return X25519PrivateKey.from_private_bytes(secrets.token_bytes(KEY_LEN)).private_bytes_raw()
+    # cryptography clamps only inside the scalar multiplication, not in the bytes
+    # it returns; the kernel and wireguard-go store (and report back) clamped keys.
+    raw = bytearray(secrets.token_bytes(KEY_LEN))
+    raw[0] &= 248
+    raw[31] = (raw[31] & 127) | 64
+    return bytes(raw)
 
 
 def public_key(private: bytes) -> bytes:
