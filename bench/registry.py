@@ -1,0 +1,165 @@
+"""Registry benchmark: seed N peers, then gateway lookups through gunicorn.
+
+    .venv/bin/python bench/registry.py [--peers 1000000] [--json out.json]
+
+Prints seeding time and database size, then the lookup throughput at full
+load and the latency at half that load (open loop, so a slow server cannot
+slow the clock down and hide its own latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from appliance.keys import encode_key  # noqa: E402
+from appliance.registry import db, model, tokens  # noqa: E402
+from tests.conftest import RegistryProcess  # noqa: E402
+
+
+def seed(path: Path, n: int) -> tuple[float, list[str]]:
+    conn = db.connect(path)
+    db.migrate(conn)
+    model.create_tenant(conn, "bench")
+    base = int(ipaddress.ip_address("198.18.0.0"))
+    keys = [encode_key(os.urandom(32)) for _ in range(n)]
+    started = time.perf_counter()
+    model.bulk_create_peers(
+        conn, "bench",
+        ((k, [ipaddress.ip_network((base + i, 32)),
+              ipaddress.ip_network((0xFD00 << 112 | i, 128))], None)
+         for i, k in enumerate(keys)),
+    )
+    elapsed = time.perf_counter() - started
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return elapsed, keys
+
+
+def _worker(port: int, token: str, keys: list[str], duration: float, rate: float | None,
+            out: mp.Queue) -> None:
+    """One client process: keep-alive connection, sequential requests.
+
+    With `rate` it sends on a fixed schedule (open loop) and measures latency
+    from the scheduled send time.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"}
+    rng = random.Random(os.getpid())
+    lat: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    interval = 1 / rate if rate else 0
+    i = 0
+    while True:
+        now = time.perf_counter()
+        if now - start >= duration:
+            break
+        scheduled = start + i * interval if rate else now
+        if rate and scheduled > now:
+            time.sleep(scheduled - now)
+        key = urllib.parse.quote(rng.choice(keys), safe="")
+        try:
+            conn.request("GET", f"/v1/gateway/peers/{key}", headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                errors += 1
+        except (OSError, http.client.HTTPException):
+            errors += 1
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        lat.append(time.perf_counter() - scheduled)
+        i += 1
+    out.put((lat, errors))
+
+
+def load(port: int, token: str, keys: list[str], clients: int, duration: float,
+         total_rate: float | None = None) -> dict:
+    q: mp.Queue = mp.Queue()
+    sample = random.sample(keys, min(len(keys), 20_000))
+    per_rate = total_rate / clients if total_rate else None
+    procs = [mp.Process(target=_worker, args=(port, token, sample, duration, per_rate, q))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    lat: list[float] = []
+    errors = 0
+    for _ in procs:
+        part, err = q.get()
+        lat += part
+        errors += err
+    for p in procs:
+        p.join()
+    lat.sort()
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "rate": len(lat) / duration,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=1_000_000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as tmp:
+        path = Path(tmp) / "registry.db"
+        print(f"seeding {args.peers:,} peers ...", flush=True)
+        seed_s, keys = seed(path, args.peers)
+        size = sum(f.stat().st_size for f in Path(tmp).glob("registry.db*"))
+        conn = db.connect(path)
+        token = tokens.create(conn, "gateway")
+        conn.close()
+        srv = RegistryProcess(path, workers=args.workers).start()
+        try:
+            load(srv.port, token, keys, 2, 2.0)  # warm the page cache and the workers
+            full = load(srv.port, token, keys, args.clients, args.duration)
+            half = load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
+        finally:
+            srv.stop()
+    result = {
+        "peers": args.peers, "seed_seconds": seed_s, "seed_rate": args.peers / seed_s,
+        "db_bytes": size, "workers": args.workers, "clients": args.clients,
+        "full_load": full, "half_load": half,
+    }
+    rows = [
+        ("peers seeded", f"{args.peers:,}"),
+        ("seeding time", f"{seed_s:.1f} s ({args.peers / seed_s:,.0f} peers/s)"),
+        ("database size", f"{size / 2**20:,.0f} MiB"),
+        (f"lookups, full load ({args.clients} clients)",
+         f"{full['rate']:,.0f}/s  p50 {full['p50_ms']:.2f} ms  p99 {full['p99_ms']:.2f} ms"
+         f"  errors {full['errors']}"),
+        (f"lookups, half load ({half['rate']:,.0f}/s)",
+         f"p50 {half['p50_ms']:.2f} ms  p99 {half['p99_ms']:.2f} ms  errors {half['errors']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"\nregistry benchmark (gunicorn {args.workers} workers x 4 threads, loopback)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
