@@ -16,11 +16,12 @@ PORT_INSTRUCTIONS, and a different snap length (-s) only the accept return in
 ACCEPT_INSTRUCTIONS; tests/unit/test_bpf.py recompiles with tcpdump and compares.
 
 802.1Q: the Linux receive path moves a VLAN tag out of the frame into packet
-metadata before packet sockets see it, so tagged frames arriving on a parent
-interface (or on its VLAN sub-interface) match this program as if untagged; a
-'vlan and ...' program would add instructions that never match here. Only the
-inner tag of a double-tagged (802.1ad) frame stays in the data; those are not
-matched.
+metadata (skb_vlan_untag, core code, with or without the 8021q module) before
+packet sockets see it, so a tagged frame arriving on the parent interface matches
+this program as if untagged, and a VLAN sub-interface sees untagged frames anyway.
+A 'vlan and ...' program would only add instructions that never match. The
+inner tag of a double-tagged (QinQ) frame stays in the data: not matched.
+tests/lab/test_capture.py writes tagged frames onto a veth to show both.
 """
 
 from __future__ import annotations
