@@ -313,3 +313,37 @@ def test_capture_refuses_interfaces_without_ethernet(lab):
         lab.worker.call(Capture, [lab.gw_ifname], PORT)
     with pytest.raises(OSError, match="no such interface"):
         lab.worker.call(Capture, ["nonexistent0"], PORT)
+
+
+def test_wireguard_go_answers_our_crafted_initiation(lab):
+    """The test builder's initiation is a real one: wireguard-go answers it with a
+    92-byte response, and (like ReplayGuard) ignores the same packet sent again."""
+    sender = generate_private_key()
+    wg(["set", lab.gw_ifname, "peer", encode_key(public_key(sender)),
+        "allowed-ips", "198.18.9.2/32"])
+    packet = build_initiation(sender, public_key(lab.gw_private), sender_index=0x11223344)
+
+    def exchange() -> list[bytes]:
+        answers = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("192.0.2.2", 0))
+            s.settimeout(1.0)
+            for _ in range(2):
+                s.sendto(packet, ("192.0.2.1", PORT))
+                try:
+                    answers.append(s.recv(2048))
+                except TimeoutError:
+                    answers.append(b"")
+        return answers
+
+    cap = lab.worker.call(Capture, [lab.gw_veth], PORT)
+    try:
+        with NetnsWorker(lab.client_ns) as client:
+            first, replayed = client.call(exchange)
+        got = collect(cap, 0.2)
+    finally:
+        lab.worker.call(cap.close)
+    assert len(first) == 92 and first[0] == 2  # MESSAGE_RESPONSE, 92 bytes
+    assert struct.unpack_from("<I", first, 8)[0] == 0x11223344  # receiver = our sender index
+    assert replayed == b""
+    assert [d.payload for d in got] == [packet, packet]  # the watcher sees both copies
