@@ -107,6 +107,8 @@ class LabState:
     clients: list[Client] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ready: bool = False
+    # The process whose exit ends the lab (tests, the demo); 0: it outlives its maker.
+    owner_pid: int = 0
 
     @property
     def path(self) -> Path:

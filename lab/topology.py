@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import re
 import secrets
 import shutil
@@ -148,6 +149,20 @@ def destroy_all() -> dict[str, list[str]]:
     return {prefix: destroy(prefix) for prefix in list_labs()}
 
 
+def reap_orphans() -> list[str]:
+    """Destroy labs whose owning process died without cleaning up (kill -9, a crash)."""
+    reaped = []
+    for prefix in list_labs():
+        try:
+            st = load_state(prefix)
+        except StateError:
+            continue
+        if st is not None and st.owner_pid and not procs.alive(st.owner_pid):
+            destroy(prefix)
+            reaped.append(prefix)
+    return reaped
+
+
 # Labs built by this process that must not outlive it (tests, the demo).
 _live: dict[str, Lab] = {}
 _atexit_lock = threading.Lock()
@@ -216,6 +231,8 @@ class Lab:
         lab = cls(st, progress)
         if not keep:
             _live[prefix] = lab
+            st.owner_pid = os.getpid()
+            st.save()
         try:
             with signals_raise_interrupt():
                 lab._build(spec)

@@ -1,0 +1,200 @@
+"""`python -m lab demo`: just-in-time provisioning, told as a live timeline.
+
+The lab runs the real registry, a JIT gateway (g1: `wgjit gateway run` adopting an
+empty wireguard-go interface) and a pre-provisioned baseline gateway (g2: peers
+added with `wg set` ahead of time). Clients connect one by one; each line is
+printed as it happens, with milliseconds since the demo began.
+
+Only `jit_story` depends on the daemon. Until `wgjit gateway run` is built,
+`registry_story` runs instead and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from lab import gateway as lab_gateway
+from lab.netns import LabError
+from lab.timeline import EventFollower, PingFollower, Timeline
+from lab.topology import Lab, LabSpec, signals_raise_interrupt
+
+POLL = 0.02
+
+
+class Watcher:
+    """Polls what the timeline reads: daemon logs, client pings, gateway peer counts."""
+
+    def __init__(self, lab: Lab, tl: Timeline) -> None:
+        self.lab, self.tl = lab, tl
+        self.logs = [EventFollower(g.daemon_log, g.name) for g in lab.state.gateways
+                     if g.daemon_log]
+        self.pings: dict[str, PingFollower] = {}
+        self.peer_counts: dict[str, int] = {}
+        self._next_count = 0.0
+
+    def watch_ping(self, client: str) -> None:
+        self.pings[client] = PingFollower(self.lab.client(client).ping_log)
+
+    def poll(self) -> None:
+        for f in self.logs:
+            for ev in f.events():
+                self.tl.feed(ev)
+        for name, f in self.pings.items():
+            for ts in f.replies():
+                self.tl.reply(name, ts)
+        now = time.monotonic()
+        if now >= self._next_count:
+            self._next_count = now + 0.25
+            for g in self.lab.state.gateways:
+                peers = self.lab.peers(g.name)
+                if self.peer_counts.get(g.name) != len(peers):
+                    self.peer_counts[g.name] = len(peers)
+                    who = ", ".join(sorted(self.tl.names.get(p.public_key, "?") for p in peers))
+                    self.tl.say(g.name, f"holds {len(peers)} peer(s)"
+                                + (f": {who}" if who else ""))
+
+    def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if done():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL)
+
+    def idle(self, seconds: float) -> None:
+        self.until(lambda: False, seconds)
+
+
+def _replied(tl: Timeline, client: str) -> Callable[[], bool]:
+    def check() -> bool:
+        a = next((a for a in reversed(tl.attempts) if a.client == client), None)
+        return a is not None and "first_reply" in a.marks
+    return check
+
+
+def connect(lab: Lab, w: Watcher, client: str, *, fresh: bool = False, note: str = "",
+            timeout: float = 10.0) -> bool:
+    c = lab.client(client)
+    g = lab.gateway(c.gateway)
+    lab.connect(client, fresh=fresh)
+    w.watch_ping(client)
+    w.tl.connect(client, f"{g.name} ({g.mode})", note, ts=c.ping_started)
+    ok = w.until(_replied(w.tl, client), timeout)
+    if not ok:
+        w.tl.say(client, f"no reply within {timeout:g} s")
+    return ok
+
+
+def baseline(lab: Lab, w: Watcher, client: str) -> None:
+    w.tl.heading("Baseline: a client pre-provisioned on g2 with `wg set` (push model)")
+    connect(lab, w, client)
+
+
+def jit_story(lab: Lab, w: Watcher, jit_clients: list[str], idle_timeout: float,
+              evict_interval: float) -> None:
+    tl = w.tl
+    tl.heading("Just in time: g1 starts with no peers; clients connect one after another")
+    for name in jit_clients:
+        connect(lab, w, name)
+        w.idle(0.5)
+
+    if len(jit_clients) < 2:
+        return
+    gone, back = jit_clients[0], jit_clients[1]
+    tl.heading(f"Clients go quiet: {gone} and {back} stop; idle peers are evicted after "
+               f"{idle_timeout:g} s")
+    for name in (gone, back):
+        lab.disconnect(name)
+        tl.say(name, "goes quiet")
+    w.idle(idle_timeout / 2)
+    tl.say(back, f"comes back after {idle_timeout / 2:g} s, just in time: still installed, "
+           "no new pull expected")
+    connect(lab, w, back, note="back in time")
+
+    key = lab.client(gone).public_key
+    evicted = w.until(lambda: all(p.public_key != key for p in lab.peers("g1")),
+                      idle_timeout + 3 * evict_interval + 5)
+    if not evicted:
+        tl.say("g1", f"{gone} was not evicted in time")
+        return
+    w.idle(0.3)
+    tl.heading(f"{gone} returns after eviction: pulled and installed again")
+    # Its old session died with the evicted peer; a returning client starts a new one.
+    connect(lab, w, gone, fresh=True, note="returns")
+    w.idle(1.0)
+
+
+def registry_story(lab: Lab, w: Watcher, jit_clients: list[str]) -> None:
+    tl = w.tl
+    tl.heading("The registry: what a JIT gateway would pull on a first initiation")
+    rc = lab.registry() if lab.state.registry else None
+    if rc is None:
+        tl.say("lab", "no registry either (`wgjit registry serve` is not available)")
+    for name in jit_clients if rc else []:
+        c = lab.client(name)
+        t = time.time()
+        peer = rc.gateway_peer(c.public_key)
+        tl.say(name, f"GET /v1/gateway/peers/{c.public_key[:8]}… -> "
+               f"{', '.join(peer['allowed_ips']) if peer else 'not found'} "
+               f"in {(time.time() - t) * 1000:.1f} ms")
+    if jit_clients:
+        tl.heading(f"{jit_clients[0]} pings g1, which has no daemon to install it")
+        connect(lab, w, jit_clients[0], note="no daemon", timeout=3.0)
+    tl.heading("The JIT gateway daemon (`wgjit gateway run`) is not built yet: the demo stops "
+               "after the registry and the clients")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=int, default=3, metavar="N",
+                   help="clients of the JIT gateway (one more goes to the baseline gateway)")
+    p.add_argument("--idle-timeout", type=float, default=6.0, metavar="S",
+                   help="short, to show eviction (production default: 300)")
+    p.add_argument("--evict-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--prefix", default=None)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    daemon = lab_gateway.gateway_available()
+    tl = Timeline(time.time())
+    n = max(1, args.clients)
+    jit_clients = [f"c{i}" for i in range(1, n + 1)]
+    base = f"c{n + 1}"
+    tl.heading("wgjit demo: a gateway that learns its peers from their first packet")
+    tl.say("lab", "bringing up the lab: registry, g1 (JIT), g2 (pre-provisioned), "
+           f"{n + 1} clients")
+    lab = None
+    try:
+        with signals_raise_interrupt():
+            spec = LabSpec(gateways=["jit", "plain"], clients=n + 1,
+                           client_gateways=["g1"] * n + ["g2"], prefix=args.prefix,
+                           idle_timeout=args.idle_timeout, evict_interval=args.evict_interval)
+            lab = Lab.up(spec, progress=lambda m: tl.say("lab", m))
+            tl.names = {c.public_key: c.name for c in lab.state.clients}
+            tl.hosts = {a: c.name for c in lab.state.clients for a in (c.underlay4, c.underlay6)}
+            w = Watcher(lab, tl)
+            w.poll()
+            baseline(lab, w, base)
+            if daemon:
+                jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
+            else:
+                registry_story(lab, w, jit_clients)
+            tl.heading("Summary: ms from a client's first ping to each step")
+            print(tl.summary(), flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except LabError as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if lab is not None:
+            tl.say("lab", f"removing lab {lab.prefix}")
+            problems = lab.down()
+            tl.say("lab", "removed" + (": " + "; ".join(problems) if problems else ""))
+    return 0
