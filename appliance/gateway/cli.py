@@ -1,12 +1,131 @@
-"""`wgjit gateway ...` (the daemon lands with the gateway issue)."""
+"""`wgjit gateway run`: the just-in-time gateway daemon."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import signal
+import sys
+
+from appliance import config
+from appliance.config import Option
+
+log = logging.getLogger(__name__)
+
+
+def _backend(value: str) -> str | None:
+    return None if value in ("auto", "netlink", "uapi") else "must be auto, netlink or uapi"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a port from 1 to 65535"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+OPTIONS = [
+    Option("interface", required=True),
+    Option("registry", required=True),
+    Option("token-file", required=True),
+    Option("listen-port", int, 51820, check=_port),
+    Option("private-key-file"),
+    Option("state-dir", default="/var/lib/wgjit"),
+    Option("metrics-listen", default="127.0.0.1:9587", check=config.host_port),
+    Option("idle-timeout", float, 300.0, check=config.positive),
+    Option("evict-interval", float, 30.0, check=config.positive),
+    Option("handshake-grace", float, 15.0, check=config.positive),
+    Option("max-peers", int, 0, check=_non_negative),
+    Option("feed-interval", float, 5.0, check=config.positive),
+    Option("backend", default="auto", check=_backend),
+    Option("capture-interface", config.LIST, []),
+    Option("address", config.LIST, []),
+    Option("rate", float, 50.0, check=config.positive),
+    Option("burst", int, 100, check=config.positive),
+    Option("positive-ttl", float, 300.0, check=config.positive),
+    Option("negative-ttl", float, 30.0, check=config.positive),
+    Option("stale-ttl", float, 86_400.0, check=_non_negative),
+    Option("registry-timeout", float, 3.0, check=config.positive),
+    Option("workers", int, 8, check=config.positive),
+    Option("log-format", default="json",
+           check=lambda v: None if v in ("json", "text") else "must be json or text"),
+]
+
+
+def settings_from(args: argparse.Namespace):
+    from appliance.gateway.daemon import GatewaySettings
+
+    s = config.resolve(OPTIONS, vars(args), config.read_config_file(args.config), "gateway")
+    fields = {f.name for f in dataclasses.fields(GatewaySettings)}
+    renamed = {"capture_interface": "capture_interfaces", "address": "addresses"}
+    values = {renamed.get(k, k): v for k, v in s.items()}
+    return GatewaySettings(**{k: v for k, v in values.items() if k in fields}), s["log_format"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.gateway.daemon import Gateway
+    from appliance.gateway.events import setup_logging
+    from appliance.secrets import SecretFileError
+    from appliance.wg import WgError
+
+    settings, log_format = settings_from(args)
+    setup_logging(args.log_level, log_format)
+    gateway = Gateway(settings)
+
+    def reload(*_: object) -> None:
+        try:
+            new, _fmt = settings_from(args)
+        except config.ConfigError as e:
+            log.error("reload refused, keeping the running settings: %s", e)
+            return
+        gateway.apply(new)
+
+    signal.signal(signal.SIGHUP, reload)
+    try:
+        return gateway.run()
+    except (WgError, SecretFileError, OSError) as e:
+        log.error("gateway: %s", e)
+        print(f"wgjit gateway: {e}", file=sys.stderr)
+        return 1
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    gw = sub.add_parser("gateway", help="the gateway daemon")
+    gw = sub.add_parser("gateway", help="the just-in-time gateway daemon")
     gsub = gw.add_subparsers(dest="gateway_command", required=True, metavar="COMMAND")
-    run = gsub.add_parser("run", help="catch first initiations and install peers just in time")
-    run.set_defaults(func=lambda args: gw.error("gateway run is not built yet"))
+    run = gsub.add_parser(
+        "run", help="catch first initiations and install peers just in time",
+        description="Hold no peers; install each client on its first handshake initiation, "
+                    "pulled from the registry, and evict idle ones. Every option may also "
+                    "come from the [gateway] table of --config or a WGJIT_<OPTION> variable.")
+    a = run.add_argument
+    a("--config", metavar="FILE", help="TOML config file ([gateway] table)")
+    a("--interface", metavar="IFNAME", help="WireGuard interface to adopt or create")
+    a("--registry", metavar="URL", help="registry base URL")
+    a("--token-file", metavar="FILE", help="0600 file with a gateway-scope token")
+    a("--listen-port", type=int, metavar="PORT", help="UDP port when creating (51820)")
+    a("--private-key-file", metavar="FILE", help="0600 private key, to create the interface")
+    a("--state-dir", metavar="DIR", help="cache and feed cursor (/var/lib/wgjit)")
+    a("--metrics-listen", metavar="HOST:PORT", help="/metrics and /healthz (127.0.0.1:9587)")
+    a("--idle-timeout", type=float, metavar="SECONDS", help="evict after this idle (300)")
+    a("--evict-interval", type=float, metavar="SECONDS", help="eviction pass period (30)")
+    a("--handshake-grace", type=float, metavar="SECONDS",
+      help="evict installed peers that never handshook after this (15)")
+    a("--max-peers", type=int, metavar="N", help="cap on installed peers, 0 = none (0)")
+    a("--feed-interval", type=float, metavar="SECONDS", help="change-feed poll period (5)")
+    a("--backend", metavar="auto|netlink|uapi", help="device backend (auto)")
+    a("--capture-interface", action="append", metavar="IFNAME",
+      help="underlay interface to watch (repeatable; default: every Ethernet interface)")
+    a("--address", action="append", metavar="CIDR",
+      help="tunnel address to give a created interface (repeatable)")
+    a("--rate", type=float, metavar="PER_SECOND", help="registry lookups per second (50)")
+    a("--burst", type=int, metavar="N", help="registry lookup burst (100)")
+    a("--positive-ttl", type=float, metavar="SECONDS", help="cache a found peer (300)")
+    a("--negative-ttl", type=float, metavar="SECONDS", help="cache an unknown key (30)")
+    a("--stale-ttl", type=float, metavar="SECONDS",
+      help="serve a cached peer this old while the registry is down (86400)")
+    a("--registry-timeout", type=float, metavar="SECONDS", help="per request (3)")
+    a("--workers", type=int, metavar="N", help="lookup/install threads (8)")
+    a("--log-format", metavar="json|text", help="event log format (json)")
+    run.set_defaults(func=cmd_run)

@@ -1,0 +1,180 @@
+"""The gateway's rate-limited cache of registry answers, in SQLite on local disk.
+
+Positive entries (the peer) and negative entries (the registry said no) each
+have a TTL. When the registry cannot answer, a positive entry up to
+`stale_ttl` old is served anyway: a registry outage must not lock out clients
+the gateway already knew. Concurrent lookups of one key share one registry
+call (single flight), and every call spends a token from the bucket. On disk,
+so a restarted gateway still knows its clients while the registry is down.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.ratelimit import TokenBucket
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"  # fresh positive entry
+    NEGATIVE_HIT = "negative_hit"  # fresh negative entry
+    FETCHED = "fetched"  # registry answered with the peer
+    NOT_FOUND = "not_found"  # registry answered no
+    STALE = "stale"  # registry unavailable, served an old positive entry
+    UNAVAILABLE = "unavailable"  # registry unavailable, nothing to serve
+    RATE_LIMITED = "rate_limited"  # no token in time, nothing to serve
+
+
+@dataclass(frozen=True)
+class Lookup:
+    peer: RegistryPeer | None
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    positive_ttl: float = 300.0
+    negative_ttl: float = 30.0
+    stale_ttl: float = 86_400.0
+    token_wait: float = 1.0  # how long a lookup may wait for a registry token
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS peer_cache (
+    public_key TEXT PRIMARY KEY,
+    found INTEGER NOT NULL,
+    data TEXT,
+    fetched_at REAL NOT NULL
+);
+"""
+
+
+class PeerCache:
+    def __init__(self, path: str | Path, fetch: Callable[[str], RegistryPeer],
+                 bucket: TokenBucket, policy: CachePolicy = CachePolicy(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self._fetch = fetch
+        self.bucket = bucket
+        self.policy = policy
+        self._clock = clock
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(SCHEMA)
+        self._db_lock = threading.Lock()
+        self._inflight: dict[str, Future[Lookup]] = {}
+        self._inflight_lock = threading.Lock()
+        self.registry_calls = 0
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+    # storage
+
+    def _row(self, key: str) -> tuple[bool, RegistryPeer | None, float] | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT found, data, fetched_at FROM peer_cache WHERE public_key = ?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        found, data, fetched_at = row
+        peer = RegistryPeer.from_json(json.loads(data)) if found else None
+        return bool(found), peer, fetched_at
+
+    def _store(self, key: str, peer: RegistryPeer | None) -> None:
+        data = json.dumps(peer.to_json()) if peer else None
+        with self._db_lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at)"
+                " VALUES (?, ?, ?, ?)",
+                (key, int(peer is not None), data, self._clock()),
+            )
+
+    def invalidate(self, key: str) -> None:
+        """Forget a key (revoked, deleted, changed): the next lookup asks the registry."""
+        with self._db_lock:
+            self._db.execute("DELETE FROM peer_cache WHERE public_key = ?", (key,))
+
+    def put(self, peer: RegistryPeer) -> None:
+        self._store(peer.public_key, peer)
+
+    def clear(self) -> None:
+        with self._db_lock:
+            self._db.execute("DELETE FROM peer_cache")
+
+    def expire(self) -> int:
+        """Drop entries too old to serve even as stale; returns how many."""
+        now = self._clock()
+        with self._db_lock:
+            cur = self._db.execute(
+                "DELETE FROM peer_cache WHERE (found = 1 AND fetched_at < ?)"
+                " OR (found = 0 AND fetched_at < ?)",
+                (now - self.policy.stale_ttl, now - self.policy.negative_ttl),
+            )
+        return cur.rowcount
+
+    def __len__(self) -> int:
+        with self._db_lock:
+            return self._db.execute("SELECT count(*) FROM peer_cache").fetchone()[0]
+
+    # lookup
+
+    def lookup(self, key: str) -> Lookup:
+        cached = self._row(key)
+        now = self._clock()
+        if cached is not None:
+            found, peer, fetched_at = cached
+            age = now - fetched_at
+            if found and age < self.policy.positive_ttl:
+                return Lookup(peer, Outcome.HIT)
+            if not found and age < self.policy.negative_ttl:
+                return Lookup(None, Outcome.NEGATIVE_HIT)
+        with self._inflight_lock:
+            future = self._inflight.get(key)
+            leader = future is None
+            if leader:
+                future = self._inflight[key] = Future()
+        if not leader:
+            return future.result()
+        try:
+            result = self._ask_registry(key, cached)
+            future.set_result(result)
+            return result
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._inflight_lock:
+                del self._inflight[key]
+
+    def _ask_registry(self, key: str, cached) -> Lookup:
+        if not self.bucket.acquire(self.policy.token_wait):
+            return self._fallback(cached, Outcome.RATE_LIMITED)
+        self.registry_calls += 1
+        try:
+            peer = self._fetch(key)
+        except PeerNotFound:
+            self._store(key, None)
+            return Lookup(None, Outcome.NOT_FOUND)
+        except RegistryUnavailable:
+            return self._fallback(cached, Outcome.UNAVAILABLE)
+        self._store(key, peer)
+        return Lookup(peer, Outcome.FETCHED)
+
+    def _fallback(self, cached, outcome: Outcome) -> Lookup:
+        if cached is not None:
+            found, peer, fetched_at = cached
+            if found and self._clock() - fetched_at < self.policy.stale_ttl:
+                return Lookup(peer, Outcome.STALE)
+        return Lookup(None, outcome)

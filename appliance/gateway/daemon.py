@@ -1,0 +1,389 @@
+"""The gateway daemon: capture -> identity -> pull -> install, plus housekeeping.
+
+Threads, and why:
+- capture: reads initiations off the packet sockets and verifies them. It never
+  waits on the network or the device; work goes to the pool.
+- pool: registry lookups and installs (slow, may block on HTTP).
+- scheduler (APScheduler, one instance): eviction, change feed, ending trigger
+  keepalives after handshakes, cache expiry.
+- http: /metrics and /healthz.
+The interface outlives the daemon: a restart adopts the peers it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from appliance.gateway import events
+from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
+from appliance.gateway.capture import Capture, Datagram
+from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
+from appliance.gateway.feed import FeedFollower
+from appliance.gateway.handshake import InitiationError, Responder
+from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
+from appliance.gateway.metrics import GatewayMetrics, serve_http
+from appliance.gateway.pull import GatewayRegistry
+from appliance.gateway.ratelimit import TokenBucket
+from appliance.gateway.replay import ReplayGuard
+from appliance.gateway.state import GatewayState
+from appliance.keys import decode_key, encode_key
+from appliance.secrets import read_secret
+from appliance.wg import WgDevice, WgError, ensure_device
+
+log = logging.getLogger(__name__)
+
+ARPHRD_ETHER = 1
+MAX_PENDING = 1024  # lookups queued or running; beyond this initiations are dropped
+SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
+
+
+@dataclass
+class GatewaySettings:
+    interface: str
+    registry: str
+    token_file: str
+    listen_port: int = 51820
+    private_key_file: str | None = None
+    state_dir: str = "/var/lib/wgjit"
+    metrics_listen: str = "127.0.0.1:9587"
+    idle_timeout: float = 300.0
+    evict_interval: float = 30.0
+    handshake_grace: float = 15.0
+    max_peers: int = 0
+    feed_interval: float = 5.0
+    backend: str = "auto"
+    capture_interfaces: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    rate: float = 50.0
+    burst: int = 100
+    positive_ttl: float = 300.0
+    negative_ttl: float = 30.0
+    stale_ttl: float = 86_400.0
+    registry_timeout: float = 3.0
+    workers: int = 8
+    trigger_keepalive: int = TRIGGER_KEEPALIVE
+
+
+def underlay_interfaces(exclude: str) -> list[str]:
+    """Ethernet interfaces of this network namespace, but the WireGuard one.
+
+    The BPF program assumes an Ethernet header; tun devices and WireGuard
+    interfaces have none, so they are never bound.
+    """
+    found = []
+    for _, name in socket.if_nameindex():
+        if name == exclude:
+            continue
+        try:
+            kind = int(Path(f"/sys/class/net/{name}/type").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind == ARPHRD_ETHER:
+            found.append(name)
+    return found
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.replay = ReplayGuard()
+        self._stop = threading.Event()
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self.device: WgDevice | None = None
+        self.capture: Capture | None = None
+        self._threads: list[threading.Thread] = []
+        self._http = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.registry_ok: bool | None = None
+
+    # -- start and stop ---------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        if s.idle_timeout < REJECT_AFTER_TIME:
+            log.warning("idle timeout %.0f s is below REJECT_AFTER_TIME (%.0f s): clients "
+                        "evicted with live session keys cannot come back until their keys "
+                        "expire", s.idle_timeout, REJECT_AFTER_TIME)
+        state_dir = Path(s.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        token = read_secret(s.token_file, what="gateway token")
+        private_key = (read_secret(s.private_key_file, what="private key")
+                       if s.private_key_file else None)
+        self.device = ensure_device(s.interface, private_key=private_key,
+                                    listen_port=s.listen_port, addresses=s.addresses,
+                                    backend=s.backend)
+        info = self.device.info()
+        if info.private_key is None:
+            raise WgError(f"{s.interface}: the device has no private key and none was given "
+                          "(--private-key-file)")
+        self.responder = Responder(decode_key(info.private_key))
+        port = info.listen_port or s.listen_port
+        underlay = s.capture_interfaces or underlay_interfaces(s.interface)
+        if not underlay:
+            raise WgError("no Ethernet interface to capture on; give --capture-interface")
+        self.capture = Capture(underlay, port=port)
+
+        self.installer = Installer(self.device, s.trigger_keepalive)
+        for key in self._adopt():
+            events.emit("peer_adopted", public_key=key)
+        self.registry = GatewayRegistry(s.registry, token, timeout=s.registry_timeout)
+        db_path = state_dir / "gateway.db"
+        self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
+                               CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
+        self.state = GatewayState(db_path)
+        self.evictor = Evictor(self.installer,
+                               EvictionPolicy(s.idle_timeout, s.handshake_grace, s.max_peers),
+                               self.metrics, on_evict=self._on_evict)
+        self.feed = FeedFollower(self.registry, self.state, self.cache, self.installer,
+                                 self.metrics, self.evictor.removed_elsewhere)
+        self.pool = ThreadPoolExecutor(s.workers, thread_name_prefix="pull")
+        self._start_scheduler()
+        self._http = serve_http(s.metrics_listen, self.metrics, self.health)
+        t = threading.Thread(target=self._capture_loop, name="capture", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.metrics.installed.set(len(self.installer))
+        events.emit("gateway_ready", interface=s.interface, public_key=encode_key(
+            self.responder.public_key), listen_port=port, capture=underlay,
+            peers=len(self.installer), backend=self.device.backend)
+
+    def _adopt(self) -> list[str]:
+        before = set(self.installer.snapshot())
+        self.installer.adopt()
+        return [k for k in self.installer.snapshot() if k not in before]
+
+    def _start_scheduler(self) -> None:
+        s = self.settings
+        self.scheduler = BackgroundScheduler(job_defaults={
+            # One run at a time; after a stall run once, not once per missed slot.
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        self.scheduler.add_listener(self._job_event,
+                                    EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_ERROR)
+        self.scheduler.add_job(self.evict_pass, "interval", seconds=s.evict_interval,
+                               id="evict", name="evict")
+        self.scheduler.add_job(self.feed.poll, "interval", seconds=s.feed_interval, id="feed",
+                               name="feed", next_run_time=_now())
+        self.scheduler.add_job(self.check_handshakes, "interval", seconds=0.5, id="handshakes",
+                               name="handshakes")
+        self.scheduler.add_job(self.cache.expire, "interval", seconds=300, id="cache_expire",
+                               name="cache_expire")
+        self.scheduler.start()
+
+    def _job_event(self, event) -> None:
+        if event.code == EVENT_JOB_ERROR:
+            log.error("job %s failed: %r", event.job_id, event.exception,
+                      exc_info=(type(event.exception), event.exception,
+                                event.exception.__traceback__))
+            return
+        what = "missed" if event.code == EVENT_JOB_MISSED else "skipped (still running)"
+        log.warning("scheduled job %s %s", event.job_id, what)
+        self.metrics.missed_jobs.labels(event.job_id).inc()
+
+    def stop(self) -> None:
+        """Drain: no new captures, finish running installs, stop jobs, close."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if hasattr(self, "pool"):
+            self.pool.shutdown(wait=True, cancel_futures=False)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self.capture is not None:
+            self.capture.close()
+        for closable in ("cache", "state"):
+            if hasattr(self, closable):
+                getattr(self, closable).close()
+        if self.device is not None:
+            self.device.close()
+        events.emit("gateway_stopped", interface=self.settings.interface)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads settings via `reload`."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        try:
+            self.start()
+            while not self._stop.wait(1.0):
+                if not all(t.is_alive() for t in self._threads):
+                    log.error("capture thread died; exiting so the supervisor restarts us")
+                    return 1
+        finally:
+            self.stop()
+        return 0
+
+    def apply(self, settings: GatewaySettings) -> None:
+        """Take new tunables without a restart (SIGHUP). Interface and registry stay."""
+        self.settings = settings
+        self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
+                                             settings.max_peers)
+        self.cache.policy = CachePolicy(settings.positive_ttl, settings.negative_ttl,
+                                        settings.stale_ttl)
+        self.cache.bucket = TokenBucket(settings.rate, settings.burst)
+        self.scheduler.reschedule_job("evict", trigger="interval",
+                                      seconds=settings.evict_interval)
+        self.scheduler.reschedule_job("feed", trigger="interval", seconds=settings.feed_interval)
+        events.emit("config_reloaded", idle_timeout=settings.idle_timeout,
+                    evict_interval=settings.evict_interval, rate=settings.rate)
+
+    # -- the packet path --------------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        assert self.capture is not None
+        while not self._stop.is_set():
+            try:
+                datagrams = self.capture.recv(timeout=0.25)
+            except OSError as e:
+                log.error("capture: %s", e)
+                time.sleep(0.5)
+                continue
+            for d in datagrams:
+                self.on_datagram(d)
+            self._sync_capture_drops()
+
+    def _sync_capture_drops(self) -> None:
+        assert self.capture is not None
+        for reason, n in self.capture.malformed.items():
+            if n:
+                self.metrics.drops.labels(reason).inc(n)
+        self.capture.malformed.clear()
+
+    def on_datagram(self, d: Datagram) -> None:
+        seen_at = time.time()
+        self.metrics.initiations.inc()
+        try:
+            init = self.responder.consume_initiation(d.payload)
+        except InitiationError as e:
+            self.metrics.drops.labels(e.reason).inc()
+            return
+        key = encode_key(init.initiator_static)
+        if key in self.installer:
+            # Rekeys and retries of peers we already serve: the data plane has them.
+            self.metrics.drops.labels("already_installed").inc()
+            return
+        if not self.replay.accept(init.initiator_static, init.timestamp):
+            self.metrics.drops.labels("replay").inc()
+            events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
+                        endpoint=d.endpoint)
+            return
+        self.metrics.verified.inc()
+        with self._pending_lock:
+            if key in self._pending:
+                self.metrics.drops.labels("pending").inc()
+                return
+            if len(self._pending) >= MAX_PENDING:
+                self.metrics.drops.labels("queue_full").inc()
+                return
+            self._pending.add(key)
+        events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
+        events.emit("identity_recovered", public_key=key, endpoint=d.endpoint)
+        self.pool.submit(self._pull_and_install, key, d.endpoint, seen_at)
+
+    def _fetch(self, key: str):
+        try:
+            peer = self.registry.peer(key)
+            self.registry_ok = True
+            return peer
+        except Exception as e:
+            from appliance.gateway.pull import PeerNotFound
+
+            if not isinstance(e, PeerNotFound):
+                self.registry_ok = False
+                self.metrics.registry_errors.inc()
+            raise
+        finally:
+            self.metrics.registry_calls.inc()
+
+    def _pull_and_install(self, key: str, endpoint: str, seen_at: float) -> None:
+        try:
+            lookup = self.cache.lookup(key)
+            self.metrics.lookups.labels(lookup.outcome.value).inc()
+            if lookup.peer is None:
+                events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)
+                return
+            events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
+                        ms=round(1000 * (time.time() - seen_at), 2))
+            try:
+                installed = self.installer.install(lookup.peer, endpoint)
+            except WgError as e:
+                self.metrics.install_errors.inc()
+                log.error("install of %s failed: %s", key, e)
+                return
+            if installed:
+                elapsed = time.time() - seen_at
+                self.metrics.installs.inc()
+                self.metrics.install_latency.observe(elapsed)
+                self.metrics.installed.set(len(self.installer))
+                self.evictor.note_install(key)
+                events.emit("peer_installed", public_key=key, endpoint=endpoint,
+                            allowed_ips=list(lookup.peer.allowed_ips),
+                            ms=round(1000 * elapsed, 2))
+        except Exception:
+            log.exception("pull/install of %s failed", key)
+        finally:
+            with self._pending_lock:
+                self._pending.discard(key)
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def evict_pass(self) -> dict:
+        try:
+            return self.evictor.run_pass()
+        except WgError as e:
+            log.error("eviction pass: device error: %s", e)
+            return {}
+
+    def check_handshakes(self) -> None:
+        pending = self.installer.pending_triggers()
+        if not pending:
+            return
+        wanted = set(pending)
+        done = [p.public_key for p in self.device.peers()
+                if p.public_key in wanted and p.last_handshake is not None]
+        if done:
+            self.installer.handshake_done(done)
+            for key in done:
+                events.emit("handshake_completed", public_key=key)
+
+    def _on_evict(self, key: str, reason: str) -> None:
+        # A returning client must be able to come back with a fresh initiation
+        # even if its clock-based timestamp is not newer than one we saw (it
+        # is; but an evicted key should cost nothing to remember).
+        self.replay.forget(decode_key(key))
+        self.metrics.installed.set(len(self.installer))
+
+    def health(self) -> tuple[bool, dict]:
+        capture_ok = bool(self._threads) and all(t.is_alive() for t in self._threads)
+        sched_ok = self.scheduler is not None and self.scheduler.running
+        ok = capture_ok and sched_ok
+        return ok, {
+            "status": "ok" if ok else "failing",
+            "capture": capture_ok,
+            "scheduler": sched_ok,
+            "installed_peers": len(self.installer) if hasattr(self, "installer") else 0,
+            "registry": {None: "unknown", True: "ok", False: "unavailable"}[self.registry_ok],
+            "feed": "ok" if getattr(self, "feed", None) and self.feed.healthy else "behind",
+            "last_evict_pass": getattr(getattr(self, "evictor", None), "last_pass", {}),
+        }
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)  # noqa: UP017 - APScheduler wants a tz-aware datetime

@@ -1,0 +1,120 @@
+"""Follow the registry's change feed: revocations bite within seconds.
+
+A pull-based gateway only asks the registry when a client is new; without
+this, a revoked client that stays connected would keep its tunnel. Every few
+seconds the gateway reads `/v1/gateway/changes?since=CURSOR` and
+- on revoke or delete: removes the peer from the device and the cache;
+- on update: refreshes the cache and updates an installed peer in place;
+- on create or restore: drops a negative cache entry so the key works now.
+The cursor is saved after each applied page. When the feed cannot be trusted
+to be complete (first start, a different database behind the registry, or
+changes older than our cursor already trimmed), every installed peer is
+checked against the registry instead: a full reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from appliance.gateway import events
+from appliance.gateway.cache import PeerCache
+from appliance.gateway.install import Installer
+from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.pull import GatewayRegistry, PeerNotFound, RegistryUnavailable
+from appliance.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+
+class FeedFollower:
+    def __init__(self, registry: GatewayRegistry, state: GatewayState, cache: PeerCache,
+                 installer: Installer, metrics: GatewayMetrics, on_removed) -> None:
+        self.registry = registry
+        self.state = state
+        self.cache = cache
+        self.installer = installer
+        self.metrics = metrics
+        self.on_removed = on_removed  # (key, reason): eviction bookkeeping
+        self.healthy = False
+
+    @property
+    def cursor(self) -> int | None:
+        value = self.state.get("feed_cursor")
+        return int(value) if value is not None else None
+
+    def poll(self) -> int:
+        """Apply everything new; returns how many changes were applied."""
+        try:
+            return self._poll()
+        except RegistryUnavailable as e:
+            self.healthy = False
+            self.metrics.feed_errors.inc()
+            log.warning("change feed: registry unavailable (%s); will catch up", e)
+            return 0
+
+    def _poll(self) -> int:
+        cursor = self.cursor
+        feed_id = self.state.get("feed_id")
+        if cursor is None:
+            return self.reconcile("first start")
+        applied = 0
+        while True:
+            page = self.registry.changes(cursor)
+            if feed_id and page["feed_id"] != feed_id:
+                return applied + self.reconcile("registry database replaced")
+            if page["changes"] and page["changes"][0]["cursor"] != cursor + 1 \
+                    and page["earliest"] > cursor + 1:
+                return applied + self.reconcile("feed gap")
+            if page["latest"] < cursor:
+                return applied + self.reconcile("feed reset")
+            for change in page["changes"]:
+                self.apply(change)
+                applied += 1
+            cursor = page["cursor"]
+            self.state.set(feed_cursor=str(cursor), feed_id=page["feed_id"])
+            self.metrics.feed_cursor.set(cursor)
+            self.healthy = True
+            if not page["more"]:
+                return applied
+
+    def apply(self, change: dict) -> None:
+        key, op = change["public_key"], change["op"]
+        if op in ("revoke", "delete"):
+            self.cache.invalidate(key)
+            if self.installer.remove([key]):
+                self.on_removed(key, "revoked" if op == "revoke" else "deleted")
+            return
+        if op in ("create", "restore"):
+            self.cache.invalidate(key)
+            return
+        if op == "update":
+            self.cache.invalidate(key)
+            if key in self.installer:
+                self._refresh(key)
+
+    def _refresh(self, key: str) -> None:
+        try:
+            peer = self.registry.peer(key)
+        except PeerNotFound:
+            if self.installer.remove([key]):
+                self.on_removed(key, "revoked")
+            return
+        self.cache.put(peer)
+        if self.installer.update(peer):
+            events.emit("peer_updated", public_key=key, allowed_ips=list(peer.allowed_ips))
+
+    def reconcile(self, why: str) -> int:
+        """Check every installed peer against the registry, then start the feed afresh."""
+        log.info("change feed: full reconcile (%s)", why)
+        self.metrics.reconciles.inc()
+        head = self.registry.changes(0, limit=1)
+        if why != "first start":
+            # Cache entries may predate changes we never saw; installed peers
+            # are put back by the refresh below.
+            self.cache.clear()
+        for key in list(self.installer.snapshot()):
+            self._refresh(key)
+        self.state.set(feed_cursor=str(head["latest"]), feed_id=head["feed_id"])
+        self.metrics.feed_cursor.set(head["latest"])
+        self.healthy = True
+        return 0

@@ -1,0 +1,142 @@
+"""Install a pulled peer in the initiator role, and end the trigger once it worked.
+
+Role inversion: the client's first initiation arrived before the peer existed,
+so nobody answered it, and the client would retry only after REKEY_TIMEOUT
+(5 s). Installing the peer with an endpoint (the initiation's source address)
+and a persistent keepalive makes the data plane send a handshake towards the
+client at once: the gateway becomes the session's initiator. The keepalive is
+only the trigger; once the handshake completed it is turned off again, so an
+idle peer really goes idle and can be evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from appliance.gateway.pull import RegistryPeer
+from appliance.wg import PeerConfig, WgDevice
+
+log = logging.getLogger(__name__)
+
+# Any non-zero value triggers the immediate handshake; 25 s is the customary
+# NAT keepalive, harmless for the moment until it is cleared.
+TRIGGER_KEEPALIVE = 25
+# An all-zero preshared key is how both the kernel and the UAPI say "none".
+NO_PRESHARED_KEY = "A" * 43 + "="
+
+
+@dataclass
+class Installed:
+    public_key: str
+    installed_at: float  # time.time()
+    endpoint: str | None
+    trigger_pending: bool = True
+    adopted: bool = False
+    tenant: str = ""
+    allowed_ips: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Installer:
+    """Owns which peers this gateway put on the device, and when."""
+
+    def __init__(self, device: WgDevice, trigger_keepalive: int = TRIGGER_KEEPALIVE) -> None:
+        self.device = device
+        self.trigger_keepalive = trigger_keepalive
+        self._peers: dict[str, Installed] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, public_key: str) -> bool:
+        return public_key in self._peers
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def get(self, public_key: str) -> Installed | None:
+        return self._peers.get(public_key)
+
+    def snapshot(self) -> dict[str, Installed]:
+        with self._lock:
+            return dict(self._peers)
+
+    def adopt(self) -> int:
+        """Take over the peers the device already holds (a restart loses nothing)."""
+        now = time.time()
+        adopted = 0
+        with self._lock:
+            for p in self.device.peers():
+                if p.public_key in self._peers:
+                    continue
+                # A peer that never handshook gets the full grace period from now.
+                self._peers[p.public_key] = Installed(
+                    p.public_key, now, str(p.endpoint) if p.endpoint else None,
+                    trigger_pending=p.persistent_keepalive > 0 and p.last_handshake is None,
+                    adopted=True, allowed_ips=tuple(str(n) for n in p.allowed_ips))
+                adopted += 1
+        return adopted
+
+    def install(self, peer: RegistryPeer, endpoint: str) -> bool:
+        """Put the peer on the device aimed at `endpoint`; False if it already was.
+
+        An installed peer is never re-aimed here: the packet that asked for it is
+        unauthenticated as far as the data plane is concerned, and WireGuard's
+        own roaming moves a live peer's endpoint on authenticated packets.
+        """
+        with self._lock:
+            if peer.public_key in self._peers:
+                return False
+            self.device.set_peer(PeerConfig(
+                peer.public_key,
+                allowed_ips=peer.allowed_ips,
+                preshared_key=peer.preshared_key or NO_PRESHARED_KEY,
+                endpoint=endpoint,
+                persistent_keepalive=self.trigger_keepalive,
+            ))
+            self._peers[peer.public_key] = Installed(
+                peer.public_key, time.time(), endpoint, tenant=peer.tenant,
+                allowed_ips=peer.allowed_ips)
+        return True
+
+    def update(self, peer: RegistryPeer) -> bool:
+        """Apply changed allowed IPs / preshared key to an installed peer, in place."""
+        with self._lock:
+            current = self._peers.get(peer.public_key)
+            if current is None:
+                return False
+            self.device.set_peer(PeerConfig(
+                peer.public_key, allowed_ips=peer.allowed_ips,
+                preshared_key=peer.preshared_key or NO_PRESHARED_KEY), update_only=True)
+            current.allowed_ips = peer.allowed_ips
+        return True
+
+    def pending_triggers(self) -> list[str]:
+        with self._lock:
+            return [k for k, p in self._peers.items() if p.trigger_pending]
+
+    def handshake_done(self, public_keys: list[str]) -> None:
+        """Turn off the trigger keepalive of peers that completed a handshake."""
+        for key in public_keys:
+            with self._lock:
+                entry = self._peers.get(key)
+                if entry is None or not entry.trigger_pending:
+                    continue
+                self.device.clear_keepalive(key)
+                entry.trigger_pending = False
+
+    def remove(self, public_keys: list[str]) -> list[str]:
+        """Remove peers from the device (batched); returns those we had."""
+        if not public_keys:
+            return []
+        with self._lock:
+            self.device.remove_peers(public_keys)
+            return [k for k in public_keys if self._peers.pop(k, None) is not None]
+
+    def forget_missing(self, present: set[str]) -> list[str]:
+        """Drop bookkeeping for peers that vanished from the device (removed by hand)."""
+        with self._lock:
+            gone = [k for k in self._peers if k not in present]
+            for k in gone:
+                del self._peers[k]
+        return gone

@@ -1,0 +1,109 @@
+"""The gateway's Prometheus metrics, and the local HTTP endpoint serving them.
+
+prometheus-client has no /healthz, so a small stdlib HTTP server serves both
+`/metrics` (prometheus-client's exposition) and `/healthz` (the daemon's own
+check) on one local port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.initiations = Counter("wgjit_gateway_initiations_total",
+                                   "Handshake initiations seen by the capture", registry=r)
+        self.verified = Counter("wgjit_gateway_initiations_verified_total",
+                                "Initiations whose sender proved its key", registry=r)
+        self.drops = Counter("wgjit_gateway_drops_total",
+                             "Packets dropped before any lookup, by reason", ["reason"],
+                             registry=r)
+        self.lookups = Counter("wgjit_gateway_cache_lookups_total",
+                               "Peer lookups by outcome (hit, fetched, stale, ...)",
+                               ["outcome"], registry=r)
+        self.registry_calls = Counter("wgjit_gateway_registry_calls_total",
+                                      "HTTP calls to the registry", registry=r)
+        self.registry_errors = Counter("wgjit_gateway_registry_errors_total",
+                                       "Registry calls that failed", registry=r)
+        self.installs = Counter("wgjit_gateway_installs_total", "Peers installed", registry=r)
+        self.install_errors = Counter("wgjit_gateway_install_errors_total",
+                                      "Installs the device refused", registry=r)
+        self.install_latency = Histogram(
+            "wgjit_gateway_install_seconds", "From captured initiation to peer on the device",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
+        self.installed = Gauge("wgjit_gateway_installed_peers", "Peers on the device now",
+                               registry=r)
+        self.evictions = Counter("wgjit_gateway_evictions_total", "Peers removed, by reason",
+                                 ["reason"], registry=r)
+        self.reinstalls = Counter(
+            "wgjit_gateway_reinstalls_after_eviction_total",
+            "Installs of a peer evicted shortly before (eviction thrash)", registry=r)
+        self.evict_pass = Histogram("wgjit_gateway_evict_pass_seconds",
+                                    "Duration of one eviction pass", registry=r,
+                                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.feed_cursor = Gauge("wgjit_gateway_feed_cursor", "Change-feed cursor applied",
+                                 registry=r)
+        self.feed_errors = Counter("wgjit_gateway_feed_errors_total",
+                                   "Change-feed polls that failed", registry=r)
+        self.reconciles = Counter("wgjit_gateway_reconciles_total",
+                                  "Full reconciles against the registry", registry=r)
+        self.missed_jobs = Counter("wgjit_gateway_scheduler_missed_total",
+                                   "Scheduled runs missed or skipped, by job", ["job"],
+                                   registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve_http(listen: str, metrics: GatewayMetrics,
+               health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
+    """Start /metrics and /healthz on HOST:PORT in a daemon thread."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                ok, detail = health()
+                self._send(200 if ok else 503, json.dumps(detail).encode(), "application/json")
+            else:
+                self._send(404, b'{"error": "not_found"}', "application/json")
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass  # scrapes every few seconds would drown the event log
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
