@@ -22,8 +22,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from appliance.keys import generate_keypair, generate_preshared_key
 from appliance.secrets import write_secret
@@ -49,6 +51,9 @@ Progress = Callable[[str], None]
 BRIDGE = "br0"
 UNDERLAY_IF = "ul0"  # every host's leg into the internet
 WG_START_TIMEOUT = 10.0
+BUILD_THREADS = 8
+
+T = TypeVar("T")
 
 
 def random_prefix() -> str:
@@ -203,6 +208,18 @@ def _new_netns(ns: str) -> None:
         "net.ipv6.conf.default.accept_dad=0"])
 
 
+def _parallel(fn: Callable[[T], object], items: list[T]) -> None:
+    """Run fn over items on a few threads: each step is a handful of short subprocesses
+    that wait on the kernel, so a 100-client lab builds in seconds, not a minute."""
+    if len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=BUILD_THREADS) as pool:
+        for f in [pool.submit(fn, it) for it in items]:
+            f.result()
+
+
 def _batch(ns: str, lines: list[str]) -> None:
     sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
 
@@ -288,9 +305,11 @@ class Lab:
                                                    and registry_available())
         if spec.registry == "yes" and not registry_available():
             raise LabError("registry requested but `wgjit registry serve` is not available")
+        # (host, address4, address6, router4, router6) for every leg into the internet
+        legs: list[tuple[str, str, str, str, str]] = []
         if want_registry:
-            self._make_host("reg", *addressing.registry_underlay(),
-                            addressing.ROUTER4[0], addressing.ROUTER6[0])
+            legs.append(("reg", *addressing.registry_underlay(),
+                         addressing.ROUTER4[0], addressing.ROUTER6[0]))
 
         for i, mode in enumerate(spec.gateways, 1):
             u4, u6 = addressing.gateway_underlay(i)
@@ -298,7 +317,7 @@ class Lab:
             g = Gateway(name=f"g{i}", ns=ns_name(st.prefix, f"g{i}"), ifname=f"{st.prefix}g{i}",
                         mode=mode, underlay4=u4, underlay6=u6, tunnel4=t4, tunnel6=t6,
                         listen_port=WG_PORT)
-            self._make_host(g.name, u4, u6, addressing.ROUTER4[0], addressing.ROUTER6[0])
+            legs.append((g.name, u4, u6, addressing.ROUTER4[0], addressing.ROUTER6[0]))
             priv, g.public_key = generate_keypair()
             g.private_key_file = str(write_secret(keys / f"{g.name}.key", priv))
             g.wg_log = str(Path(st.dir) / f"wg-{g.name}.log")
@@ -315,7 +334,7 @@ class Lab:
             c = Client(name=f"c{i}", ns=ns_name(st.prefix, f"c{i}"), ifname=f"{st.prefix}c{i}",
                        gateway=gw_name, underlay4=u4, underlay6=u6, tunnel4=t4, tunnel6=t6,
                        endpoint_family=fam)
-            self._make_host(c.name, u4, u6, r4, r6)
+            legs.append((c.name, u4, u6, r4, r6))
             priv, c.public_key = generate_keypair()
             c.private_key_file = str(write_secret(keys / f"{c.name}.key", priv))
             if spec.psk:
@@ -324,14 +343,15 @@ class Lab:
             c.ping_log = str(Path(st.dir) / f"ping-{c.name}.log")
             st.clients.append(c)
         st.save()
+        _parallel(lambda leg: self._make_host(*leg), legs)
+        st.save()
 
         self._say(f"starting {n_gw + n_cl} wireguard-go interface(s)")
         self._start_wireguard_go([*st.gateways, *st.clients])
-        for g in st.gateways:
-            gateway.configure_interface(g)
-        for c in st.clients:
-            g = st.gateway(c.gateway)
-            client.configure_interface(c, g, client.gateway_endpoint(c, g))
+        _parallel(gateway.configure_interface, st.gateways)
+        _parallel(lambda c: client.configure_interface(
+            c, st.gateway(c.gateway), client.gateway_endpoint(c, st.gateway(c.gateway))),
+            st.clients)
         st.save()
 
         if want_registry:

@@ -2,6 +2,7 @@
 
     lab_factory   module-scoped: make(gateways=["jit"], clients=3, ...) -> Lab; every lab
                   it made is destroyed when the module ends.
+    session_lab_factory   the same, destroyed when the session ends.
     lab           module-scoped: one lab built from the module's LAB_SPEC dict (LabSpec
                   fields), or from indirect parametrization; default one plain gateway,
                   one client, the registry when it is available.
@@ -32,8 +33,7 @@ def _lab_session_guard() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def lab_factory() -> Iterator[Callable[..., Lab]]:
+def _factory() -> Iterator[Callable[..., Lab]]:
     labs: list[Lab] = []
 
     def make(**spec: Any) -> Lab:
@@ -46,6 +46,17 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
     for lab in reversed(labs):
         problems += lab.down()
     assert not problems, f"lab teardown: {problems}"
+
+
+@pytest.fixture(scope="module")
+def lab_factory() -> Iterator[Callable[..., Lab]]:
+    yield from _factory()
+
+
+@pytest.fixture(scope="session")
+def session_lab_factory() -> Iterator[Callable[..., Lab]]:
+    """Like lab_factory, for labs shared by several modules."""
+    yield from _factory()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from lab import gateway as lab_gateway
 from lab import procs
 from lab.netns import LabError, list_netns, wg
 from lab.state import state_dir
-from lab.topology import Lab, LabSpec, lab_namespaces, lab_sockets, random_prefix
+from lab.topology import Lab, LabSpec, destroy, lab_namespaces, lab_sockets, random_prefix
 
 pytestmark = [pytest.mark.lab]
 
@@ -247,6 +247,50 @@ def test_foreground_lab_is_removed_on_sigterm() -> None:
             proc.wait()
             run_lab("down", "--prefix", prefix)
     assert_gone(prefix, before, pids)
+
+
+SLEEPY_TEST = """
+import time
+from tests.lab.conftest import _lab_session_guard, lab, lab_factory  # noqa: F401
+
+LAB_SPEC = {"clients": 1, "registry": "no"}
+
+
+def test_sleep(lab):
+    print("LAB", lab.prefix, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_fixture_lab_is_removed_when_pytest_is_interrupted(tmp_path: Path, sig: int) -> None:
+    (tmp_path / "test_sleepy.py").write_text(SLEEPY_TEST)
+    before = snapshot()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "--rootdir",
+         str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(tmp_path / "test_sleepy.py")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    prefix, pids, lines = None, set(), []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("LAB "):
+                prefix = line.split()[1]
+                break
+        assert prefix, "".join(lines)
+        pids = lab_pids(prefix)
+        assert len(pids) == 2
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert proc.returncode != 0  # interrupted, not passed
+        assert_gone(prefix, before, pids)  # before any cleanup of ours below
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if prefix:
+            destroy(prefix)
 
 
 def test_down_without_a_lab_is_a_clean_no_op() -> None:
