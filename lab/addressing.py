@@ -25,6 +25,7 @@ TUNNEL_NET6 = ipaddress.ip_network("fd00::/64")
 ROUTER4 = [str(SERVER_NET4[1]), *(str(n[1]) for n in CLIENT_NETS4)]
 ROUTER6 = [str(SERVER_NET6[1]), str(CLIENT_NET6[1])]
 
+UNDERLAY_IF = "ul0"  # every host's leg into the internet
 MAX_GATEWAYS = 99
 MAX_CLIENTS = 506
 REGISTRY_PORT = 8080

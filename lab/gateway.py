@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from lab import procs
+from lab import addressing, procs
 from lab.netns import LabError, sh, wg
 from lab.nsexec import NetnsWorker
 from lab.registry import _help, wgjit_argv
@@ -86,7 +86,8 @@ def daemon_argv(g: Gateway, reg: Registry, state_dir: str, idle_timeout: float,
             "--registry", reg.url, "--token-file", reg.gateway_token_file,
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
-            "--evict-interval", f"{evict_interval:g}", "--backend", "uapi"]
+            "--evict-interval", f"{evict_interval:g}", "--backend", "uapi",
+            "--capture-interface", addressing.UNDERLAY_IF, "--log-format", "json"]
 
 
 def start_daemon(g: Gateway, reg: Registry, lab_dir: str, idle_timeout: float,

@@ -30,7 +30,7 @@ from typing import TypeVar
 from appliance.keys import generate_keypair, generate_preshared_key
 from appliance.secrets import write_secret
 from lab import addressing, client, gateway, procs
-from lab.addressing import WG_PORT
+from lab.addressing import UNDERLAY_IF, WG_PORT
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.nsexec import NetnsWorker
 from lab.registry import RegistryClient, registry_available, start_registry
@@ -49,7 +49,6 @@ from lab.state import (
 Progress = Callable[[str], None]
 
 BRIDGE = "br0"
-UNDERLAY_IF = "ul0"  # every host's leg into the internet
 WG_START_TIMEOUT = 10.0
 BUILD_THREADS = 8
 

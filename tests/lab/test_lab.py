@@ -113,6 +113,26 @@ def test_clients_are_registered_through_the_api(lab: Lab) -> None:
     assert rc.gateway_peer("A" * 43 + "=") is None
 
 
+def test_jit_gateway_daemon_adopts_the_lab_interface(lab_factory) -> None:
+    if not lab_gateway.gateway_available():
+        pytest.fail("`wgjit gateway run` is built; jit mode must start it")
+    lab = lab_factory(gateways=["jit"], clients=1, idle_timeout=30, evict_interval=1)
+    g, c = lab.gateway("g1"), lab.client("c1")
+    assert procs.alive(g.daemon_pid) and procs.in_netns(g.daemon_pid, g.ns)
+    assert lab.peers("g1") == []  # holds nothing until a client speaks
+    t = time.monotonic()
+    assert lab.ping("c1", wait=3.0)
+    # Well under the client's 5 s retry: the daemon installed the peer and handshook back.
+    assert time.monotonic() - t < 2.0
+    events = [json.loads(line) for line in Path(g.daemon_log).read_text().splitlines()
+              if line.startswith("{")]
+    ready = next(e for e in events if e.get("event") == "gateway_ready")
+    assert (ready["interface"], ready["public_key"]) == (g.ifname, g.public_key)
+    installed = [e for e in events if e.get("event") == "peer_installed"]
+    assert [e["public_key"] for e in installed] == [c.public_key]
+    assert [p.public_key for p in lab.peers("g1")] == [c.public_key]
+
+
 def test_two_labs_at_once_do_not_collide() -> None:
     before = snapshot()
     labs: list[Lab] = []
@@ -309,7 +329,10 @@ def test_demo_runs_and_tells_the_story() -> None:
     assert re.search(r"\[\+\s+\d+ ms\] c3\s+first reply through the tunnel, \d+ ms", out)
     assert "Summary" in out
     if lab_gateway.gateway_available():
-        assert re.search(r"c1\s+first reply", out) and "evicted" in out
+        # Every step of a just-in-time connection, timed, for the first JIT client.
+        assert re.search(r"^c1\s+g1 \(jit\)(\s+\d+ ms){5}$", out, re.M), out
+        assert re.search(r"c1\s+g1 evicted the peer \(idle\)", out)
+        assert "Provisioned just in time" in out
     else:
         assert "not built yet" in out
     assert_gone(prefix, before, set())
