@@ -11,9 +11,9 @@ import os
 import sys
 import time
 
-from lab import topology
+from lab import procs, topology
 from lab.netns import LabError
-from lab.state import StateError, check_prefix, list_labs
+from lab.state import StateError, check_prefix, list_labs, load_state
 
 
 def _which_lab(args: argparse.Namespace) -> str:
@@ -60,9 +60,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner(prefix: str) -> int:
+    """The live process a lab belongs to (a test session, a demo), or 0."""
+    try:
+        st = load_state(prefix)
+    except StateError:
+        return 0
+    return st.owner_pid if st and st.owner_pid and procs.alive(st.owner_pid) else 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     if args.all:
         prefixes = list_labs()
+        if not args.force:
+            # A running test session or demo removes its own labs when it ends.
+            for prefix in [p for p in prefixes if _owner(p)]:
+                print(f"lab {prefix} left alone: process {_owner(prefix)} owns it "
+                      "(--force removes it anyway)")
+                prefixes.remove(prefix)
     elif args.prefix:
         prefixes = [check_prefix(args.prefix)]
     else:
@@ -149,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="remove a lab: namespaces, processes, sockets, files")
     with_prefix(down)
-    down.add_argument("--all", action="store_true", help="remove every lab")
+    down.add_argument("--all", action="store_true",
+                      help="remove every lab not owned by a running test session or demo")
+    down.add_argument("--force", action="store_true",
+                      help="with --all: also labs whose owning process is still running")
     down.set_defaults(func=cmd_down)
 
     status = sub.add_parser("status", help="show a lab")

@@ -26,6 +26,7 @@ def collect(lab: Lab) -> dict[str, Any]:
         "prefix": st.prefix, "state_dir": st.dir, "ready": st.ready,
         "age_s": round(now - st.created, 1), "namespaces": lab_namespaces(st.prefix),
         "sockets": [p.name for p in lab_sockets(st.prefix)], "notes": st.notes,
+        "owner_pid": st.owner_pid if st.owner_pid and procs.alive(st.owner_pid) else 0,
     }
     if st.registry:
         r = st.registry
@@ -72,7 +73,8 @@ def render(s: dict[str, Any]) -> str:
     now = time.time()
     lines = [f"lab {s['prefix']}  {'up' if s['ready'] else 'NOT READY'} for {s['age_s']:.0f}s"
              f"  state {s['state_dir']}",
-             f"  namespaces {len(s['namespaces'])}, WireGuard sockets {len(s['sockets'])}"]
+             f"  namespaces {len(s['namespaces'])}, WireGuard sockets {len(s['sockets'])}"
+             + (f", removed when process {s['owner_pid']} exits" if s.get("owner_pid") else "")]
     if "registry" in s:
         r = s["registry"]
         health = "healthy" if r["healthy"] else ("running, not answering" if r["running"]

@@ -218,7 +218,8 @@ class Timeline:
             "handshake_completed": f"{gw}: session established",
             "peer_evicted": f"{gw} evicted the peer ({ev.get('reason', 'idle')})",
             "peer_adopted": f"{gw} adopted the peer already on its device",
-            "gateway_ready": f"{gw} daemon ready on {ev.get('interface', '?')}",
+            "gateway_ready": f"daemon ready on {ev.get('interface', '?')}, "
+                             f"{ev.get('peers', 0)} peer(s) adopted",
         }.get(ev.event)
         if text is None:
             extra = " ".join(f"{k}={ev.fields[k]}" for k in ("endpoint", "reason")
