@@ -14,6 +14,7 @@ import ipaddress
 import os
 import secrets
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -382,11 +383,17 @@ def client_link(rig: Rig, ns: Netns, ifname: str) -> None:
         ns.ip("link", "add", ifname, "type", "wireguard")
 
 
-def wg_in(ns: Netns, *args: str, secret: str | None = None) -> str:
-    """wg(8) inside the namespace; a secret goes through a pipe, never argv."""
-    if secret is None:
-        return ns.run(["wg", *args]).stdout
-    return ns.run(["sh", "-c", 'wg "$@" /dev/stdin', "wg", *args], input=secret + "\n").stdout
+def wg_in(ns: Netns, *args: str) -> str:
+    return ns.run(["wg", *args]).stdout
+
+
+def secret_file(rig: Rig, value: str) -> str:
+    """A 0600 file for a key handed to wg(8): never on argv, never in a traceback."""
+    fd, path = tempfile.mkstemp(prefix=f"{rig.prefix}-", suffix=".key")
+    rig.cleanup.push(f"remove {path}", lambda: os.unlink(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return path
 
 
 def case_handshake(rig: Rig, timeout: float = 20.0) -> None:
@@ -407,7 +414,7 @@ def case_handshake(rig: Rig, timeout: float = 20.0) -> None:
     cl_private, cl_public = generate_keypair()
     wg_in(cl_ns, "set", cl_if, "listen-port", "51821", "peer", gw_public,
           "endpoint", f"{GW_UNDERLAY}:51820", "allowed-ips", f"{GW_TUNNEL}/32")
-    wg_in(cl_ns, "set", cl_if, "private-key", secret=cl_private)
+    wg_in(cl_ns, "set", cl_if, "private-key", secret_file(rig, cl_private))
     cl_ns.ip("addr", "add", f"{CLIENT_TUNNEL}/24", "dev", cl_if)
     cl_ns.ip("link", "set", cl_if, "up")
 

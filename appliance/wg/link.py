@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .device import check_ifname
@@ -24,15 +25,13 @@ from .errors import (
     WgError,
 )
 from .model import IPInterface
+from .nsenter import netlink_socket_fd
 
 
 @contextmanager
 def _iproute(netns: str | None) -> Iterator[IPRoute]:
-    # flags=0: never create the namespace as a side effect of a typo.
-    try:
-        ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
-    except FileNotFoundError as e:
-        raise WgError(f"network namespace {netns!r} does not exist") from e
+    # Not IPRoute(netns=...): that forks (see nsenter).
+    ipr = IPRoute(fileno=netlink_socket_fd(netns, NETLINK_ROUTE)) if netns else IPRoute()
     try:
         yield ipr
     finally:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pyroute2 import WireGuard
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_REQUEST
+from pyroute2.netlink import NETLINK_GENERIC, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
     WG_CMD_SET_DEVICE,
@@ -42,6 +42,7 @@ from .errors import (
 )
 from .model import MAX_PORT, DeviceDump, IPInterface, IPNetwork, PeerConfig, check_key
 from .netlink_dump import merge_dump
+from .nsenter import netlink_socket_fd
 
 # Bytes of peer attributes per WG_CMD_SET_DEVICE message. The kernel takes up to
 # the socket's send buffer, but it holds rtnl_lock for a whole message, so a
@@ -172,7 +173,9 @@ class NetlinkDevice(WgDevice):
     def _sock(self) -> WireGuard:
         if self._wg is None:
             try:
-                self._wg = WireGuard(netns=self.netns) if self.netns else WireGuard()
+                # Not WireGuard(netns=...): that forks (see nsenter).
+                self._wg = (WireGuard(fileno=netlink_socket_fd(self.netns, NETLINK_GENERIC))
+                            if self.netns else WireGuard())
             except NetlinkError as e:
                 if e.code == errno.ENOENT:
                     raise BackendUnavailable(
