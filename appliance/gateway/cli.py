@@ -49,6 +49,7 @@ OPTIONS = [
     Option("stale-ttl", float, 86_400.0, check=_non_negative),
     Option("registry-timeout", float, 3.0, check=config.positive),
     Option("workers", int, 8, check=config.positive),
+    Option("trigger-keepalive", int, 25, check=_non_negative),
     Option("log-format", default="json",
            check=lambda v: None if v in ("json", "text") else "must be json or text"),
 ]
@@ -127,5 +128,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
       help="serve a cached peer this old while the registry is down (86400)")
     a("--registry-timeout", type=float, metavar="SECONDS", help="per request (3)")
     a("--workers", type=int, metavar="N", help="lookup/install threads (8)")
+    a("--trigger-keepalive", type=int, metavar="SECONDS",
+      help="keepalive that makes the device handshake towards a new peer at once, "
+           "cleared after the handshake; 0 disables role inversion (25)")
     a("--log-format", metavar="json|text", help="event log format (json)")
     run.set_defaults(func=cmd_run)

@@ -177,8 +177,9 @@ class Gateway:
                                id="evict", name="evict")
         self.scheduler.add_job(self.feed.poll, "interval", seconds=s.feed_interval, id="feed",
                                name="feed", next_run_time=_now())
-        self.scheduler.add_job(self.check_handshakes, "interval", seconds=0.5, id="handshakes",
-                               name="handshakes")
+        # Short period: a crossed handshake is broken only when this job sees it.
+        self.scheduler.add_job(self.check_handshakes, "interval", seconds=0.1,
+                               id="handshakes", name="handshakes")
         self.scheduler.add_job(self.cache.expire, "interval", seconds=300, id="cache_expire",
                                name="cache_expire")
         self.scheduler.start()
@@ -354,8 +355,17 @@ class Gateway:
         if not pending:
             return
         wanted = set(pending)
-        done = [p.public_key for p in self.device.peers()
-                if p.public_key in wanted and p.last_handshake is not None]
+        done = []
+        now = time.monotonic()
+        for p in self.device.peers():
+            if p.public_key not in wanted:
+                continue
+            if p.last_handshake is not None:
+                done.append(p.public_key)
+            elif self.installer.retrigger_due(p.public_key, now) and \
+                    self.installer.retrigger(p.public_key):
+                self.metrics.retriggers.inc()
+                events.emit("handshake_retriggered", public_key=p.public_key)
         if done:
             self.installer.handshake_done(done)
             for key in done:

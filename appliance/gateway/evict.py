@@ -3,9 +3,11 @@
 Under just-in-time provisioning eviction costs one pull and install on the
 client's return, so it can be aggressive. One pass reads the device once and
 removes, in batches:
-- idle peers: latest handshake older than the idle timeout. WireGuard
-  re-handshakes every REKEY_AFTER_TIME (120 s) while traffic flows, so a
-  handshake older than that means the peer has been quiet;
+- idle peers: nothing received from them for the idle timeout. Activity is
+  the later of the latest handshake and the last pass that saw the peer's
+  received bytes grow: the handshake alone is refreshed only every
+  REKEY_AFTER_TIME (120 s) under traffic, so with a shorter timeout it would
+  evict a client in the middle of a transfer;
 - peers installed but never handshaken within the grace period: the
   initiation that asked for them was spoofed or replayed, or the client left;
 - when a cap on installed peers is set and reached, the least recently
@@ -46,14 +48,30 @@ class Evictor:
         self.metrics = metrics
         self.on_evict = on_evict  # called with each removed key (cache/replay cleanup)
         self._recent: OrderedDict[str, float] = OrderedDict()  # key -> evicted at
+        # key -> (rx_bytes at the last pass, when rx_bytes was last seen growing)
+        self._rx: dict[str, tuple[int, float]] = {}
         self.last_pass: dict = {}
+
+    def _last_active(self, p: Peer, now: float) -> float:
+        """The later of the handshake and the last pass where rx_bytes grew.
+
+        A peer seen for the first time counts as active now: after a restart
+        we cannot know, and evicting a live client costs more than waiting.
+        """
+        previous = self._rx.get(p.public_key)
+        active = now if previous is None or p.rx_bytes != previous[0] else previous[1]
+        self._rx[p.public_key] = (p.rx_bytes, active)
+        handshake = p.last_handshake.timestamp() if p.last_handshake else 0.0
+        return max(active, handshake)
 
     def choose(self, peers: list[Peer], now: float) -> dict[str, str]:
         """key -> reason for every peer this pass should remove."""
         chosen: dict[str, str] = {}
         installed = self.installer.snapshot()
         survivors: list[tuple[float, str]] = []
+        present = set()
         for p in peers:
+            present.add(p.public_key)
             entry = installed.get(p.public_key)
             if p.last_handshake is None:
                 since = entry.installed_at if entry else now
@@ -62,11 +80,13 @@ class Evictor:
                     continue
                 survivors.append((since, p.public_key))
                 continue
-            last = p.last_handshake.timestamp()
+            last = self._last_active(p, now)
             if now - last > self.policy.idle_timeout:
                 chosen[p.public_key] = "idle"
             else:
                 survivors.append((last, p.public_key))
+        for key in [k for k in self._rx if k not in present or k in chosen]:
+            del self._rx[key]
         cap = self.policy.max_peers
         if cap and len(survivors) > cap:
             survivors.sort()

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 TRIGGER_KEEPALIVE = 25
 # An all-zero preshared key is how both the kernel and the UAPI say "none".
 NO_PRESHARED_KEY = "A" * 43 + "="
+# How long to wait for the handshake before installing afresh, and how often.
+RETRIGGER_AFTER = 0.3
+MAX_RETRIGGERS = 3
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Installed:
     adopted: bool = False
     tenant: str = ""
     allowed_ips: tuple[str, ...] = field(default_factory=tuple)
+    preshared_key: str | None = field(default=None, repr=False)
+    triggered_at: float = 0.0  # time.monotonic() of the latest (re)install
+    retriggers: int = 0
 
 
 class Installer:
@@ -87,16 +93,45 @@ class Installer:
         with self._lock:
             if peer.public_key in self._peers:
                 return False
-            self.device.set_peer(PeerConfig(
-                peer.public_key,
-                allowed_ips=peer.allowed_ips,
-                preshared_key=peer.preshared_key or NO_PRESHARED_KEY,
-                endpoint=endpoint,
-                persistent_keepalive=self.trigger_keepalive,
-            ))
-            self._peers[peer.public_key] = Installed(
-                peer.public_key, time.time(), endpoint, tenant=peer.tenant,
-                allowed_ips=peer.allowed_ips)
+            entry = Installed(peer.public_key, time.time(), endpoint, tenant=peer.tenant,
+                              allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
+                              trigger_pending=self.role_inversion)
+            self._put(entry)
+            self._peers[peer.public_key] = entry
+        return True
+
+    @property
+    def role_inversion(self) -> bool:
+        return self.trigger_keepalive > 0
+
+    def _put(self, entry: Installed) -> None:
+        # Without role inversion (trigger keepalive 0) the peer is installed as a
+        # plain responder: the client's retry after REKEY_TIMEOUT completes the
+        # handshake. Kept as the baseline the benchmarks compare against.
+        self.device.set_peer(PeerConfig(
+            entry.public_key,
+            allowed_ips=entry.allowed_ips,
+            preshared_key=entry.preshared_key or NO_PRESHARED_KEY,
+            endpoint=entry.endpoint if self.role_inversion else None,
+            persistent_keepalive=self.trigger_keepalive if self.role_inversion else None,
+        ))
+        entry.triggered_at = time.monotonic()
+
+    def retrigger_due(self, public_key: str, now: float) -> bool:
+        entry = self._peers.get(public_key)
+        return (entry is not None and entry.trigger_pending and not entry.adopted
+                and entry.retriggers < MAX_RETRIGGERS
+                and now - entry.triggered_at > RETRIGGER_AFTER)
+
+    def retrigger(self, public_key: str) -> bool:
+        """Install a peer afresh to break a crossed handshake (see the module doc)."""
+        with self._lock:
+            entry = self._peers.get(public_key)
+            if entry is None or not entry.trigger_pending:
+                return False
+            self.device.remove_peers([public_key])
+            self._put(entry)
+            entry.retriggers += 1
         return True
 
     def update(self, peer: RegistryPeer) -> bool:
@@ -109,6 +144,7 @@ class Installer:
                 peer.public_key, allowed_ips=peer.allowed_ips,
                 preshared_key=peer.preshared_key or NO_PRESHARED_KEY), update_only=True)
             current.allowed_ips = peer.allowed_ips
+            current.preshared_key = peer.preshared_key
         return True
 
     def pending_triggers(self) -> list[str]:

@@ -50,6 +50,9 @@ class GatewayMetrics:
             "wgjit_gateway_install_seconds", "From captured initiation to peer on the device",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r)
+        self.retriggers = Counter(
+            "wgjit_gateway_handshake_retriggers_total",
+            "Peers installed afresh because their handshake had not completed", registry=r)
         self.installed = Gauge("wgjit_gateway_installed_peers", "Peers on the device now",
                                registry=r)
         self.evictions = Counter("wgjit_gateway_evictions_total", "Peers removed, by reason",
