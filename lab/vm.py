@@ -3,8 +3,10 @@
 The host kernel has no WireGuard module; a qemu guest booting the kernel from /boot
 does. The guest's root is the host's root, read-only over 9p, with a tmpfs overlay
 on top: the checkout, the venv and every tool are there at the same paths, and
-whatever the guest writes vanishes when it powers off. Each VM gets fresh /proc,
-/sys, /dev, /run and /tmp, loopback up, and the WireGuard module loaded.
+whatever the guest writes vanishes when it powers off. Each VM gets its own /proc,
+/sys, /dev and /run, loopback up, and the WireGuard module loaded; its /tmp is the
+host's /tmp as seen at boot, writable but private (so a checkout or test files
+under the host's /tmp are still there). The guest has no network unless asked.
 
     from lab.vm import VM, run_in_vm
 
@@ -15,9 +17,13 @@ whatever the guest writes vanishes when it powers off. Each VM gets fresh /proc,
         vm.run(["ip", "netns", "add", "a"], check=True)
         out = vm.run([".venv/bin/python", "-m", "pytest", "tests/x"], echo=True)
 
-Files: `VM.shared_dir` is a host directory mounted read-write at the same path in
-the guest (the only way for a command's files to come back). Nothing else the guest
-writes reaches the host.
+Files: `VM.shared_dir` is a host directory mounted read-write, uncached, at the same
+path in the guest: the way for files to come back, and the dependable way in (the
+root is cached, so a host file changed after boot may look stale inside). Nothing
+else the guest writes reaches the host.
+
+Logs: <cache>/logs/<time>-<pid>-<rand>/ holds console.log (kernel; WGJIT_VM_VERBOSE=1
+keeps the boot messages), qemu.log and commands.log (every command and its output).
 
 How it works: qemu (TCG: KVM does not work on these machines) boots the kernel with
 a small initramfs (lab/vm_initramfs.py, lab/vm_init/), whose PID 1 ends as a shell
@@ -133,7 +139,7 @@ class VM:
     """
 
     def __init__(self, *, memory_mb: int = 1024, cpus: int = 1,
-                 modules: Sequence[str] = ("wireguard",), boot_timeout: float = 180,
+                 modules: Sequence[str] = ("wireguard",), boot_timeout: float = 120,
                  log_dir: str | Path | None = None, echo: bool | IO[str] = False,
                  netns: str | None = None, qemu_args: Sequence[str] = (),
                  hostname: str = "wgjit-vm") -> None:
@@ -155,6 +161,7 @@ class VM:
         self._buf = bytearray()
         self._cmdlog: IO[str] | None = None
         self._count = 0
+        self._busy = False  # a command is running: the agent will not hear "poweroff"
 
     # -- lifecycle --------------------------------------------------------
 
@@ -188,6 +195,8 @@ class VM:
 
     def _start(self) -> None:
         t0 = time.monotonic()
+        self._buf = bytearray()
+        self._busy = False
         self.kernel = find_kernel()
         image = initramfs(self.kernel)
         if self.log_dir is None:
@@ -212,7 +221,8 @@ class VM:
             raise VMError(f"VM failed to boot: {line}", self.log_dir)
         self.kernel_version = line.split()[-1]
         self.boot_seconds = time.monotonic() - t0
-        self._log(f"# booted {self.kernel_version} in {self.boot_seconds:.1f}s\n")
+        self._log(f"# booted {self.kernel_version} in {self.boot_seconds:.1f}s, "
+                  f"qemu pid {self._proc.pid}, run dir {self._rundir}\n")
 
     def _qemu_argv(self, image: Path, sock_path: Path) -> list[str]:
         assert self.kernel is not None and self._rundir is not None and self.log_dir
@@ -252,7 +262,7 @@ class VM:
             self._proc = subprocess.Popen(
                 self._qemu_argv(image, sock_path), stdin=subprocess.DEVNULL, stdout=qlog,
                 stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, no locks
+                preexec_fn=_die_with_parent)  # only a prctl: safe between fork and exec
 
     def _accept(self, listener: socket.socket, deadline: float) -> socket.socket:
         listener.settimeout(0.2)
@@ -270,6 +280,8 @@ class VM:
     def close(self) -> None:
         """Power off (killing qemu if it does not stop) and remove everything temporary."""
         proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None and self._busy:
+            proc.kill()
         if proc is not None and proc.poll() is None:
             if self._sock is not None:
                 with contextlib.suppress(OSError):
@@ -320,6 +332,7 @@ class VM:
         out: IO[str] | None = sys.stdout if stream is True else (stream or None)
         self._log(f"$ {shlex.join(argv)}  # cwd={cwd}\n")
         t0 = time.monotonic()
+        self._busy = True
         self._send(f"run {job_id} {nonce}\n".encode())
         try:
             output, rc = self._collect(f"{nonce}:{job_id}:".encode(), t0 + timeout, out)
@@ -328,6 +341,7 @@ class VM:
             raise
         finally:
             script.unlink(missing_ok=True)
+        self._busy = False
         result = VMResult(rc, output, time.monotonic() - t0)
         self._log(f"# exit {rc} after {result.seconds:.1f}s\n")
         if check:

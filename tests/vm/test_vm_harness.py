@@ -44,6 +44,9 @@ def test_kernel_wireguard_link(vm):
     vm.run(["ip", "link", "set", name, "netns", "vmtest"], check=True)
     assert name in vm.run(["ip", "-n", "vmtest", "link"], check=True).output
     assert "wireguard" in vm.run(["lsmod"], check=True).output
+    # None of it is the host's: the host kernel has no WireGuard and saw no netns.
+    assert "vmtest" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                          text=True).stdout
 
 
 def test_exit_code_output_env_and_cwd(vm):
@@ -68,15 +71,24 @@ def test_venv_python_imports_the_project(vm):
 
 def test_writes_stay_in_the_guest_except_the_shared_dir(vm):
     probe = CHECKOUT / ".cache" / f"vm-probe-{secrets.token_hex(4)}"
+    (vm.shared_dir / "to-guest.txt").write_text("from host\n")
     shared = vm.shared_dir / "from-guest.txt"
-    vm.run(["sh", "-c", f"echo x > {probe} && echo hello > {shared}"], check=True)
+    result = vm.run(["sh", "-c", f"echo x > {probe} && echo hello > {shared} && "
+                                 f"cat {vm.shared_dir}/to-guest.txt"], check=True)
+    assert result.output == "from host\n"
     assert not probe.exists()
     assert shared.read_text() == "hello\n"
 
 
-def test_one_shot_run_in_vm():
-    result = run_in_vm(["sh", "-c", "test -d /run/netns && test -w /tmp && exit 3"])
+def test_one_shot_run_in_vm_leaves_only_logs(tmp_path):
+    result = run_in_vm(["sh", "-c", "test -d /run/netns && test -w /tmp && exit 3"],
+                       log_dir=tmp_path)
     assert result.returncode == 3
+    booted = (tmp_path / "commands.log").read_text().splitlines()[0]
+    rundir = Path(booted.rsplit("run dir ", 1)[1])
+    assert not rundir.exists()
+    assert _qemu_pids_for(rundir) == []
+    assert (tmp_path / "console.log").exists()
 
 
 def test_timeout_kills_the_vm():
