@@ -1,0 +1,156 @@
+"""The rate-limited cache with a fake registry; the lab tests run the real one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
+from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.ratelimit import TokenBucket
+
+KEY = "A" * 42 + "E="
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.peers: dict[str, RegistryPeer] = {}
+        self.calls = 0
+        self.down = False
+        self.delay = 0.0
+
+    def __call__(self, key: str) -> RegistryPeer:
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if self.down:
+            raise RegistryUnavailable("down")
+        if key not in self.peers:
+            raise PeerNotFound(key)
+        return self.peers[key]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    clock, reg = Clock(), FakeRegistry()
+    cache = PeerCache(tmp_path / "c.db", reg, TokenBucket(1000, 1000),
+                      CachePolicy(positive_ttl=300, negative_ttl=30, stale_ttl=3600), clock)
+    yield cache, reg, clock
+    cache.close()
+
+
+def peer(key=KEY) -> RegistryPeer:
+    return RegistryPeer(key, ("198.18.1.2/32",), None, "t")
+
+
+def test_positive_ttl(setup):
+    cache, reg, clock = setup
+    reg.peers[KEY] = peer()
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED
+    assert cache.lookup(KEY) == cache.lookup(KEY)
+    assert cache.lookup(KEY).outcome is Outcome.HIT and reg.calls == 1
+    clock.now += 301
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED and reg.calls == 2
+
+
+def test_negative_ttl(setup):
+    cache, reg, clock = setup
+    assert cache.lookup(KEY).outcome is Outcome.NOT_FOUND
+    for _ in range(10):
+        assert cache.lookup(KEY).outcome is Outcome.NEGATIVE_HIT
+    assert reg.calls == 1
+    clock.now += 31
+    reg.peers[KEY] = peer()
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED
+
+
+def test_stale_if_error_is_bounded(setup):
+    cache, reg, clock = setup
+    reg.peers[KEY] = peer()
+    cache.lookup(KEY)
+    reg.down = True
+    clock.now += 301
+    got = cache.lookup(KEY)
+    assert got.outcome is Outcome.STALE and got.peer == peer()
+    clock.now += 3600
+    assert cache.lookup(KEY).outcome is Outcome.UNAVAILABLE
+    assert cache.lookup("B" * 42 + "E=").outcome is Outcome.UNAVAILABLE
+
+
+def test_revoked_replaces_positive_with_negative(setup):
+    cache, reg, clock = setup
+    reg.peers[KEY] = peer()
+    cache.lookup(KEY)
+    del reg.peers[KEY]
+    clock.now += 301
+    assert cache.lookup(KEY).outcome is Outcome.NOT_FOUND
+    reg.down = True  # a revoked peer must not come back as stale
+    clock.now += 31
+    assert cache.lookup(KEY).outcome is Outcome.UNAVAILABLE
+
+
+def test_invalidate_and_survives_reopen(setup, tmp_path):
+    cache, reg, clock = setup
+    reg.peers[KEY] = peer()
+    cache.lookup(KEY)
+    again = PeerCache(tmp_path / "c.db", reg, TokenBucket(1, 1), clock=clock)
+    assert again.lookup(KEY).outcome is Outcome.HIT  # on disk: a restart keeps it
+    again.invalidate(KEY)
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED
+
+
+def test_single_flight(setup):
+    cache, reg, _ = setup
+    reg.peers[KEY] = peer()
+    reg.delay = 0.2
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.lookup(KEY)))
+               for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.calls == 1
+    assert len(results) == 20 and all(r.peer == peer() for r in results)
+
+
+def test_rate_limited_lookups_do_not_call(tmp_path):
+    reg, clock = FakeRegistry(), Clock()
+    cache = PeerCache(tmp_path / "c.db", reg, TokenBucket(0.001, 2),
+                      CachePolicy(token_wait=0.01), clock)
+    outcomes = [cache.lookup(f"{i:042d}E=").outcome for i in range(5)]
+    assert outcomes.count(Outcome.NOT_FOUND) == 2
+    assert outcomes.count(Outcome.RATE_LIMITED) == 3 and reg.calls == 2
+
+
+def test_token_bucket_refills_at_rate():
+    t = [0.0]
+    bucket = TokenBucket(rate=10, burst=5, clock=lambda: t[0])
+    assert sum(bucket.try_acquire() for _ in range(20)) == 5
+    t[0] += 0.5
+    assert sum(bucket.try_acquire() for _ in range(20)) == 5
+    t[0] += 10
+    assert sum(bucket.try_acquire() for _ in range(20)) == 5  # never above burst
+
+
+def test_token_bucket_wait_is_bounded():
+    bucket = TokenBucket(rate=20, burst=1)
+    assert bucket.acquire(0)
+    started = time.monotonic()
+    assert bucket.acquire(0.2)  # the next token comes after 50 ms
+    assert time.monotonic() - started < 0.2
+    slow = TokenBucket(rate=0.01, burst=1)
+    slow.acquire(0)
+    started = time.monotonic()
+    assert not slow.acquire(0.05)
+    assert time.monotonic() - started < 0.05
