@@ -2,33 +2,40 @@
 
 pyroute2's `WireGuard.set()` carries one peer per request (one netlink round trip
 and one kernel rtnl_lock/device_update_lock section each), although
-WG_CMD_SET_DEVICE takes any number of peers in its WGDEVICE_A_PEERS nest. So the
-writes here build the same `wgmsg` pyroute2 uses, with many peers per message,
-and send it on pyroute2's socket; bench/backends.py compares the two. Reads use
-pyroute2's `info()` and merge its messages (see netlink_dump).
+WG_CMD_SET_DEVICE takes any number of peers in its WGDEVICE_A_PEERS nest; and its
+`info()` returns the dump messages unmerged (pyroute2 issue #1212). So this
+module keeps pyroute2's socket (family lookup, sequence numbers, ACKs, errors)
+and puts many peers in each message, encoded by netlink_wire, and merges dumps
+(netlink_dump). bench/backends.py compares it with per-peer `WireGuard.set()`.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pyroute2 import WireGuard
-from pyroute2.netlink import NETLINK_GENERIC, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_REQUEST
+from pyroute2.netlink import (
+    NETLINK_GENERIC,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
+    WG_CMD_GET_DEVICE,
     WG_CMD_SET_DEVICE,
+    WG_GENL_NAME,
     WG_GENL_VERSION,
-    WGPEER_F_REMOVE_ME,
-    WGPEER_F_REPLACE_ALLOWEDIPS,
-    WGPEER_F_UPDATE_ONLY,
-    wgmsg,
+    AsyncWireGuard,
 )
 
 from . import link
+from . import netlink_wire as w
 from .device import WgDevice, check_keys
 from .errors import (
     BackendUnavailable,
@@ -40,7 +47,7 @@ from .errors import (
     WgError,
     errno_text,
 )
-from .model import MAX_PORT, DeviceDump, IPInterface, IPNetwork, PeerConfig, check_key
+from .model import MAX_PORT, DeviceDump, IPInterface, PeerConfig, check_key
 from .netlink_dump import merge_dump
 from .nsenter import netlink_socket_fd
 
@@ -50,17 +57,6 @@ from .nsenter import netlink_socket_fd
 MAX_SET_MESSAGE = 32 * 1024
 # A dump that overlaps a peer change is flagged NLM_F_DUMP_INTR; wg(8) retries it.
 DUMP_ATTEMPTS = 5
-
-# Encoded sizes (netlink attribute headers included, padded to 4 bytes).
-_NEST = 4
-_KEY = 4 + 32
-_U32 = 8
-_U16 = 8
-_ENDPOINT4 = 4 + 16
-_ENDPOINT6 = 4 + 28
-_ALLOWED4 = _NEST + 8 + 8 + 8
-_ALLOWED6 = _NEST + 8 + 20 + 8
-
 
 def netlink_error(e: NetlinkError, ifname: str, doing: str) -> WgError:
     code = e.code
@@ -80,81 +76,91 @@ def netlink_error(e: NetlinkError, ifname: str, doing: str) -> WgError:
     return WgError(f"{ifname}: {doing} failed: {errno_text(code)}", ifname=ifname, errno=code)
 
 
-def _allowed_ip_nla(net: IPNetwork) -> dict[str, Any]:
-    family = 2 if net.version == 4 else 10  # AF_INET, AF_INET6
-    return {"attrs": [["WGALLOWEDIP_A_FAMILY", family],
-                      ["WGALLOWEDIP_A_IPADDR", net.network_address.packed],
-                      ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen]]}
+def _family(version: int) -> int:
+    return w.AF_INET if version == 4 else w.AF_INET6
 
 
-def _allowed_size(net: IPNetwork) -> int:
-    return _ALLOWED4 if net.version == 4 else _ALLOWED6
-
-
-def peer_entries(peers: Iterable[PeerConfig], *, update_only: bool = False,
-                 budget: int = MAX_SET_MESSAGE) -> Iterator[list[dict[str, Any]]]:
-    """Group peers into WGDEVICE_A_PEERS lists that each fit one message.
+def peer_batches(peers: Iterable[PeerConfig], *, update_only: bool = False,
+                 budget: int = MAX_SET_MESSAGE) -> Iterator[list[bytes]]:
+    """Encoded WGDEVICE_A_PEERS elements, grouped so that each group fits one message.
 
     A peer with more allowed IPs than fit is split the way wg(8) splits it: the
     first part carries its fields and REPLACE_ALLOWEDIPS, the following parts only
     the key and more allowed IPs (appended, as the kernel appends without that flag).
     """
-    base_flags = WGPEER_F_UPDATE_ONLY if update_only else 0
-    batch: list[dict[str, Any]] = []
+    base_flags = w.WGPEER_F_UPDATE_ONLY if update_only else 0
+    batch: list[bytes] = []
     used = 0
     for peer in peers:
-        head: list[list[Any]] = [["WGPEER_A_PUBLIC_KEY", peer.public_key]]
-        head_size = _NEST + _KEY + _U32
-        flags = base_flags
-        if peer.preshared_key is not None:
-            head.append(["WGPEER_A_PRESHARED_KEY", peer.preshared_key])
-            head_size += _KEY
+        key = base64.b64decode(peer.public_key)
+        flags = base_flags | (w.WGPEER_F_REPLACE_ALLOWEDIPS if peer.allowed_ips is not None
+                              else 0)
+        endpoint = None
         if peer.endpoint is not None:
-            head.append(["WGPEER_A_ENDPOINT", {"addr": str(peer.endpoint.host),
-                                               "port": peer.endpoint.port}])
-            head_size += _ENDPOINT4 if peer.endpoint.host.version == 4 else _ENDPOINT6
-        if peer.persistent_keepalive is not None:
-            head.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.persistent_keepalive])
-            head_size += _U16
-        pending = deque(peer.allowed_ips) if peer.allowed_ips is not None else None
-        if pending is not None:
-            flags |= WGPEER_F_REPLACE_ALLOWEDIPS
-            head_size += _NEST
-        head.insert(1, ["WGPEER_A_FLAGS", flags])
+            host = peer.endpoint.host
+            endpoint = w.sockaddr(_family(host.version), host.packed, peer.endpoint.port)
+        head = w.peer_head(
+            key, flags, endpoint=endpoint, keepalive=peer.persistent_keepalive,
+            preshared_key=(base64.b64decode(peer.preshared_key)
+                           if peer.preshared_key is not None else None))
+        pending = None if peer.allowed_ips is None else [
+            w.allowed_ip(_family(n.version), n.network_address.packed, n.prefixlen)
+            for n in peer.allowed_ips]
+        i = 0
         while True:
-            need = head_size + (_allowed_size(pending[0]) if pending else 0)
-            if batch and used + need > budget:
+            overhead = 4 + len(head) + (4 if pending is not None else 0)
+            first = len(pending[i]) if pending and i < len(pending) else 0
+            if batch and used + overhead + first > budget:
                 yield batch
                 batch, used = [], 0
-            size = head_size
-            chunk: list[IPNetwork] = []
+            room = budget - used - overhead
+            j, size = i, 0
             # At least one allowed IP per part, so that a tiny budget still progresses.
-            while pending and (used + size + _allowed_size(pending[0]) <= budget or not chunk):
-                net = pending.popleft()
-                size += _allowed_size(net)
-                chunk.append(net)
-            part = list(head)
-            if pending is not None:
-                part.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip_nla(n) for n in chunk]])
-            batch.append({"attrs": part})
-            used += size
-            if not pending:
+            while pending and j < len(pending) and (size + len(pending[j]) <= room or j == i):
+                size += len(pending[j])
+                j += 1
+            element = w.peer(head, None if pending is None else pending[i:j])
+            batch.append(element)
+            used += len(element)
+            i = j
+            if pending is None or i >= len(pending):
                 break
             # More allowed IPs than fit: continue the same peer in the next message.
             yield batch
             batch, used = [], 0
-            head = [["WGPEER_A_PUBLIC_KEY", peer.public_key], ["WGPEER_A_FLAGS", base_flags]]
-            head_size = _NEST + _KEY + _U32 + _NEST
+            head = w.peer_head(key, base_flags)
     if batch:
         yield batch
 
 
-def remove_entries(public_keys: list[str],
-                   budget: int = MAX_SET_MESSAGE) -> Iterator[list[dict[str, Any]]]:
-    per_message = max(1, budget // (_NEST + _KEY + _U32))
-    for i in range(0, len(public_keys), per_message):
-        yield [{"attrs": [["WGPEER_A_PUBLIC_KEY", k], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]}
-               for k in public_keys[i:i + per_message]]
+def remove_batches(public_keys: list[str],
+                   budget: int = MAX_SET_MESSAGE) -> Iterator[list[bytes]]:
+    elements = (w.peer(w.peer_head(base64.b64decode(k), w.WGPEER_F_REMOVE_ME), None)
+                for k in public_keys)
+    batch: list[bytes] = []
+    used = 0
+    for element in elements:
+        if batch and used + len(element) > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(element)
+        used += len(element)
+    if batch:
+        yield batch
+
+
+class _AsyncWgSocket(AsyncWireGuard):
+    """pyroute2's WireGuard socket, with dump replies left undecoded (wg_raw_msg)."""
+
+    async def setup_endpoint(self) -> None:
+        if getattr(self.local, "transport", None) is not None:
+            return
+        await super(AsyncWireGuard, self).setup_endpoint()
+        await self.bind(WG_GENL_NAME, w.wg_raw_msg)
+
+
+class WgSocket(WireGuard):
+    async_class = _AsyncWgSocket
 
 
 class NetlinkDevice(WgDevice):
@@ -165,17 +171,17 @@ class NetlinkDevice(WgDevice):
         super().__init__(ifname)
         self.netns = netns
         self.max_message = max_message
-        self._wg: WireGuard | None = None
+        self._wg: WgSocket | None = None
         # pyroute2's sync socket is not safe for concurrent requests; the gateway
         # installs from the capture path while the eviction job dumps.
         self._lock = threading.Lock()
 
-    def _sock(self) -> WireGuard:
+    def _sock(self) -> WgSocket:
         if self._wg is None:
             try:
                 # Not WireGuard(netns=...): that forks (see nsenter).
-                self._wg = (WireGuard(fileno=netlink_socket_fd(self.netns, NETLINK_GENERIC))
-                            if self.netns else WireGuard())
+                self._wg = (WgSocket(fileno=netlink_socket_fd(self.netns, NETLINK_GENERIC))
+                            if self.netns else WgSocket())
             except NetlinkError as e:
                 if e.code == errno.ENOENT:
                     raise BackendUnavailable(
@@ -195,22 +201,31 @@ class NetlinkDevice(WgDevice):
     # -- reading ------------------------------------------------------------------
 
     def dump(self) -> DeviceDump:
+        return merge_dump(self.dump_messages(), self.ifname)
+
+    def dump_messages(self) -> list[bytes]:
+        """The raw messages of one consistent WG_CMD_GET_DEVICE dump."""
         with self._lock:
             sock = self._sock()
             for _ in range(DUMP_ATTEMPTS):
+                msg = w.wg_request_msg()
+                msg["cmd"] = WG_CMD_GET_DEVICE
+                msg["version"] = WG_GENL_VERSION
+                msg["attrs"] = [["WGDEVICE_A_IFNAME", self.ifname]]
                 try:
-                    messages = sock.info(self.ifname)
+                    replies = tuple(sock.nlm_request(msg, msg_type=sock.prid,
+                                                     msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
                 except NetlinkError as e:
                     raise netlink_error(e, self.ifname, "reading the device") from e
-                if not any(m["header"]["flags"] & NLM_F_DUMP_INTR for m in messages):
-                    return merge_dump(messages, self.ifname)
+                if not any(m["header"]["flags"] & NLM_F_DUMP_INTR for m in replies):
+                    return [m["raw"] for m in replies]
         raise ProtocolError(f"{self.ifname}: the peer list kept changing during {DUMP_ATTEMPTS} "
                             f"dumps in a row; try again", ifname=self.ifname)
 
     # -- writing ------------------------------------------------------------------
 
     def _send(self, attrs: list[list[Any]], doing: str) -> None:
-        msg = wgmsg()
+        msg = w.wg_request_msg()
         msg["cmd"] = WG_CMD_SET_DEVICE
         msg["version"] = WG_GENL_VERSION
         msg["attrs"] = [["WGDEVICE_A_IFNAME", self.ifname], *attrs]
@@ -225,7 +240,8 @@ class NetlinkDevice(WgDevice):
                   fwmark: int | None = None) -> None:
         attrs: list[list[Any]] = []
         if private_key is not None:
-            attrs.append(["WGDEVICE_A_PRIVATE_KEY", check_key(private_key, "private key")])
+            attrs.append(["WGDEVICE_A_PRIVATE_KEY",
+                          base64.b64decode(check_key(private_key, "private key"))])
         if listen_port is not None:
             if not 0 <= int(listen_port) <= MAX_PORT:
                 raise InvalidConfig(f"listen port {listen_port}: must be 0..{MAX_PORT}")
@@ -238,17 +254,17 @@ class NetlinkDevice(WgDevice):
 
     def set_peers(self, peers: Iterable[PeerConfig], *, update_only: bool = False) -> None:
         with self._lock:
-            for entries in peer_entries(peers, update_only=update_only,
-                                        budget=self.max_message):
-                what = "the peer update" if len(entries) == 1 else \
-                    f"{len(entries)} peer updates"
-                self._send([["WGDEVICE_A_PEERS", entries]], what)
+            for batch in peer_batches(peers, update_only=update_only,
+                                      budget=self.max_message):
+                what = "the peer update" if len(batch) == 1 else f"{len(batch)} peer updates"
+                self._send([["WGDEVICE_A_PEERS", b"".join(batch)]], what)
 
     def remove_peers(self, public_keys: Iterable[str]) -> None:
         keys = check_keys(public_keys)
         with self._lock:
-            for entries in remove_entries(keys, budget=self.max_message):
-                self._send([["WGDEVICE_A_PEERS", entries]], f"removing {len(entries)} peer(s)")
+            for batch in remove_batches(keys, budget=self.max_message):
+                self._send([["WGDEVICE_A_PEERS", b"".join(batch)]],
+                           f"removing {len(batch)} peer(s)")
 
 
 def create(ifname: str, *, private_key: str, listen_port: int | None = None,

@@ -1,5 +1,4 @@
-"""Turn the messages of a kernel WireGuard dump (as pyroute2 decodes them) into one
-DeviceDump.
+"""Turn the messages of a kernel WireGuard dump into one DeviceDump.
 
 The kernel answers WG_CMD_GET_DEVICE with as many messages as the peers need.
 The interface's own fields come only in the first. When a peer's allowed IPs do
@@ -9,64 +8,73 @@ not fit, the kernel closes the message mid-peer and starts the next one with the
 Flattening the peer lists of all messages (the usual answer to pyroute2 issue
 #1212) therefore yields the peer twice, the second time with no stats and only
 part of its allowed IPs. Here the parts are merged by public key.
+
+Input is the raw bytes of each message (netlink header included); see
+netlink_wire for why pyroute2's decoder is not used here.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
+import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from appliance.keys import encode_key, public_key
+from appliance.keys import public_key
 
-from .errors import InvalidConfig, ProtocolError
-from .model import DeviceDump, DeviceInfo, Endpoint, IPNetwork, Peer, parse_network
+from . import netlink_wire as w
+from .errors import ProtocolError
+from .model import DeviceDump, DeviceInfo, Endpoint, IPNetwork, Peer
 
-_ZERO_KEY = encode_key(bytes(32))
-
-
-def _key(value: Any) -> str | None:
-    """pyroute2 hands keys over as base64 bytes; the kernel's all-zero key means none."""
-    if value is None:
-        return None
-    text = value.decode() if isinstance(value, bytes | bytearray) else str(value)
-    return None if text == _ZERO_KEY else text
+_ZERO_KEY = bytes(32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-@dataclass
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
 class _PeerParts:
-    public_key: str
-    allowed_ips: list[IPNetwork] = field(default_factory=list)
-    endpoint: Endpoint | None = None
-    preshared_key: str | None = None
-    keepalive: int = 0
-    last_handshake: datetime | None = None
-    rx: int = 0
-    tx: int = 0
+    __slots__ = ("allowed_ips", "endpoint", "keepalive", "last_handshake", "preshared_key",
+                 "public_key", "rx", "tx")
 
-    def add(self, nla: Any) -> None:
+    def __init__(self, key: bytes) -> None:
+        self.public_key = key
+        self.allowed_ips: list[IPNetwork] = []
+        self.endpoint: Endpoint | None = None
+        self.preshared_key: str | None = None
+        self.keepalive = 0
+        self.last_handshake: datetime | None = None
+        self.rx = 0
+        self.tx = 0
+
+    def add(self, buf: bytes, start: int, end: int) -> None:
         """Fold in one part of this peer. Fields absent from a part are left as they
         are: a continuation part has none of them and must not zero them."""
-        get = nla.get_attr
-        if (psk := get("WGPEER_A_PRESHARED_KEY")) is not None:
-            self.preshared_key = _key(psk)
-        if (ka := get("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")) is not None:
-            self.keepalive = int(ka)
-        if (hs := get("WGPEER_A_LAST_HANDSHAKE_TIME")) is not None:
-            self.last_handshake = handshake_time(int(hs["tv_sec"]), int(hs["tv_nsec"]))
-        if (rx := get("WGPEER_A_RX_BYTES")) is not None:
-            self.rx = int(rx)
-        if (tx := get("WGPEER_A_TX_BYTES")) is not None:
-            self.tx = int(tx)
-        if (ep := get("WGPEER_A_ENDPOINT")) is not None:
-            self.endpoint = _endpoint(ep)
-        for allowed in get("WGPEER_A_ALLOWEDIPS") or ():
-            self.allowed_ips.append(_allowed_ip(allowed))
+        for kind, a, b in w.attrs(buf, start, end):
+            if kind == w.WGPEER_A_ALLOWEDIPS:
+                for _, ia, ib in w.attrs(buf, a, b):
+                    self.allowed_ips.append(_allowed_ip(buf, ia, ib))
+            elif kind == w.WGPEER_A_RX_BYTES:
+                self.rx = w.u64(buf, a)
+            elif kind == w.WGPEER_A_TX_BYTES:
+                self.tx = w.u64(buf, a)
+            elif kind == w.WGPEER_A_LAST_HANDSHAKE_TIME:
+                self.last_handshake = handshake_time(*w.timespec(buf, a))
+            elif kind == w.WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL:
+                self.keepalive = w.u16(buf, a)
+            elif kind == w.WGPEER_A_ENDPOINT:
+                ep = w.endpoint(buf, a, b)
+                # Port 0 or an unknown family: no usable endpoint.
+                self.endpoint = (Endpoint(ipaddress.ip_address(ep[1]), ep[2])
+                                 if ep is not None and ep[2] else None)
+            elif kind == w.WGPEER_A_PRESHARED_KEY:
+                psk = bytes(buf[a:b])
+                self.preshared_key = None if psk == _ZERO_KEY else _b64(psk)
 
     def peer(self) -> Peer:
-        return Peer(public_key=self.public_key, allowed_ips=tuple(self.allowed_ips),
+        return Peer(public_key=_b64(self.public_key), allowed_ips=tuple(self.allowed_ips),
                     endpoint=self.endpoint, preshared_key=self.preshared_key,
                     persistent_keepalive=self.keepalive, last_handshake=self.last_handshake,
                     rx_bytes=self.rx, tx_bytes=self.tx)
@@ -76,58 +84,94 @@ def handshake_time(sec: int, nsec: int) -> datetime | None:
     """The kernel reports wall-clock time since the epoch; 0/0 means never."""
     if sec == 0 and nsec == 0:
         return None
-    return datetime.fromtimestamp(sec, UTC) + timedelta(microseconds=nsec // 1000)
+    return _EPOCH + timedelta(seconds=sec, microseconds=nsec // 1000)
 
 
-def _endpoint(value: Any) -> Endpoint | None:
+def _allowed_ip(buf: bytes, start: int, end: int) -> IPNetwork:
+    family = cidr = None
+    addr = b""
+    for kind, a, b in w.attrs(buf, start, end):
+        if kind == w.WGALLOWEDIP_A_FAMILY:
+            family = w.u16(buf, a)
+        elif kind == w.WGALLOWEDIP_A_IPADDR:
+            addr = bytes(buf[a:b])
+        elif kind == w.WGALLOWEDIP_A_CIDR_MASK:
+            cidr = buf[a]
     try:
-        addr, port = value["addr"], int(value["port"])
-    except (KeyError, TypeError) as e:
-        raise ProtocolError(f"undecodable peer endpoint from the kernel: {value!r}") from e
-    if not port:
-        return None
-    try:
-        return Endpoint(addr, port)
-    except InvalidConfig as e:
-        raise ProtocolError(f"peer endpoint from the kernel: {e}") from e
+        if family == w.AF_INET:
+            return ipaddress.IPv4Network((addr, cidr))
+        if family == w.AF_INET6:
+            return ipaddress.IPv6Network((addr, cidr))
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"undecodable allowed IP from the kernel: {e}") from e
+    raise ProtocolError(f"allowed IP of unknown family {family} from the kernel")
 
 
-def _allowed_ip(nla: Any) -> IPNetwork:
-    # pyroute2's decoder adds 'addr' as "address/prefix".
-    text = nla.get("addr") if hasattr(nla, "get") else None
-    if not text:
-        raise ProtocolError(f"undecodable allowed IP from the kernel: {nla!r}")
-    try:
-        return parse_network(text)
-    except InvalidConfig as e:
-        raise ProtocolError(f"allowed IP from the kernel: {e}") from e
+class _DeviceFields:
+    """The interface's own attributes; the first value seen wins (first message)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.ifname: str | None = None
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self.listen_port = 0
+        self.fwmark = 0
+
+    def add(self, kind: int, raw: bytes, a: int, b: int) -> None:
+        if kind in self.seen:
+            return
+        self.seen.add(kind)
+        if kind == w.WGDEVICE_A_LISTEN_PORT:
+            self.listen_port = w.u16(raw, a)
+        elif kind == w.WGDEVICE_A_FWMARK:
+            self.fwmark = w.u32(raw, a)
+        elif kind == w.WGDEVICE_A_PRIVATE_KEY:
+            self.private_key = _key_or_none(bytes(raw[a:b]))
+        elif kind == w.WGDEVICE_A_PUBLIC_KEY:
+            self.public_key = _key_or_none(bytes(raw[a:b]))
+        elif kind == w.WGDEVICE_A_IFNAME:
+            self.ifname = bytes(raw[a:b]).split(b"\0", 1)[0].decode()
+
+    def info(self, ifname: str) -> DeviceInfo:
+        public = self.public_key
+        if public is None and self.private_key is not None:
+            public = public_key(self.private_key)
+        return DeviceInfo(ifname=self.ifname or ifname, backend="netlink",
+                          public_key=_b64(public) if public else None,
+                          private_key=_b64(self.private_key) if self.private_key else None,
+                          listen_port=self.listen_port, fwmark=self.fwmark)
 
 
-def merge_dump(messages: Iterable[Any], ifname: str) -> DeviceDump:
-    """One DeviceDump from all messages of one WG_CMD_GET_DEVICE dump, in order."""
-    device: dict[str, Any] = {}
-    peers: dict[str, _PeerParts] = {}
-    for msg in messages:
-        for attr in ("WGDEVICE_A_LISTEN_PORT", "WGDEVICE_A_FWMARK", "WGDEVICE_A_PRIVATE_KEY",
-                     "WGDEVICE_A_PUBLIC_KEY", "WGDEVICE_A_IFNAME"):
-            value = msg.get_attr(attr)
-            if value is not None and attr not in device:
-                device[attr] = value
-        for nla in msg.get_attr("WGDEVICE_A_PEERS") or ():
-            key = _key(nla.get_attr("WGPEER_A_PUBLIC_KEY"))
-            if key is None:
-                raise ProtocolError(f"{ifname}: a peer without a public key in the kernel's dump")
-            parts = peers.get(key)
-            if parts is None:
-                parts = peers[key] = _PeerParts(key)
-            parts.add(nla)
+def _key_or_none(raw: bytes) -> bytes | None:
+    return None if raw == _ZERO_KEY or len(raw) != 32 else raw
 
-    private = _key(device.get("WGDEVICE_A_PRIVATE_KEY"))
-    public = _key(device.get("WGDEVICE_A_PUBLIC_KEY"))
-    if public is None and private is not None:
-        public = encode_key(public_key(base64.b64decode(private)))
-    info = DeviceInfo(ifname=device.get("WGDEVICE_A_IFNAME") or ifname, backend="netlink",
-                      public_key=public, private_key=private,
-                      listen_port=int(device.get("WGDEVICE_A_LISTEN_PORT") or 0),
-                      fwmark=int(device.get("WGDEVICE_A_FWMARK") or 0))
-    return DeviceDump(info, tuple(p.peer() for p in peers.values()))
+
+def merge_dump(messages: Iterable[bytes], ifname: str) -> DeviceDump:
+    """One DeviceDump from the raw messages of one WG_CMD_GET_DEVICE dump, in order."""
+    device = _DeviceFields()
+    peers: dict[bytes, _PeerParts] = {}
+    for raw in messages:
+        try:
+            for kind, a, b in w.attrs(raw, w.NLMSG_HDRLEN + w.GENL_HDRLEN, len(raw)):
+                if kind != w.WGDEVICE_A_PEERS:
+                    device.add(kind, raw, a, b)
+                    continue
+                for _, pa, pb in w.attrs(raw, a, b):
+                    key = _peer_key(raw, pa, pb, ifname)
+                    parts = peers.get(key)
+                    if parts is None:
+                        parts = peers[key] = _PeerParts(key)
+                    parts.add(raw, pa, pb)
+        except (ValueError, IndexError, struct.error) as e:
+            raise ProtocolError(f"{ifname}: malformed WireGuard dump from the kernel: {e}",
+                                ifname=ifname) from e
+    return DeviceDump(device.info(ifname), tuple(p.peer() for p in peers.values()))
+
+
+def _peer_key(raw: bytes, start: int, end: int, ifname: str) -> bytes:
+    for kind, a, b in w.attrs(raw, start, end):
+        if kind == w.WGPEER_A_PUBLIC_KEY and b - a == 32:
+            return bytes(raw[a:b])
+    raise ProtocolError(f"{ifname}: a peer without a public key in the kernel's dump",
+                        ifname=ifname)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.vm import VM, VMTimeout, run_in_vm
+from lab.vm import VM, VMError, VMTimeout, run_in_vm
 from lab.vm_initramfs import CHECKOUT, find_kernel
 
 pytestmark = pytest.mark.vm
@@ -100,3 +100,11 @@ def test_timeout_kills_the_vm():
         assert not machine.alive
     assert not rundir.exists()
     assert _qemu_pids_for(rundir) == []
+
+
+def test_a_failed_boot_says_why_at_once():
+    machine = VM(modules=["wireguard", "no_such_module_wgjit"])
+    with pytest.raises(VMError, match="modprobe no_such_module_wgjit failed") as info:
+        machine.start()
+    assert "no_such_module_wgjit" in str(info.value).split("console.log")[-1]
+    assert not machine.alive
