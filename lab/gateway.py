@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,23 +82,24 @@ def peers(ifname: str) -> list[PeerInfo]:
 
 
 def daemon_argv(g: Gateway, reg: Registry, state_dir: str, idle_timeout: float,
-                evict_interval: float) -> list[str]:
+                evict_interval: float, extra: Sequence[str] = ()) -> list[str]:
+    """extra: more `wgjit gateway run` flags; later flags win, so they may override these."""
     return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
             "--registry", reg.url, "--token-file", reg.gateway_token_file,
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
             "--evict-interval", f"{evict_interval:g}", "--backend", "uapi",
-            "--capture-interface", addressing.UNDERLAY_IF, "--log-format", "json"]
+            "--capture-interface", addressing.UNDERLAY_IF, "--log-format", "json", *extra]
 
 
 def start_daemon(g: Gateway, reg: Registry, lab_dir: str, idle_timeout: float,
-                 evict_interval: float) -> None:
+                 evict_interval: float, extra: Sequence[str] = ()) -> None:
     state_dir = Path(lab_dir) / f"gateway-{g.name}"
     state_dir.mkdir(mode=0o700, exist_ok=True)
     g.metrics = METRICS_LISTEN
     g.daemon_log = str(Path(lab_dir) / f"gateway-{g.name}.log")
     g.daemon_pid = procs.spawn(g.ns, daemon_argv(g, reg, str(state_dir), idle_timeout,
-                                                 evict_interval), g.daemon_log)
+                                                 evict_interval, extra), g.daemon_log)
 
 
 def wait_daemon(g: Gateway, timeout: float = 20.0) -> float:

@@ -76,6 +76,8 @@ class LabSpec:
     endpoint_family: str = "4"  # how clients reach gateways: "4", "6" or "mixed"
     idle_timeout: float = 300.0
     evict_interval: float = 30.0
+    # More `wgjit gateway run` flags per gateway name, e.g. {"g2": ["--trigger-keepalive", "0"]}.
+    daemon_args: dict[str, list[str]] = field(default_factory=dict)
 
     def check(self) -> None:
         if not 1 <= len(self.gateways) <= addressing.MAX_GATEWAYS:
@@ -91,6 +93,9 @@ class LabSpec:
             raise LabError("registry: auto, yes or no")
         if self.endpoint_family not in ("4", "6", "mixed"):
             raise LabError("endpoint_family: 4, 6 or mixed")
+        for name in self.daemon_args:
+            if not re.fullmatch(r"g\d+", name) or int(name[1:]) > len(self.gateways):
+                raise LabError(f"daemon_args: no gateway {name!r}")
 
 
 # --- names -----------------------------------------------------------------------
@@ -378,7 +383,7 @@ class Lab:
                 raise LabError(f"{g.name} jit: the daemon needs the registry")
             else:
                 gateway.start_daemon(g, st.registry, st.dir, spec.idle_timeout,
-                                     spec.evict_interval)
+                                     spec.evict_interval, spec.daemon_args.get(g.name, ()))
                 st.save()
                 secs = gateway.wait_daemon(g)
                 self._say(f"{g.name} jit: `wgjit gateway run` adopted {g.ifname} "
