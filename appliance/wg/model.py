@@ -7,6 +7,7 @@ dataclass never logs a key.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,12 +38,19 @@ def parse_network(value: str | IPNetwork) -> IPNetwork:
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
     text = str(value).strip()
-    if "/" not in text:
+    addr, sep, prefix = text.partition("/")
+    if not sep:
         raise InvalidConfig(f"allowed IP {text!r}: needs a prefix length, e.g. {text}/32")
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError as e:
-        raise InvalidConfig(f"allowed IP {text!r}: {e}") from e
+        # inet_pton then the (packed, prefix) constructor: several times faster than
+        # ipaddress's string parser, which matters when reading 50,000 peers.
+        if ":" in addr:
+            return ipaddress.IPv6Network((socket.inet_pton(socket.AF_INET6, addr),
+                                          int(prefix)), strict=False)
+        return ipaddress.IPv4Network((socket.inet_pton(socket.AF_INET, addr), int(prefix)),
+                                     strict=False)
+    except (OSError, ValueError) as e:
+        raise InvalidConfig(f"allowed IP {text!r}: not an address/prefix ({e})") from e
 
 
 def parse_networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -82,9 +90,12 @@ class Endpoint:
 
 
 def _parse_host(text: str) -> IPAddress:
+    host = text.split("%", 1)[0]
     try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError as e:
+        if ":" in host:
+            return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, host))
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, host))
+    except OSError as e:
         raise InvalidConfig(f"endpoint host {text!r}: not an IP address") from e
 
 
