@@ -10,6 +10,7 @@ unrelated process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -37,7 +38,22 @@ def spawn(ns: str, argv: Sequence[str], log: str | os.PathLike[str],
     return proc.pid
 
 
+# wireguard-go holds one inotify instance (it watches its UAPI socket's directory),
+# and Linux allows 128 per user by default: past ~120 interfaces the next ones fail
+# with "Failed to listen on uapi socket: too many open files". Labs go to 500+.
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+MIN_INOTIFY_INSTANCES = 4096
+
+
+@functools.cache
+def _enough_inotify_instances() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if int(INOTIFY_INSTANCES.read_text()) < MIN_INOTIFY_INSTANCES:
+            INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+
+
 def spawn_wireguard_go(ns: str, ifname: str, log: str | os.PathLike[str]) -> int:
+    _enough_inotify_instances()
     return spawn(ns, ["wireguard-go", "-f", ifname], log, env={**WG_GO_ENV, "LOG_LEVEL": "error"})
 
 
