@@ -61,6 +61,13 @@ def reset_session(c: Client, g: Gateway) -> None:
     set_peer(c, g, endpoint)
 
 
+def switch_gateway(c: Client, old: Gateway, new: Gateway) -> None:
+    """Drop the peer for `old` and add `new` (its key, endpoint, tunnel address)."""
+    wg(["set", c.ifname, "peer", old.public_key, "remove"])
+    set_peer(c, new, gateway_endpoint(c, new))
+    c.gateway = new.name
+
+
 def start_ping(c: Client, g: Gateway, family: int = 4) -> None:
     """Ping the gateway's tunnel address until stopped; -D stamps each reply (unix time)."""
     target = g.tunnel6_ip if family == 6 else g.tunnel4_ip

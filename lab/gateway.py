@@ -9,12 +9,14 @@ by hand before any traffic, or the daemon on the first initiation.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from lab import addressing, procs
 from lab.netns import LabError, sh, wg
@@ -119,3 +121,49 @@ def wait_daemon(g: Gateway, timeout: float = 20.0) -> float:
                 raise LabError(f"gateway daemon {g.name}: no /healthz after {timeout}s:\n"
                                f"{procs.tail(g.daemon_log)}")
             time.sleep(0.05)
+
+
+@dataclass
+class Metrics:
+    """One scrape of a daemon's /metrics: sample name and labels -> value."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        want = {(k, str(v)) for k, v in labels.items()}
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= ls)
+
+
+def scrape(w: NetnsWorker, g: Gateway, session: requests.Session) -> Metrics:
+    """The daemon's /metrics, fetched from inside its namespace (it listens on loopback)."""
+    r = w.call(session.get, f"http://{g.metrics}/metrics", timeout=5.0)
+    r.raise_for_status()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    return Metrics(samples)
+
+
+def health(w: NetnsWorker, g: Gateway, session: requests.Session) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of the daemon's /healthz."""
+    r = w.call(session.get, f"http://{g.metrics}/healthz", timeout=5.0)
+    return r.status_code, r.json()
+
+
+def events(g: Gateway) -> list[dict]:
+    """Every JSON event the daemon logged so far, oldest first (other lines skipped)."""
+    out = []
+    try:
+        text = Path(g.daemon_log).read_text(errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if isinstance(obj, dict) and "event" in obj:
+            out.append(obj)
+    return out

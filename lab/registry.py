@@ -71,9 +71,15 @@ def start_registry(state_dir: str, ns: str) -> Registry:
         log=str(d / "registry.log"))
     write_secret(reg.admin_token_file, create_token(reg.db, "admin"))
     write_secret(reg.gateway_token_file, create_token(reg.db, "gateway"))
-    reg.pid = procs.spawn(ns, [*wgjit_argv(), "registry", "serve", "--db", reg.db,
-                               "--listen", f"{ip4}:{addressing.REGISTRY_PORT}"], reg.log)
+    serve(reg)
     return reg
+
+
+def serve(reg: Registry) -> None:
+    """Start the server over reg's existing database (again, after an outage)."""
+    reg.pid = procs.spawn(reg.ns, [*wgjit_argv(), "registry", "serve", "--db", reg.db,
+                                   "--listen", f"{reg.underlay4}:{addressing.REGISTRY_PORT}"],
+                          reg.log)
 
 
 def key_path(public_key: str) -> str:

@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import requests
+
 from appliance.keys import generate_keypair, generate_preshared_key
 from appliance.secrets import write_secret
 from lab import addressing, client, gateway, procs
 from lab.addressing import UNDERLAY_IF, WG_PORT
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.nsexec import NetnsWorker
-from lab.registry import RegistryClient, registry_available, start_registry
+from lab.registry import RegistryClient, registry_available, serve, start_registry
 from lab.state import (
     Client,
     Gateway,
@@ -236,6 +238,7 @@ class Lab:
         self.progress = progress or _quiet
         self._workers: dict[str, NetnsWorker] = {}
         self._registry_client: RegistryClient | None = None
+        self._http: dict[str, requests.Session] = {}  # per namespace, for the daemons' HTTP
 
     # -- lifecycle --
 
@@ -276,6 +279,7 @@ class Lab:
             w.close()
         self._workers.clear()
         self._registry_client = None
+        self._http.clear()
 
     def down(self) -> list[str]:
         self.close()
@@ -476,6 +480,48 @@ class Lab:
             self._registry_client = RegistryClient(self.worker("net"), self.state.registry)
         return self._registry_client
 
+    def stop_registry(self) -> None:
+        """Take the registry down (a registry outage); restart_registry() brings it back."""
+        reg = self.state.registry
+        if reg is None:
+            raise LabError(f"lab {self.prefix} has no registry")
+        # SIGINT: gunicorn stops at once (SIGTERM waits for its workers).
+        procs.stop([(pid, signal.SIGINT) for pid in procs.netns_pids(reg.ns)])
+        if procs.netns_pids(reg.ns):
+            raise LabError(f"registry processes still running in {reg.ns}")
+        reg.pid = 0
+        self.state.save()
+
+    def restart_registry(self) -> float:
+        """Serve the same database again; seconds until /healthz answered."""
+        reg = self.state.registry
+        if reg is None:
+            raise LabError(f"lab {self.prefix} has no registry")
+        serve(reg)
+        self.state.save()
+        return self.registry().wait_healthy()
+
+    def _session(self, host: str) -> tuple[NetnsWorker, requests.Session]:
+        w = self.worker(host)
+        if host not in self._http:
+            self._http[host] = s = requests.Session()
+            w.on_close(s.close)
+        return w, self._http[host]
+
+    def metrics(self, gateway_name: str) -> gateway.Metrics:
+        """A scrape of the gateway daemon's /metrics."""
+        w, s = self._session(gateway_name)
+        return gateway.scrape(w, self.gateway(gateway_name), s)
+
+    def health(self, gateway_name: str) -> tuple[int, dict]:
+        """The gateway daemon's /healthz: (HTTP status, JSON body)."""
+        w, s = self._session(gateway_name)
+        return gateway.health(w, self.gateway(gateway_name), s)
+
+    def events(self, gateway_name: str) -> list[dict]:
+        """The gateway daemon's JSON events so far."""
+        return gateway.events(self.gateway(gateway_name))
+
     def gateway(self, name: str) -> Gateway:
         return self.state.gateway(name)
 
@@ -502,6 +548,18 @@ class Lab:
         if fresh:
             client.reset_session(c, g)
         client.start_ping(c, g, family)
+        self.state.save()
+        return c
+
+    def move(self, name: str, gateway_name: str) -> Client:
+        """Point a client at another gateway (a roaming user): a new peer, so a new session.
+
+        Every gateway has its own key, so moving means replacing the client's peer,
+        not only its endpoint. The client stays quiet until connect().
+        """
+        c = self.client(name)
+        client.stop_ping(c)
+        client.switch_gateway(c, self.gateway(c.gateway), self.gateway(gateway_name))
         self.state.save()
         return c
 
