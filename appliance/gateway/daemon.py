@@ -274,14 +274,19 @@ class Gateway:
             self.metrics.drops.labels(e.reason).inc()
             return
         key = encode_key(init.initiator_static)
-        if key in self.installer:
-            # Rekeys and retries of peers we already serve: the data plane has them.
-            self.metrics.drops.labels("already_installed").inc()
-            return
+        # Judged for installed peers too: the data plane never saw the initiation
+        # that brought a peer in (it had no such peer then), so it has no timestamp
+        # to refuse a replay of it by, and accepts one, aiming the peer at the
+        # replayer until the client's next packet moves it back. Only this count
+        # and event tell the operator.
         if not self.replay.accept(init.initiator_static, init.timestamp):
             self.metrics.drops.labels("replay").inc()
             events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
-                        endpoint=d.endpoint)
+                        endpoint=d.endpoint, installed=key in self.installer)
+            return
+        if key in self.installer:
+            # Rekeys and retries of peers we already serve: the data plane has them.
+            self.metrics.drops.labels("already_installed").inc()
             return
         self.metrics.verified.inc()
         with self._pending_lock:
