@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from appliance.gateway import events
 from appliance.gateway.install import Installer
-from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.metrics import EVICTION_REASONS, GatewayMetrics
 from appliance.wg import Peer
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REJECT_AFTER_TIME = 180.0  # whitepaper 6.1: session keys die this long after a handshake
 REMOVE_BATCH = 500  # peers per device transaction: short enough not to hold up installs
 THRASH_WINDOW = 600.0  # an install this soon after an eviction counts as thrash
+POLICY_REASONS = frozenset(EVICTION_REASONS[:3])
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Evictor:
         self.policy = policy
         self.metrics = metrics
         self.on_evict = on_evict  # called with each removed key (cache/replay cleanup)
-        self._recent: OrderedDict[str, float] = OrderedDict()  # key -> evicted at
+        # key -> (evicted at, reason), oldest first; policy evictions only
+        self._recent: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # key -> (rx_bytes at the last pass, when rx_bytes was last seen growing)
         self._rx: dict[str, tuple[int, float]] = {}
         self.last_pass: dict = {}
@@ -96,13 +98,15 @@ class Evictor:
 
     def run_pass(self) -> dict:
         started = time.monotonic()
-        peers = self.installer.device.peers()
+        dumped_at = time.time()
+        peers = self.installer.device.peers()  # the pass's one read of the device
         now = time.time()
         # Peers put on the device by someone else (or before a restart) are ours now.
         present = {p.public_key for p in peers}
-        self.installer.forget_missing(present)
-        if len(self.installer) < len(present):
-            self.installer.adopt()
+        self.installer.forget_missing(present, dumped_at)
+        if any(key not in self.installer for key in present):
+            for key in self.installer.adopt(peers):
+                events.emit("peer_adopted", public_key=key)
         chosen = self.choose(peers, now)
         keys = list(chosen)
         for i in range(0, len(keys), REMOVE_BATCH):
@@ -123,9 +127,12 @@ class Evictor:
     def _evicted(self, key: str, reason: str, now: float) -> None:
         self.metrics.evictions.labels(reason).inc()
         events.emit("peer_evicted", public_key=key, reason=reason)
-        self._recent[key] = now
-        self._recent.move_to_end(key)
-        while self._recent and next(iter(self._recent.values())) < now - THRASH_WINDOW:
+        # Only the policy's own choices can thrash; a revoked peer that is
+        # restored and returns says nothing about the idle timeout or the cap.
+        if reason in POLICY_REASONS:
+            self._recent[key] = (now, reason)
+            self._recent.move_to_end(key)
+        while self._recent and next(iter(self._recent.values()))[0] < now - THRASH_WINDOW:
             self._recent.popitem(last=False)
         if self.on_evict:
             self.on_evict(key, reason)
@@ -135,6 +142,7 @@ class Evictor:
         self._evicted(key, reason, time.time())
 
     def note_install(self, key: str) -> None:
-        evicted_at = self._recent.pop(key, None)
-        if evicted_at is not None and time.time() - evicted_at < THRASH_WINDOW:
-            self.metrics.reinstalls.inc()
+        """Count an install of a key this evictor removed within THRASH_WINDOW."""
+        recent = self._recent.pop(key, None)
+        if recent is not None and time.time() - recent[0] < THRASH_WINDOW:
+            self.metrics.reinstalls.labels(recent[1]).inc()

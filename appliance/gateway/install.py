@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.gateway.pull import RegistryPeer
-from appliance.wg import PeerConfig, WgDevice
+from appliance.wg import Peer, PeerConfig, WgDevice
+from appliance.wg.model import parse_network
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,28 @@ class Installer:
         with self._lock:
             return dict(self._peers)
 
-    def adopt(self) -> int:
-        """Take over the peers the device already holds (a restart loses nothing)."""
+    def adopt(self, peers: list[Peer] | None = None) -> list[str]:
+        """Take over the peers the device holds (a restart loses nothing); returns their keys.
+
+        `peers` is a dump the caller already has, so a pass reads the device once.
+        A keepalive on an adopted peer is taken for a trigger we did not get to
+        clear (killed between install and handshake): it stays pending, so the
+        handshake check turns it off. Left on, it would make the device rekey
+        every REKEY_AFTER_TIME and the peer would never look idle.
+        """
         now = time.time()
-        adopted = 0
+        adopted = []
         with self._lock:
-            for p in self.device.peers():
+            for p in self.device.peers() if peers is None else peers:
                 if p.public_key in self._peers:
                     continue
                 # A peer that never handshook gets the full grace period from now.
                 self._peers[p.public_key] = Installed(
                     p.public_key, now, str(p.endpoint) if p.endpoint else None,
-                    trigger_pending=p.persistent_keepalive > 0 and p.last_handshake is None,
-                    adopted=True, allowed_ips=tuple(str(n) for n in p.allowed_ips))
-                adopted += 1
+                    trigger_pending=p.persistent_keepalive > 0, adopted=True,
+                    allowed_ips=tuple(str(n) for n in p.allowed_ips),
+                    preshared_key=p.preshared_key)
+                adopted.append(p.public_key)
         return adopted
 
     def install(self, peer: RegistryPeer, endpoint: str) -> bool:
@@ -169,10 +178,28 @@ class Installer:
             self.device.remove_peers(public_keys)
             return [k for k in public_keys if self._peers.pop(k, None) is not None]
 
-    def forget_missing(self, present: set[str]) -> list[str]:
-        """Drop bookkeeping for peers that vanished from the device (removed by hand)."""
+    def forget_missing(self, present: set[str], dumped_at: float) -> list[str]:
+        """Drop bookkeeping for peers that vanished from the device (removed by hand).
+
+        Only peers installed before the dump (`dumped_at`, time.time()) count:
+        one installed while the dump was read is simply not in it yet.
+        """
         with self._lock:
-            gone = [k for k in self._peers if k not in present]
+            gone = [k for k, e in self._peers.items()
+                    if k not in present and e.installed_at < dumped_at]
             for k in gone:
                 del self._peers[k]
         return gone
+
+    def differs(self, peer: RegistryPeer) -> bool:
+        """Would `update(peer)` change the installed peer (allowed IPs or preshared key)?"""
+        entry = self._peers.get(peer.public_key)
+        if entry is None:
+            return False
+        return (_networks(entry.allowed_ips) != _networks(peer.allowed_ips)
+                or (entry.preshared_key or None) != (peer.preshared_key or None))
+
+
+def _networks(cidrs: tuple[str, ...]) -> set:
+    # The device reports networks normalised (host bits dropped); so compare them so.
+    return {parse_network(c) for c in cidrs}

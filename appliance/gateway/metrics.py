@@ -25,6 +25,9 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
+# The policy's own reasons first (those can thrash), then the registry's.
+EVICTION_REASONS = ("idle", "never_handshaken", "cap", "revoked", "deleted")
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -59,7 +62,8 @@ class GatewayMetrics:
                                  ["reason"], registry=r)
         self.reinstalls = Counter(
             "wgjit_gateway_reinstalls_after_eviction_total",
-            "Installs of a peer evicted shortly before (eviction thrash)", registry=r)
+            "Installs of a peer evicted shortly before (eviction thrash), by the reason "
+            "of that eviction", ["reason"], registry=r)
         self.evict_pass = Histogram("wgjit_gateway_evict_pass_seconds",
                                     "Duration of one eviction pass", registry=r,
                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -72,6 +76,12 @@ class GatewayMetrics:
         self.missed_jobs = Counter("wgjit_gateway_scheduler_missed_total",
                                    "Scheduled runs missed or skipped, by job", ["job"],
                                    registry=r)
+
+        # Zero series from the start, so that a rate() sees the first eviction.
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason)
+        for reason in EVICTION_REASONS[:3]:
+            self.reinstalls.labels(reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
