@@ -138,7 +138,8 @@ class Gateway:
         self.capture = Capture(underlay, port=port)
 
         self.installer = Installer(self.device, s.trigger_keepalive)
-        for key in self._adopt():
+        adopted = self.installer.adopt()
+        for key in adopted:
             events.emit("peer_adopted", public_key=key)
         self.registry = GatewayRegistry(s.registry, token, timeout=s.registry_timeout)
         db_path = state_dir / "gateway.db"
@@ -150,6 +151,7 @@ class Gateway:
                                self.metrics, on_evict=self._on_evict)
         self.feed = FeedFollower(self.registry, self.state, self.cache, self.installer,
                                  self.metrics, self.evictor.removed_elsewhere)
+        self.feed.check_adopted(adopted)
         self.pool = ThreadPoolExecutor(s.workers, thread_name_prefix="pull")
         self._start_scheduler()
         self._http = serve_http(s.metrics_listen, self.metrics, self.health)
@@ -160,11 +162,6 @@ class Gateway:
         events.emit("gateway_ready", interface=s.interface, public_key=encode_key(
             self.responder.public_key), listen_port=port, capture=underlay,
             peers=len(self.installer), backend=self.device.backend)
-
-    def _adopt(self) -> list[str]:
-        before = set(self.installer.snapshot())
-        self.installer.adopt()
-        return [k for k in self.installer.snapshot() if k not in before]
 
     def _start_scheduler(self) -> None:
         s = self.settings

@@ -25,6 +25,8 @@ from appliance.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
+ADOPTED_CHECKS_PER_POLL = 500
+
 
 class FeedFollower:
     def __init__(self, registry: GatewayRegistry, state: GatewayState, cache: PeerCache,
@@ -36,6 +38,14 @@ class FeedFollower:
         self.metrics = metrics
         self.on_removed = on_removed  # (key, reason): eviction bookkeeping
         self.healthy = False
+        # Peers found on the device at start: checked against the registry once
+        # even when the cursor is fine, since the feed cannot speak for peers
+        # it never saw installed (added by hand, or under another state dir).
+        self._unchecked: set[str] = set()
+
+    def check_adopted(self, keys: list[str]) -> None:
+        """Have these adopted peers checked against the registry on the next polls."""
+        self._unchecked.update(keys)
 
     @property
     def cursor(self) -> int | None:
@@ -53,6 +63,17 @@ class FeedFollower:
             return 0
 
     def _poll(self) -> int:
+        applied = self._follow()
+        # A bounded share per poll, so revocations keep flowing while a gateway
+        # that restarted with many peers works through them.
+        for _ in range(min(len(self._unchecked), ADOPTED_CHECKS_PER_POLL)):
+            key = next(iter(self._unchecked))
+            if key in self.installer:
+                self._refresh(key)  # RegistryUnavailable: the rest wait for the next poll
+            self._unchecked.discard(key)
+        return applied
+
+    def _follow(self) -> int:
         cursor = self.cursor
         feed_id = self.state.get("feed_id")
         if cursor is None:
@@ -100,7 +121,9 @@ class FeedFollower:
                 self.on_removed(key, "revoked")
             return
         self.cache.put(peer)
-        if self.installer.update(peer):
+        # Unchanged peers are left alone: a reconcile of thousands must not
+        # rewrite (and log) every one of them.
+        if self.installer.differs(peer) and self.installer.update(peer):
             events.emit("peer_updated", public_key=key, allowed_ips=list(peer.allowed_ips))
 
     def reconcile(self, why: str) -> int:
@@ -114,6 +137,7 @@ class FeedFollower:
             self.cache.clear()
         for key in list(self.installer.snapshot()):
             self._refresh(key)
+        self._unchecked.clear()
         self.state.set(feed_cursor=str(head["latest"]), feed_id=head["feed_id"])
         self.metrics.feed_cursor.set(head["latest"])
         self.healthy = True
