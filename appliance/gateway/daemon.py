@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from appliance.gateway import events
@@ -36,6 +35,7 @@ from appliance.gateway.metrics import GatewayMetrics, serve_http
 from appliance.gateway.pull import GatewayRegistry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.replay import ReplayGuard
+from appliance.gateway.schedule import Jobs
 from appliance.gateway.state import GatewayState
 from appliance.keys import decode_key, encode_key
 from appliance.secrets import read_secret
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
 MAX_PENDING = 1024  # lookups queued or running; beyond this initiations are dropped
+HANDSHAKE_CHECK_MIN = 0.1
 SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
 
 
@@ -165,39 +166,22 @@ class Gateway:
 
     def _start_scheduler(self) -> None:
         s = self.settings
-        self.scheduler = BackgroundScheduler(job_defaults={
-            # One run at a time; after a stall run once, not once per missed slot.
-            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-        self.scheduler.add_listener(self._job_event,
-                                    EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_ERROR)
-        self.scheduler.add_job(self.evict_pass, "interval", seconds=s.evict_interval,
-                               id="evict", name="evict")
-        self.scheduler.add_job(self.feed.poll, "interval", seconds=s.feed_interval, id="feed",
-                               name="feed", next_run_time=_now())
+        self.jobs = Jobs(self.metrics.missed_jobs)
+        self.scheduler = self.jobs.scheduler  # the daemon's one scheduler
+        self.jobs.every("evict", s.evict_interval, self.evict_pass)
+        self.jobs.every("feed", s.feed_interval, self.feed.poll, now=True)
         # Short period: a crossed handshake is broken only when this job sees it.
-        self.scheduler.add_job(self.check_handshakes, "interval", seconds=0.1,
-                               id="handshakes", name="handshakes")
-        self.scheduler.add_job(self.cache.expire, "interval", seconds=300, id="cache_expire",
-                               name="cache_expire")
-        self.scheduler.start()
-
-    def _job_event(self, event) -> None:
-        if event.code == EVENT_JOB_ERROR:
-            log.error("job %s failed: %r", event.job_id, event.exception,
-                      exc_info=(type(event.exception), event.exception,
-                                event.exception.__traceback__))
-            return
-        what = "missed" if event.code == EVENT_JOB_MISSED else "skipped (still running)"
-        log.warning("scheduled job %s %s", event.job_id, what)
-        self.metrics.missed_jobs.labels(event.job_id).inc()
+        self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
+        self.jobs.every("cache_expire", 300, self.cache.expire)
+        self.jobs.start()
 
     def stop(self) -> None:
         """Drain: no new captures, finish running installs, stop jobs, close."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
-        if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
+        if self.scheduler is not None:
+            self.jobs.shutdown()
         if hasattr(self, "pool"):
             self.pool.shutdown(wait=True, cancel_futures=False)
         if self._http is not None:
@@ -234,9 +218,8 @@ class Gateway:
         self.cache.policy = CachePolicy(settings.positive_ttl, settings.negative_ttl,
                                         settings.stale_ttl)
         self.cache.bucket = TokenBucket(settings.rate, settings.burst)
-        self.scheduler.reschedule_job("evict", trigger="interval",
-                                      seconds=settings.evict_interval)
-        self.scheduler.reschedule_job("feed", trigger="interval", seconds=settings.feed_interval)
+        self.jobs.reschedule("evict", settings.evict_interval)
+        self.jobs.reschedule("feed", settings.feed_interval)
         events.emit("config_reloaded", idle_timeout=settings.idle_timeout,
                     evict_interval=settings.evict_interval, rate=settings.rate)
 
@@ -394,8 +377,3 @@ class Gateway:
             "last_evict_pass": getattr(getattr(self, "evictor", None), "last_pass", {}),
         }
 
-
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)  # noqa: UP017 - APScheduler wants a tz-aware datetime
