@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from .errors import InvalidConfig
-from .model import DeviceDump, DeviceInfo, Peer, PeerConfig, check_key
+from .model import DeviceDump, DeviceInfo, Endpoint, Peer, PeerConfig, check_key
 
 # Linux's IFNAMSIZ is 16 including the terminating NUL.
 IFNAME_MAX = 15
@@ -94,9 +94,11 @@ class WgDevice(ABC):
         peer really goes idle; a no-op when the peer is gone."""
         self.set_keepalive(public_key, 0)
 
-    def set_endpoint(self, public_key: str, endpoint: object) -> None:
+    def set_endpoint(self, public_key: str, endpoint: Endpoint | str) -> None:
         """Point an existing peer at a new UDP address (an Endpoint or `host:port`)."""
-        self.set_peer(PeerConfig(public_key, endpoint=endpoint), update_only=True)  # type: ignore[arg-type]
+        if not isinstance(endpoint, Endpoint):
+            endpoint = Endpoint.parse(endpoint)
+        self.set_peer(PeerConfig(public_key, endpoint=endpoint), update_only=True)
 
     # -- lifetime ---------------------------------------------------------------
 

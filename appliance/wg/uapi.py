@@ -1,7 +1,9 @@
 """The `uapi` backend: wireguard-go or boringtun over /var/run/wireguard/<ifname>.sock.
 
 One connection per transaction, as wg(8) does: boringtun serves a single command
-per connection, and a fresh connection cannot inherit a half-read answer.
+per connection, and a fresh connection cannot inherit a half-read answer. That
+also makes a device object safe to share between threads (the daemon serialises
+transactions itself).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -74,7 +75,6 @@ class UapiDevice(WgDevice):
         self.timeout = timeout
         self.peers_per_transaction = max(1, peers_per_transaction)
         self._dialect: str | None = None
-        self._lock = threading.Lock()
 
     # -- transport ----------------------------------------------------------------
 

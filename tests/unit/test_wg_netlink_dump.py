@@ -273,13 +273,31 @@ def test_update_only_and_remove_flags():
     assert {p.get_attr("WGPEER_A_FLAGS") for p in decoded} == {1}
 
 
-def test_decoding_is_fast_enough_for_a_big_gateway():
-    """50,000 peers must be readable well within one eviction interval (30 s)."""
+def test_decoding_is_much_faster_than_pyroute2s():
+    """Why netlink_wire exists: at 50,000 peers pyroute2's decoder needs ~25 s per
+    dump on the test machine. Compared on the same messages, best of 3, so that a
+    busy machine slows both alike."""
     import time
-    messages = kernel_dump(make_peers(2000, 2), budget=32768)
-    t0 = time.perf_counter()
-    dump = merge_dump(messages, "wg0")
-    per_peer = (time.perf_counter() - t0) / 2000
-    print(f"merge: {per_peer * 1e6:.0f} us per peer")
-    assert len(dump.peers) == 2000
-    assert per_peer * 50_000 < 5.0, f"{per_peer * 1e6:.0f} us per peer"
+    messages = kernel_dump(make_peers(500, 2), budget=32768)
+
+    def ours() -> None:
+        assert len(merge_dump(messages, "wg0").peers) == 500
+
+    def theirs() -> None:
+        for raw in messages:
+            m = wgmsg(raw)
+            m.decode()
+            for p in m.get_attr("WGDEVICE_A_PEERS") or ():
+                p.get_attr("WGPEER_A_ALLOWEDIPS")
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_ours, t_theirs = best(ours), best(theirs)
+    print(f"per peer: ours {t_ours * 2e3:.0f} us, pyroute2 {t_theirs * 2e3:.0f} us")
+    assert t_theirs / t_ours > 4, (t_ours, t_theirs)
