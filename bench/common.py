@@ -46,7 +46,7 @@ from lab import procs  # noqa: E402
 from lab.netns import LabError  # noqa: E402
 from lab.nsexec import NetnsWorker  # noqa: E402
 from lab.state import Client, Gateway  # noqa: E402
-from lab.timeline import EventFollower  # noqa: E402
+from lab.timeline import Event, EventFollower, parse_line  # noqa: E402
 from lab.topology import Lab, LabSpec, ns_name, signals_raise_interrupt  # noqa: E402
 
 # Like `ping -i 0.2` in the lab: resend until the first reply, in case the
@@ -230,6 +230,37 @@ def labelled(metrics: dict[str, float], name: str) -> dict[str, float]:
     return out
 
 
+def daemon_events(g: Gateway, since: float = 0.0) -> list[Event]:
+    """The daemon's JSON events (see appliance/gateway/events.py) stamped at or after since."""
+    try:
+        text = Path(g.daemon_log).read_text(errors="replace")
+    except (FileNotFoundError, TypeError):
+        return []
+    return [e for e in (parse_line(line, 0.0, g.name) for line in text.splitlines())
+            if e is not None and e.ts >= since]
+
+
+def pipeline(events: Sequence[Event], t0: float) -> dict[str, Any]:
+    """Where the daemon's time went: per-client milliseconds its events report
+    (peer_pulled.ms, peer_installed.ms: since the initiation was seen) and when the
+    last of each step happened, in seconds after t0."""
+    def last(name: str) -> float:
+        ts = [e.ts for e in events if e.event == name]
+        return max(ts) - t0 if ts else math.nan
+
+    def field_ms(name: str) -> dict[str, float]:
+        vals = [e.get("ms") / 1000 for e in events
+                if e.event == name and isinstance(e.get("ms"), (int, float))]
+        return summarise(vals)
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.event] = counts.get(e.event, 0) + 1
+    return {"counts": counts, "pulled": field_ms("peer_pulled"),
+            "installed": field_ms("peer_installed"),
+            "last_seen_s": last("initiation_seen"), "last_installed_s": last("peer_installed"),
+            "last_handshake_s": last("handshake_completed")}
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process, in MiB (what N peers cost wireguard-go)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -292,12 +323,10 @@ class Pinger:
         self.socks: dict[str, socket.socket] = {}
         self.idents: dict[str, int] = {}
         self.targets: dict[str, str] = {}
-        base = int.from_bytes(os.urandom(2), "big")
         try:
-            for i, c in enumerate(clients):
+            for c in clients:
                 with NetnsWorker(c.ns) as w:
                     self.socks[c.name] = w.call(_raw_icmp_socket)
-                self.idents[c.name] = (base + i) & 0xFFFF
                 self.targets[c.name] = lab.gateway(c.gateway).tunnel4_ip
         except BaseException:
             self.close()
@@ -319,6 +348,12 @@ class Pinger:
         """Ping each client's gateway from starts[client] (unix time) until its first
         reply; give up `timeout` seconds after a client's start."""
         echoes = {n: Echo(n, self.lab.client(n).gateway, t) for n, t in starts.items()}
+        # New identifiers each run: a late reply to an earlier run's echo must not
+        # count as this run's first reply.
+        base = int.from_bytes(os.urandom(2), "big")
+        for i, n in enumerate(starts):
+            self.idents[n] = (base + i) & 0xFFFF
+            self._receive(n)
         next_send = dict(starts)
         sel = selectors.DefaultSelector()
         for n in starts:
@@ -372,7 +407,7 @@ class Pinger:
             if len(data) < ihl + 8:
                 continue
             icmp_type, _, _, ident, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if icmp_type != ICMP_ECHO_REPLY or ident != self.idents[n] or found:
+            if icmp_type != ICMP_ECHO_REPLY or ident != self.idents.get(n) or found:
                 continue
             found = time.time()
             for level, kind, value in anc:

@@ -36,10 +36,12 @@ from bench.common import (  # noqa: E402
     InitiationCapture,
     Pinger,
     RunInfo,
+    daemon_events,
     gateway_metrics,
     lab_running,
     labelled,
     ms,
+    pipeline,
     say,
     spec_for,
     summarise,
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.3)  # let tcpdump write its last lines
             cap.stop()
             inits = cap.per_client(since=t0 - 1)
-        jit_metrics = {g: gateway_metrics(lab, lab.gateway(g)) for g in gws
-                       if MODES[g][1] == "jit"}
+        jit_gws = [g for g in gws if MODES[g][1] == "jit"]
+        jit_metrics = {g: gateway_metrics(lab, lab.gateway(g)) for g in jit_gws}
+        jit_steps = {g: pipeline(daemon_events(lab.gateway(g), t0 - 0.5), t0)
+                     for g in jit_gws}
     info.finish()
 
     results = {}
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "installs": m.get("wgjit_gateway_installs_total", 0),
                 "retriggers": m.get("wgjit_gateway_retriggers_total", 0),
                 "drops": labelled(m, "wgjit_gateway_drops_total"),
+                "pipeline": jit_steps[g],
             }
 
     rows = []
@@ -128,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     for g in gws:
         d = results[g].get("daemon")
         if d:
+            p = d["pipeline"]
             print(f"{results[g]['mode']}: registry calls {d['registry_calls']:.0f}, installs "
-                  f"{d['installs']:.0f}, retriggers {d['retriggers']:.0f}, drops {d['drops']}")
+                  f"{d['installs']:.0f}, retriggers {d['retriggers']:.0f}, drops {d['drops']}; "
+                  f"daemon ms from initiation seen: pulled p50 {ms(p['pulled']['p50'])} "
+                  f"p99 {ms(p['pulled']['p99'])}, installed p50 {ms(p['installed']['p50'])} "
+                  f"p99 {ms(p['installed']['p99'])}")
     plain, jit = results["g1"]["from_echo"]["p50"], results["g2"]["from_echo"]["p50"]
     gap = (jit - plain) * 1000
     verdict = "met" if gap <= TARGET_MS else "NOT met"
