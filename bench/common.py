@@ -170,15 +170,16 @@ def wipe_daemon_state(lab: Lab, g: Gateway) -> None:
 
 
 def start_daemon(lab: Lab, g: Gateway, extra: Sequence[str] = (), *,
-                 timeout: float = 60.0) -> float:
-    """Start `wgjit gateway run` on g; returns the unix time of its gateway_ready event."""
+                 timeout: float = 60.0) -> tuple[float, float]:
+    """Start `wgjit gateway run` on g; (unix time of the spawn, of its gateway_ready)."""
     st = lab.state
     assert st.registry is not None
     log = Path(st.dir) / f"gateway-{g.name}.log"
     follower = EventFollower(log, g.name, from_end=True)
+    spawned = time.time()
     lab_gateway.start_daemon(g, st.registry, st.dir, 300.0, 30.0, extra)
     st.save()
-    return wait_event(follower, "gateway_ready", g, timeout)
+    return spawned, wait_event(follower, "gateway_ready", g, timeout)
 
 
 def wait_event(follower: EventFollower, event: str, g: Gateway, timeout: float,
@@ -195,8 +196,10 @@ def wait_event(follower: EventFollower, event: str, g: Gateway, timeout: float,
         time.sleep(poll)
 
 
-def restart_daemon_empty(lab: Lab, g: Gateway, extra: Sequence[str] = ()) -> float:
-    """A gateway as after a reboot: no daemon, no peers, no cache; then start it."""
+def restart_daemon_empty(lab: Lab, g: Gateway,
+                         extra: Sequence[str] = ()) -> tuple[float, float]:
+    """A gateway as after a reboot: no daemon, no peers, no cache; then start it
+    (see start_daemon)."""
     stop_daemon(lab, g)
     clear_peers(g)
     wipe_daemon_state(lab, g)
