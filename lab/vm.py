@@ -55,7 +55,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from lab.vm_initramfs import CHECKOUT, Kernel, cache_dir, find_kernel, initramfs
+from lab.vm_initramfs import CHECKOUT, Kernel, boot_image, cache_dir, find_kernel, initramfs
 
 QEMU = "qemu-system-x86_64"
 # What every command starts with; `env` adds to or overrides it.
@@ -156,6 +156,7 @@ class VM:
         self.kernel_version = ""  # as the guest's `uname -r` reported it
         self.boot_seconds = 0.0
         self._rundir: Path | None = None
+        self._boot_image: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -198,6 +199,7 @@ class VM:
         self._buf = bytearray()
         self._busy = False
         self.kernel = find_kernel()
+        self._boot_image = boot_image(self.kernel)
         image = initramfs(self.kernel)
         if self.log_dir is None:
             self.log_dir = _new_log_dir()
@@ -218,7 +220,9 @@ class VM:
             listener.close()
         line = self._read_line(t0 + self.boot_timeout, "boot")
         if not line.startswith("wgjit-agent ready "):
-            raise VMError(f"VM failed to boot: {line}", self.log_dir)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=10)  # it powers off; then console.log is complete
+            raise VMError(f"VM failed to boot: {line}{self._tail()}", self.log_dir)
         self.kernel_version = line.split()[-1]
         self.boot_seconds = time.monotonic() - t0
         self._log(f"# booted {self.kernel_version} in {self.boot_seconds:.1f}s, "
@@ -238,7 +242,7 @@ class VM:
             QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(self.memory_mb),
             "-smp", str(self.cpus), "-nodefaults", "-no-user-config", "-nic", "none",
             "-display", "none", "-no-reboot",
-            "-kernel", str(self.kernel.image), "-initrd", str(image), "-append", append,
+            "-kernel", str(self._boot_image), "-initrd", str(image), "-append", append,
             "-serial", f"file:{self.log_dir / 'console.log'}",
             # multidevs=remap: / spans several host filesystems (/proc, /sys, ...).
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,"

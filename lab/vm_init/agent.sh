@@ -1,6 +1,8 @@
-# Stage 2, PID 1 inside the VM's overlay root, run by the host's /bin/sh (the
-# initramfs's busybox, copied to /run/wgjit, only powers off and names the host):
-# finish the machine, then serve commands from the host over a virtio-serial port.
+# Stage 2, PID 1 inside the VM's overlay root, run by the host's /bin/sh: finish the
+# machine, then serve commands from the host over a virtio-serial port.
+# Every helper here is the initramfs's static busybox (copied to /run/wgjit, so
+# already in memory) or a shell builtin: under TCG, each first run of a host binary
+# over 9p costs a few hundred milliseconds of boot.
 #
 # Protocol on the port, one line per message:
 #   agent -> host  "wgjit-agent ready <uname -r>"  or  "wgjit-agent failed <why>"
@@ -12,9 +14,10 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 BB=/run/wgjit/busybox
+read -r CMDLINE < /proc/cmdline
 
-opt() {
-    for word in $(cat /proc/cmdline); do
+opt() {  # value of wgjit.<name>= on the kernel command line
+    for word in $CMDLINE; do
         case "$word" in "wgjit.$1="*) echo "${word#*=}"; return ;; esac
     done
 }
@@ -22,36 +25,39 @@ opt() {
 die() {
     echo "wgjit-agent: $*" > /dev/console
     [ -n "$port" ] && echo "wgjit-agent failed $*" >&3
-    sync
+    $BB sync
     $BB poweroff -f
 }
 
 JOBS="$(opt rundir)/jobs"
 $BB hostname "$(opt hostname)"
-ip link set lo up
+$BB ip link set lo up
 
 port=
 for d in /sys/class/virtio-ports/*; do
-    [ "$(cat "$d/name" 2>/dev/null)" = wgjit.ctl ] && port=/dev/${d##*/}
+    name=
+    read -r name 2>/dev/null < "$d/name"
+    [ "$name" = wgjit.ctl ] && port=/dev/${d##*/}
 done
 [ -n "$port" ] || die "no virtio-serial port named wgjit.ctl"
 exec 3<>"$port"
 
-for m in $(opt modules | $BB tr , ' '); do
-    # The initramfs already loaded the usual ones; modprobe over 9p is slow.
+modules=$(opt modules)
+for m in $(IFS=,; echo $modules); do
+    # The initramfs loaded the usual ones; modprobe (the host's) reads over 9p.
     [ -d "/sys/module/$m" ] && continue
     modprobe "$m" > /dev/console 2>&1 || die "modprobe $m failed"
 done
 
-echo "wgjit-agent ready $(uname -r)" >&3
+echo "wgjit-agent ready $($BB uname -r)" >&3
 while read -r verb id nonce <&3; do
     case "$verb" in
         run)
-            env -i /bin/sh "$JOBS/$id.sh" </dev/null >&3 2>&3
+            $BB env -i /bin/sh "$JOBS/$id.sh" </dev/null >&3 2>&3
             printf '%s:%s:%s\n' "$nonce" "$id" "$?" >&3
             ;;
         poweroff) break ;;
     esac
 done
-sync
+$BB sync
 $BB poweroff -f
