@@ -1,0 +1,62 @@
+"""The gateway benchmarks run end to end on tiny inputs and clean up after themselves.
+
+Not timed: the numbers are the benchmarks' business. What must hold is what
+they report on: every client got through, the registry was asked once per
+client, the token bucket really refused lookups, the push pushed every peer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import coldstart, connect, herd
+from lab.state import list_labs
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def run(main, argv: list[str], tmp_path: Path) -> dict:
+    before = set(list_labs())
+    out = tmp_path / "out.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    assert set(list_labs()) <= before, "the benchmark left its lab behind"
+    return json.loads(out.read_text())
+
+
+def test_connect(tmp_path: Path) -> None:
+    doc = run(connect.main, ["--clients", "2", "--spacing", "0.2"], tmp_path)
+    gws = doc["results"]["gateways"]
+    assert set(gws) == {"g1", "g2", "g3"}
+    for g in gws.values():
+        assert g["from_echo"]["ok"] == g["from_echo"]["n"] == 2
+    for g in ("g2", "g3"):
+        assert gws[g]["daemon"]["registry_calls"] == 2
+        assert gws[g]["daemon"]["installs"] == 2
+    # Without role inversion the gateway never initiates; with it, it does.
+    assert gws["g3"]["gateway_initiations_mean"] == 0
+    assert gws["g2"]["gateway_initiations_mean"] >= 1
+
+
+def test_herd_bucket_refuses_and_registry_calls_stay_within_clients(tmp_path: Path) -> None:
+    # Burst 2 at 1/s: the 4th lookup cannot get a token within its 1 s wait.
+    doc = run(herd.main, ["--clients", "4", "--round", "--rate 1 --burst 2"], tmp_path)
+    [r] = doc["results"]["rounds"]
+    assert r["connected"] == 4
+    assert r["rate_limited"] >= 1
+    assert r["registry_calls"] == 4  # refused lookups cost no call; retries were served
+    assert r["retried"] >= 1  # a refused client came back with its own retry
+    assert r["slow"], "the refused clients are listed"
+
+
+def test_coldstart(tmp_path: Path) -> None:
+    doc = run(coldstart.main, ["--peers", "20", "--repeat", "1"], tmp_path)
+    [r] = doc["results"]["runs"]
+    assert r["peers"] == 20
+    assert r["pushed"] == 21  # the bulk peers and the client's own
+    for mode in ("jit", "push"):
+        assert not math.isnan(r[mode]["cold_start"])
+        assert r[mode]["cold_start"] >= r[mode]["connect"]
