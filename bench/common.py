@@ -264,6 +264,18 @@ def pipeline(events: Sequence[Event], t0: float) -> dict[str, Any]:
             "last_handshake_s": last("handshake_completed")}
 
 
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes used so far (dead ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process, in MiB (what N peers cost wireguard-go)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     InitiationCapture,
     Pinger,
     RunInfo,
+    cpu_seconds,
     daemon_events,
     gateway_metrics,
     lab_running,
@@ -53,6 +54,7 @@ from bench.common import (  # noqa: E402
     table,
     write_json,
 )
+from lab import procs  # noqa: E402
 
 TARGET_ALL = 2.0
 DEFAULT_ROUNDS = ["", "--rate 100 --burst 200", "--rate 400 --burst 400",
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 restart_daemon_empty(lab, g, flags)
                 time.sleep(1.0)  # first-start feed reconcile, scheduler warm-up
                 before = gateway_metrics(lab, g)
+                cpu_before = cpu_use(lab)
                 with InitiationCapture(lab) as cap:
                     t0 = time.time() + 0.2
                     echoes = pinger.run({c.name: t0 for c in clients}, args.timeout)
@@ -94,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                     inits = cap.per_client(since=t0 - 1)
                 time.sleep(0.5)  # let the daemon finish counting
                 after = gateway_metrics(lab, g)
+                cpu_after = cpu_use(lab)
                 rounds.append(summarise_round(label(flags), echoes, inits, before, after))
                 rounds[-1]["daemon"] = pipeline(daemon_events(g, t0 - 0.5), t0)
+                rounds[-1]["cpu_s"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
                 r = rounds[-1]
                 say(f"    all connected after {ms(r['all_connected'])} ms, "
                     f"{r['connected']}/{r['clients']} connected, "
@@ -122,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
           "after the herd started)")
     print(table(["daemon flags", "last seen", "pulled p50", "pulled p99", "installed p50",
                  "installed p99", "last installed", "last handshake"], steps))
+    print(f"\nCPU seconds used from just before the herd until 0.8 s after its end ({args.clients} "
+          "clients; two cores shared with everything else)")
+    print(table(["daemon flags", "daemon", "ms/client", "registry", "gateway wg-go",
+                 "client wg-gos"],
+                [[r["flags"], f"{r['cpu_s']['daemon']:.2f}",
+                  f"{1000 * r['cpu_s']['daemon'] / r['clients']:.1f}",
+                  f"{r['cpu_s']['registry']:.2f}", f"{r['cpu_s']['gateway_wg']:.2f}",
+                  f"{r['cpu_s']['client_wg']:.2f}"] for r in rounds]))
     for r in rounds:
         met = (r["connected"] == r["clients"] and r["all_connected"] <= TARGET_ALL
                and r["registry_calls"] <= r["clients"])
@@ -133,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                                                       "rounds": flag_sets},
                {"target_all_s": TARGET_ALL, "rounds": rounds})
     return 0
+
+
+def cpu_use(lab) -> dict[str, float]:
+    g = lab.gateway("g1")
+    return {"daemon": cpu_seconds(g.daemon_pid),
+            "registry": cpu_seconds(*procs.netns_pids(lab.state.registry.ns)),
+            "gateway_wg": cpu_seconds(g.wg_pid),
+            "client_wg": cpu_seconds(*(c.wg_pid for c in lab.state.clients))}
 
 
 def label(flags: list[str]) -> str:
