@@ -318,7 +318,8 @@ class VM:
             echo: bool | IO[str] | None = None) -> VMResult:
         """Run argv as root in the guest, in cwd, with BASE_ENV plus env; wait for it.
 
-        stdin is /dev/null. Returns the exit code and the interleaved stdout+stderr.
+        stdin is /dev/null; a cwd that does not exist in the guest gives exit code 125.
+        Returns the exit code and the interleaved stdout+stderr.
         check=True raises VMError on a non-zero exit. On timeout the VM is killed
         and VMTimeout raised (it carries the output so far). echo overrides the
         VM's echo setting for this command.
@@ -331,6 +332,9 @@ class VM:
         job_id = str(self._count)
         nonce = secrets.token_hex(16)
         script = self._rundir / "jobs" / f"{job_id}.sh"
+        # The guest sees the host's tree at the same paths, so a relative cwd means the
+        # same directory on both sides once made absolute here.
+        cwd = Path(cwd).absolute()
         script.write_text(_job_script(argv, cwd, env))
         stream = self.echo if echo is None else echo
         out: IO[str] | None = sys.stdout if stream is True else (stream or None)
