@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     reset_sessions,
     restart_daemon_empty,
     rss_mib,
+    run_main,
     say,
     spec_for,
     table,
@@ -216,4 +217,4 @@ def median_of(rounds: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +58,16 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with main's status; Ctrl-C or SIGTERM: 130 without a traceback (the lab is
+    already gone by then: lab_running tears it down on the way out)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted")
+        sys.exit(130)
 
 
 # --- statistics and output ------------------------------------------------------

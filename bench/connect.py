@@ -42,6 +42,7 @@ from bench.common import (  # noqa: E402
     labelled,
     ms,
     pipeline,
+    run_main,
     say,
     spec_for,
     summarise,
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

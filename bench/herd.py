@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     pipeline,
     reset_sessions,
     restart_daemon_empty,
+    run_main,
     say,
     spec_for,
     summarise,
@@ -199,4 +200,4 @@ def summarise_round(flags: str, echoes: dict, inits: dict,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
