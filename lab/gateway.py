@@ -100,8 +100,17 @@ def start_daemon(g: Gateway, reg: Registry, lab_dir: str, idle_timeout: float,
     state_dir.mkdir(mode=0o700, exist_ok=True)
     g.metrics = METRICS_LISTEN
     g.daemon_log = str(Path(lab_dir) / f"gateway-{g.name}.log")
-    g.daemon_pid = procs.spawn(g.ns, daemon_argv(g, reg, str(state_dir), idle_timeout,
-                                                 evict_interval, extra), g.daemon_log)
+    g.daemon_argv = daemon_argv(g, reg, str(state_dir), idle_timeout, evict_interval, extra)
+    g.daemon_pid = procs.spawn(g.ns, g.daemon_argv, g.daemon_log)
+
+
+def restart_daemon(g: Gateway) -> None:
+    """Start a stopped daemon again: same flags, same state dir, log appended."""
+    if not g.daemon_argv:
+        raise LabError(f"{g.name}: no daemon was started on this gateway")
+    if g.daemon_pid and procs.alive(g.daemon_pid) and procs.in_netns(g.daemon_pid, g.ns):
+        raise LabError(f"{g.name}: the daemon is still running (pid {g.daemon_pid})")
+    g.daemon_pid = procs.spawn(g.ns, g.daemon_argv, g.daemon_log)
 
 
 def wait_daemon(g: Gateway, timeout: float = 20.0) -> float:

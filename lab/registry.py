@@ -173,6 +173,18 @@ class RegistryClient:
         if r.status_code not in (200, 204):
             raise self._fail("revoke peer", r)
 
+    def restore_peer(self, public_key: str) -> None:
+        r = self._request("POST", f"/v1/peers/{key_path(public_key)}/restore")
+        if r.status_code not in (200, 204):
+            raise self._fail("restore peer", r)
+
+    def update_peer(self, public_key: str, **fields: Any) -> dict:
+        """PATCH the peer: allowed_ips, name, preshared_key."""
+        r = self._request("PATCH", f"/v1/peers/{key_path(public_key)}", json=fields)
+        if r.status_code != 200:
+            raise self._fail("update peer", r)
+        return r.json()
+
     def delete_peer(self, public_key: str) -> None:
         r = self._request("DELETE", f"/v1/peers/{key_path(public_key)}")
         if r.status_code not in (200, 204, 404):

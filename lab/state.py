@@ -64,6 +64,7 @@ class Gateway:
     daemon_pid: int = 0
     daemon_log: str = ""
     metrics: str = ""  # host:port inside the gateway namespace
+    daemon_argv: list[str] = field(default_factory=list)  # how it was started (for restarts)
 
     @property
     def tunnel4_ip(self) -> str:

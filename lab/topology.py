@@ -501,6 +501,34 @@ class Lab:
         self.state.save()
         return self.registry().wait_healthy()
 
+    def stop_daemon(self, gateway_name: str, sig: int = signal.SIGTERM,
+                    timeout: float = 15.0) -> None:
+        """Signal a gateway's daemon (SIGKILL: a crash) and wait until it is gone.
+
+        The interface and its peers stay: wireguard-go is a process of its own.
+        """
+        g = self.gateway(gateway_name)
+        pid = g.daemon_pid
+        if not (pid and procs.alive(pid) and procs.in_netns(pid, g.ns)):
+            raise LabError(f"{gateway_name}: no daemon running")
+        os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while procs.alive(pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"{gateway_name}: daemon {pid} still running {timeout:g} s "
+                               f"after signal {sig}")
+            time.sleep(0.02)
+        procs.stop([])  # drops the reaped child from procs' table
+        g.daemon_pid = 0
+        self.state.save()
+
+    def start_daemon(self, gateway_name: str) -> float:
+        """Start a stopped daemon again (same flags, state dir); seconds until healthy."""
+        g = self.gateway(gateway_name)
+        gateway.restart_daemon(g)
+        self.state.save()
+        return gateway.wait_daemon(g)
+
     def _session(self, host: str) -> tuple[NetnsWorker, requests.Session]:
         w = self.worker(host)
         if host not in self._http:
