@@ -119,6 +119,40 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_generate(args: argparse.Namespace) -> int:
+    from appliance.registry import tokens
+
+    token = tokens.generate()
+    if args.output:
+        write_secret(args.output, token)
+        print(f"token written to {args.output} (mode 0600)")
+    else:
+        print(token)
+    return 0
+
+
+def cmd_token_import(args: argparse.Namespace) -> int:
+    from appliance.registry import db, tokens
+    from appliance.secrets import SecretFileError
+
+    s = _settings(args, DB_OPTIONS, "registry")
+    try:
+        token = read_secret(args.token_file, what="token")
+    except SecretFileError as e:
+        print(f"wgjit: token import: {e}", file=sys.stderr)
+        return 2
+    db.init_db(s["db"])
+    try:
+        added = tokens.import_token(db.connect(s["db"]), token, args.scope, args.name)
+    except ValueError as e:
+        print(f"wgjit: token import: {e}", file=sys.stderr)
+        return 2
+    token_id = token.split("_", 2)[1]
+    print(f"imported {args.scope} token {token_id}" if added
+          else f"{args.scope} token {token_id} already present")
+    return 0
+
+
 def cmd_token_list(args: argparse.Namespace) -> int:
     from appliance.registry import db, tokens
 
@@ -253,6 +287,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="a label to recognise the token by")
     p.add_argument("--output", metavar="FILE", help="write the token to a 0600 file instead")
     p.set_defaults(func=cmd_token_create)
+    p = tsub.add_parser("generate", help="make a token without storing it (for `import`)")
+    p.add_argument("--output", metavar="FILE", help="write the token to a 0600 file instead")
+    p.set_defaults(func=cmd_token_generate)
+    p = tsub.add_parser("import", help="store a token made elsewhere (its hash only)")
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("--scope", required=True, choices=["admin", "gateway"])
+    p.add_argument("--token-file", required=True, metavar="FILE",
+                   help="0600 file holding the token")
+    p.add_argument("--name", help="a label to recognise the token by")
+    p.set_defaults(func=cmd_token_import)
     p = tsub.add_parser("list", help="list tokens (never their secrets)")
     _add_config(p)
     p.add_argument("--db", metavar="PATH")

@@ -54,6 +54,41 @@ def create(conn: sqlite3.Connection, scope: str, tenant: str | None = None,
     return token
 
 
+def generate() -> str:
+    """A new token, stored nowhere: for operators who keep tokens outside the registry
+    (a deploy's secrets) and `import_token` them."""
+    return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def import_token(conn: sqlite3.Connection, token: str, scope: str,
+                 name: str | None = None) -> bool:
+    """Store a token made elsewhere (only its hash). False if it is already there.
+
+    Raises ValueError for a malformed token, a bad scope, or an id already taken by
+    another token or revoked: an import never brings a revoked token back.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or len(parts[2]) < 32:
+        raise ValueError(f"not a token of the form {PREFIX}_<id>_<secret of 32+ characters>")
+    with db.write(conn):
+        row = conn.execute("SELECT hash, scope, revoked_at FROM tokens WHERE id = ?",
+                           (parts[1],)).fetchone()
+        if row is not None:
+            if not hmac.compare_digest(row["hash"], _digest(token)) or row["scope"] != scope:
+                raise ValueError(f"token id {parts[1]} is taken by another token")
+            if row["revoked_at"] is not None:
+                raise ValueError(f"token {parts[1]} was revoked")
+            return False
+        conn.execute(
+            "INSERT INTO tokens (id, hash, scope, tenant_id, name, created_at)"
+            " VALUES (?, ?, ?, NULL, ?, ?)",
+            (parts[1], _digest(token), scope, name, db.utcnow()),
+        )
+    return True
+
+
 def verify(conn: sqlite3.Connection, token: str) -> Token | None:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != PREFIX:
