@@ -103,14 +103,25 @@ GET_REQUEST = b"get=1\n\n"
 
 # -- answers ----------------------------------------------------------------------
 
+# Lines are split a chunk at a time: one list of every line of a 50,000-peer
+# answer (450,000 strings) would add ~40 MB to the reader's peak memory.
+SPLIT_CHUNK = 1 << 20
+
+
 def split_lines(text: str) -> Iterator[tuple[str, str]]:
-    for line in text.split("\n"):
-        if not line:
-            continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ProtocolError(f"UAPI answer line without '=': {line[:40]!r}")
-        yield key, value
+    start, end_of_text = 0, len(text)
+    while start < end_of_text:
+        end = text.find("\n", start + SPLIT_CHUNK)
+        if end < 0:
+            end = end_of_text
+        for line in text[start:end].split("\n"):
+            if not line:
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ProtocolError(f"UAPI answer line without '=': {line[:40]!r}")
+            yield key, value
+        start = end + 1
 
 
 def answer_errno(text: str) -> int:
