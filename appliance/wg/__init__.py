@@ -21,12 +21,12 @@ from .errors import (
     WgError,
 )
 from .factory import BACKENDS, choose_backend, create_device, ensure_device, open_device
-from .model import DeviceDump, DeviceInfo, Endpoint, Peer, PeerConfig
+from .model import DeviceDump, DeviceInfo, Endpoint, Peer, PeerActivity, PeerConfig
 from .uapi import start_wireguard_go, stop_wireguard_go
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "DeviceDump", "DeviceInfo", "DeviceTimeout", "Endpoint",
     "InterfaceExists", "InterfaceMissing", "InvalidConfig", "NotWireGuard", "PermissionDenied",
-    "Peer", "PeerConfig", "ProtocolError", "WgDevice", "WgError", "choose_backend",
+    "Peer", "PeerActivity", "PeerConfig", "ProtocolError", "WgDevice", "WgError", "choose_backend",
     "create_device", "ensure_device", "open_device", "start_wireguard_go", "stop_wireguard_go",
 ]

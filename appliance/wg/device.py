@@ -11,7 +11,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from .errors import InvalidConfig
-from .model import DeviceDump, DeviceInfo, Endpoint, Peer, PeerConfig, check_key
+from .model import (
+    DeviceDump,
+    DeviceInfo,
+    Endpoint,
+    Peer,
+    PeerActivity,
+    PeerConfig,
+    check_key,
+)
 
 # Linux's IFNAMSIZ is 16 including the terminating NUL.
 IFNAME_MAX = 15
@@ -57,6 +65,13 @@ class WgDevice(ABC):
 
     def peers(self) -> list[Peer]:
         return list(self.dump().peers)
+
+    def activity(self) -> list[PeerActivity]:
+        """Every peer's key, latest handshake, received bytes and keepalive, in one read.
+        Backends override it where they can skip the rest (allowed IPs above all)."""
+        return [PeerActivity(p.public_key,
+                             p.last_handshake.timestamp() if p.last_handshake else None,
+                             p.rx_bytes, p.persistent_keepalive) for p in self.peers()]
 
     # -- writing ----------------------------------------------------------------
 

@@ -147,6 +147,20 @@ class Peer:
     tx_bytes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PeerActivity:
+    """The few fields of a peer that housekeeping reads every few seconds.
+
+    A gateway's eviction pass and handshake check read every peer; a full Peer
+    (addresses parsed into objects) costs several times the time and memory.
+    """
+
+    public_key: str
+    last_handshake: float | None  # Unix time; None until the first handshake
+    rx_bytes: int
+    persistent_keepalive: int
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """The interface itself. private_key is None when the device does not reveal it

@@ -30,7 +30,7 @@ from .errors import (
     ProtocolError,
     WgError,
 )
-from .model import DeviceDump, IPInterface, PeerConfig, check_key
+from .model import DeviceDump, IPInterface, PeerActivity, PeerConfig, check_key
 
 UAPI_DIR = Path("/var/run/wireguard")
 # wireguard-go refuses to start where it believes the kernel has WireGuard.
@@ -166,6 +166,10 @@ class UapiDevice(WgDevice):
         if self._dialect is None and result.info.private_key is not None:
             self._dialect = proto.WIREGUARD_GO
         return result
+
+    def activity(self) -> list[PeerActivity]:
+        answer = self.transact(proto.GET_REQUEST, "get")
+        return proto.parse_activity(answer, self.ifname, now=time.time())
 
     def dialect(self) -> str:
         """wireguard-go or boringtun, told by the first line of a get (cheap even with

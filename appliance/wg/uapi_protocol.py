@@ -30,6 +30,7 @@ from .model import (
     DeviceInfo,
     Endpoint,
     Peer,
+    PeerActivity,
     PeerConfig,
     parse_network,
 )
@@ -228,6 +229,46 @@ def parse_get(text: str, ifname: str, *, now: datetime | None = None) -> DeviceD
              last_handshake=handshake_time(p.hs_sec, p.hs_nsec, dialect, now),
              rx_bytes=p.rx, tx_bytes=p.tx)
         for p in peers))
+
+
+def parse_activity(text: str, ifname: str, *, now: float) -> list[PeerActivity]:
+    """Only what housekeeping needs from a `get=1` answer (see PeerActivity):
+    addresses, endpoints and keys other than the peer's own are skipped.
+    `now` (Unix time) is when it was read, for boringtun's relative times."""
+    check_errno(text, "get", ifname)
+    rows: list[list] = []  # [public key, sec, nsec, rx, keepalive]
+    cur: list | None = None
+    boringtun = versioned = False
+    for key, value in split_lines(text):
+        if key == "public_key":
+            cur = [hex_to_b64(value, key), None, 0, 0, 0]
+            rows.append(cur)
+        elif key == "errno":
+            break
+        elif cur is None:
+            boringtun = boringtun or key == "own_public_key"
+        elif key == "last_handshake_time_sec":
+            cur[1] = _int(key, value)
+        elif key == "last_handshake_time_nsec":
+            cur[2] = _int(key, value)
+        elif key == "rx_bytes":
+            cur[3] = _int(key, value)
+        elif key == "persistent_keepalive_interval":
+            cur[4] = _int(key, value)
+        elif key == "protocol_version":
+            versioned = True
+    dialect = BORINGTUN if boringtun else WIREGUARD_GO if versioned else None
+    out = []
+    for public, sec, nsec, rx, keepalive in rows:
+        # The same rules as handshake_time, in seconds.
+        if sec is None or (sec == 0 and nsec == 0 and dialect != BORINGTUN):
+            handshake = None
+        elif dialect == BORINGTUN or (dialect is None and sec < _EPOCH_PLAUSIBLE):
+            handshake = now - sec - nsec / 1e9
+        else:
+            handshake = sec + nsec / 1e9
+        out.append(PeerActivity(public, handshake, rx, keepalive))
+    return out
 
 
 def detect_dialect(has_own_public_key: bool, peers: list[_PeerFields]) -> str | None:
