@@ -36,9 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from appliance.wg.uapi import open_uapi  # noqa: E402
 from lab import client as lab_client  # noqa: E402
 from lab import gateway as lab_gateway  # noqa: E402
@@ -167,9 +164,7 @@ def clear_peers(g: Gateway) -> int:
 
 def stop_daemon(lab: Lab, g: Gateway) -> None:
     if g.daemon_pid and procs.alive(g.daemon_pid) and procs.in_netns(g.daemon_pid, g.ns):
-        procs.stop([(g.daemon_pid, signal.SIGTERM)], grace=10.0)
-    g.daemon_pid = 0
-    lab.state.save()
+        lab.stop_daemon(g.name)
 
 
 def wipe_daemon_state(lab: Lab, g: Gateway) -> None:
@@ -218,13 +213,10 @@ def restart_daemon_empty(lab: Lab, g: Gateway,
 
 def gateway_metrics(lab: Lab, g: Gateway) -> dict[str, float]:
     """The daemon's /metrics as {'name{label="v"}': value} (samples, not families)."""
-    w = lab.worker(g.name)
-    text = w.call(requests.get, f"http://{g.metrics}/metrics", timeout=5).text
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    for (name, labels), value in lab.metrics(g.name).samples.items():
+        text = ",".join(f'{k}="{v}"' for k, v in sorted(labels))
+        out[f"{name}{{{text}}}" if text else name] = value
     return out
 
 
