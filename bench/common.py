@@ -3,9 +3,11 @@
 - `lab_running(spec)`: a namespace lab that is torn down on return, exception,
   Ctrl-C or SIGTERM.
 - `Pinger`: ICMP echo from many lab clients at once, from this one process, so a
-  herd really starts together (one `ping` process per client would spread the
-  start over the second it takes to spawn them on a 2-core machine). Replies are
-  stamped by the kernel (SO_TIMESTAMPNS), sends just before sendto().
+  herd starts as close together as the CPU allows (one `ping` process per client
+  would spread the start over the second it takes to spawn them on a 2-core
+  machine; what is left is each woken wireguard-go building its initiation, and
+  the herd bench reports that spread). Replies are stamped by the kernel
+  (SO_TIMESTAMPNS), sends just before sendto().
 - `InitiationCapture`: tcpdump on the lab's router, to count handshake initiations
   and see when the first one of each client crossed the wire.
 - gateway daemon control for the benches that restart it with other settings,
