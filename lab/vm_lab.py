@@ -341,6 +341,10 @@ class VMLab:
     def pyinfra(self, args: list[str], *, env: dict[str, str] | None = None,
                 timeout: float = 1800) -> subprocess.CompletedProcess[str]:
         """`pyinfra inventory/lab.py ARGS` from the bridge namespace, in the checkout."""
+        # The bridge namespace has no route to the package index: the wheels the deploy
+        # uploads are built (or found in the cache) out here first.
+        from wgjit_deploy.wheels import wheelhouse
+        wheelhouse()
         pyinfra = Path(sys.executable).with_name("pyinfra")
         full_env = {**os.environ, **self.deploy_env(), **(env or {}), "PYINFRA_PROGRESS": "off"}
         return subprocess.run(["ip", "netns", "exec", self.net, str(pyinfra),
@@ -423,3 +427,40 @@ def main_status(prefix: str) -> str:
         lines.append(f"  {v.name:10} {v.address4:15} {','.join(v.roles):16} {alive} "
                      f"(pid {v.pid}, console {v.console_log})")
     return "\n".join(lines)
+
+
+def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dict]]]:
+    """pyinfra inventory groups for a running VM lab ($WGJIT_VM_LAB, or the only one).
+
+    Hosts are named as in the fleet (registry, gw1, ...); SSH goes to their lab
+    address as root with the lab's key, from the bridge namespace.
+    """
+    prefix = prefix or os.environ.get("WGJIT_VM_LAB")
+    if not prefix:
+        labs = list_vm_labs()
+        if len(labs) != 1:
+            raise LabError("set WGJIT_VM_LAB to the VM lab's prefix "
+                           f"(running: {', '.join(labs) or 'none'})")
+        prefix = labs[0]
+    st = VMLabState.load(prefix)
+    hosts = [fleet.FleetHost(v.name, tuple(v.roles), v.address4, v.tunnel4) for v in st.vms]
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    gateways = [v for v in st.vms if "gateway" in v.roles]
+    for v in st.vms:
+        data: dict = {
+            "ssh_hostname": v.address4, "ssh_user": "root", "ssh_key": st.ssh_key,
+            "ssh_known_hosts_file": "/dev/null", "ssh_strict_host_key_checking": "off",
+            "ssh_allow_agent": False, "ssh_look_for_keys": False,
+            # The image has every package; the VMs have no route to a mirror.
+            "apt_update": False,
+            "registry_url": fleet.registry_url(hosts),
+        }
+        if "gateway" in v.roles:
+            n = 1 + gateways.index(v)
+            data["wg_address"] = list(addressing.gateway_tunnel(n))
+            # Quick eviction, so tests see it within minutes (see design.md on why
+            # production keeps it above 180 s).
+            data.update(idle_timeout=20, evict_interval=5)
+        for group in fleet.FleetHost(v.name, tuple(v.roles), v.address4).groups:
+            groups.setdefault(group, []).append((v.name, data))
+    return groups

@@ -1,0 +1,29 @@
+"""The wgjit fleet deploy: `pyinfra INVENTORY deploy.py` (see README, "Deploy").
+
+A host's roles come from its inventory groups: `registry`, `gateways`, `clients`.
+Tokens come from the operator's environment (WGJIT_ADMIN_TOKEN[_FILE],
+WGJIT_GATEWAY_TOKEN[_FILE]), never from git.
+"""
+
+from pyinfra import host
+
+from wgjit_deploy.appliance import install_appliance, release_path
+from wgjit_deploy.client import client_role
+from wgjit_deploy.gateway import gateway_role
+from wgjit_deploy.operations import barrier
+from wgjit_deploy.registry import registry_role
+
+roles = [role for role, group in (("registry", "registry"), ("gateway", "gateways"),
+                                  ("client", "clients")) if group in host.groups]
+if {"registry", "gateway"} & set(roles):
+    install_appliance(roles)
+if "registry" in roles:
+    registry_role(release_path())
+# Gateways check their token against a registry that must be up and know it.
+barrier(name="registry ready")
+if "gateway" in roles:
+    gateway_role(release_path())
+# Clients need their gateway's public key, printed when the gateway was deployed.
+barrier(name="gateways ready")
+if "client" in roles:
+    client_role()

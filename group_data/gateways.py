@@ -1,0 +1,9 @@
+# Gateway hosts: kernel WireGuard interface + `wgjit gateway run` (netlink backend).
+wg_interface = "wgjit0"
+wg_listen_port = 51820
+wg_backend = "netlink"
+metrics_listen = "127.0.0.1:9587"
+# See design.md "Defaults that matter": keep the idle timeout above 180 s in production.
+idle_timeout = 300
+evict_interval = 30
+handshake_grace = 15

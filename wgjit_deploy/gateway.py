@@ -1,0 +1,75 @@
+"""The gateway role: a kernel WireGuard interface and `wgjit gateway run` under systemd.
+
+Order matters for "a failed step leaves the old version running": the new gateway
+token is checked against the registry before it replaces the live one, and nothing
+is restarted until every file is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from wgjit_deploy import paths, secrets
+from wgjit_deploy.operations import public_key, secret_file, wait_healthy, wireguard_private_key
+
+WG_UNIT = "wgjit-wireguard.service"
+UNIT = "wgjit-gateway.service"
+
+
+@deploy("wgjit gateway")
+def gateway_role(release: str) -> None:
+    user = paths.GATEWAY_USER
+    data = host.data
+    registry_url = data.get("registry_url")
+    if not registry_url:
+        raise ValueError(f"{host.name}: host data registry_url is not set (inventory)")
+    ifname = data.get("wg_interface", "wgjit0")
+    metrics = data.get("metrics_listen", "127.0.0.1:9587")
+    server.user(name=f"system user {user}", user=user, system=True,
+                home=paths.GATEWAY_STATE, shell="/usr/sbin/nologin", create_home=False)
+    token = secret_file(
+        name=f"{paths.GATEWAY_TOKEN} (checked against the registry first)",
+        path=paths.GATEWAY_TOKEN,
+        value=secrets.token("gateway", data.get("gateway_token_file")), user=user, group=user,
+        verify=f"{paths.LIBEXEC}/check-registry-token {shlex.quote(registry_url)} {{path}}")
+    key = wireguard_private_key(name=f"{paths.GATEWAY_KEY} (made here, never copied)",
+                                path=paths.GATEWAY_KEY, user="root", group="root")
+    public_key(name="gateway public key", private_key=paths.GATEWAY_KEY, host_name=host.name,
+               local_dir=os.environ.get("WGJIT_PUBKEY_DIR") or data.get("pubkey_dir"))
+    conf = files.template(
+        name=paths.GATEWAY_CONFIG, src=str(paths.TEMPLATES / "gateway.toml.j2"),
+        dest=paths.GATEWAY_CONFIG, user="root", group="root", mode="644",
+        ifname=ifname, registry_url=registry_url, token_file=paths.GATEWAY_TOKEN,
+        state_dir=paths.GATEWAY_STATE, backend=data.get("wg_backend", "netlink"),
+        listen_port=data.get("wg_listen_port", 51820), metrics_listen=metrics,
+        idle_timeout=data.get("idle_timeout", 300), evict_interval=data.get("evict_interval", 30),
+        handshake_grace=data.get("handshake_grace", 15),
+        capture_interfaces=data.get("capture_interfaces", []))
+    wg_unit = files.template(
+        name=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", src=str(paths.TEMPLATES / f"{WG_UNIT}.j2"),
+        dest=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", user="root", group="root", mode="644",
+        ifname=ifname, listen_port=data.get("wg_listen_port", 51820),
+        private_key=paths.GATEWAY_KEY, addresses=data.get("wg_address", []))
+    unit = files.template(
+        name=f"{paths.SYSTEMD_DIR}/{UNIT}", src=str(paths.TEMPLATES / f"{UNIT}.j2"),
+        dest=f"{paths.SYSTEMD_DIR}/{UNIT}", user="root", group="root", mode="644",
+        service_user=user, release=release, config=paths.GATEWAY_CONFIG,
+        state_dir_name=paths.GATEWAY_STATE.rsplit("/", 1)[1])
+    systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(wg_unit, unit))
+    # A new interface drops every installed peer; the gateway puts back, just in
+    # time, those that are still talking.
+    systemd.service(name=f"restart {WG_UNIT}", service=WG_UNIT, restarted=True,
+                    _if=any_changed(wg_unit, key))
+    systemd.service(name=f"{WG_UNIT} enabled and running", service=WG_UNIT, running=True,
+                    enabled=True)
+    changed = any_changed(wg_unit, unit, conf, token, key)
+    systemd.service(name=f"restart {UNIT}", service=UNIT, restarted=True, _if=changed)
+    systemd.service(name=f"{UNIT} enabled and running", service=UNIT, running=True,
+                    enabled=True)
+    wait_healthy(name="gateway healthy", url=f"http://{metrics}/healthz", _if=changed)

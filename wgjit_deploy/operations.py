@@ -1,0 +1,120 @@
+"""The deploy's own operations: each yields commands only when the host differs.
+
+pyinfra's built-in operations cover packages, users, files and units; these cover
+what is particular to wgjit: an offline venv per release, a key generated on the
+host, secrets replaced only after they were checked, tokens imported into the
+registry, and printing the gateway's public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host, logger
+from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.facts.files import File, Sha1File
+
+from wgjit_deploy.facts import RegistryTokenIds, WireGuardPublicKey
+from wgjit_deploy.secrets import token_id
+
+q = shlex.quote
+
+
+@operation()
+def venv_release(path: str, archive: str, requirement: str, python: str = "python3"):
+    """A venv at `path` with `requirement` installed from a tar of wheels, offline.
+
+    A release is built once and never changed (`.complete` marks a finished one), so
+    a running service keeps its files while the next release is built beside it.
+    """
+    if host.get_fact(File, path=f"{path}/.complete"):
+        return
+    p, wheels = q(path), q(f"{path}.wheels")
+    yield (f"rm -rf {p} {wheels} && mkdir -p {wheels} && tar -xf {q(archive)} -C {wheels} && "
+           f"{q(python)} -m venv {p} && {p}/bin/pip install --quiet --no-index "
+           f"--disable-pip-version-check --find-links {wheels} {q(requirement)} && "
+           f"rm -rf {wheels} && touch {p}/.complete")
+
+
+@operation()
+def wireguard_private_key(path: str, user: str, group: str):
+    """Generate a WireGuard private key on the host, 0600 for `user`, unless one exists.
+
+    The key is made by `wg genkey` on the host and never leaves it.
+    """
+    if host.get_fact(File, path=path):
+        return
+    tmp = q(f"{path}.new")
+    yield (f"umask 077 && wg genkey > {tmp} && chown {q(user)}:{q(group)} {tmp} && "
+           f"mv -f {tmp} {q(path)}")
+
+
+@operation()
+def public_key(private_key: str, host_name: str, local_dir: str | None = None):
+    """Print the public key of `private_key` (and keep it in local_dir/<name>.pub).
+
+    Changes nothing on the host, so it never counts as a change.
+    """
+    key = host.get_fact(WireGuardPublicKey, path=private_key)
+    if key and host.state.is_executing:
+        logger.info(f"{host.print_prefix}WireGuard public key of {host_name}: {key}")
+        if local_dir:
+            out = Path(local_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{host_name}.pub").write_text(key + "\n")
+    yield from ()
+
+
+@operation()
+def secret_file(path: str, value: str, user: str, group: str, verify: str | None = None):
+    """A 0600 file holding `value`, owned by user:group, replaced only when it differs.
+
+    The new content goes to `path.new` first (created 0600 before anything is written
+    into it); `verify`, a command with {path} in it, must accept that file before it
+    replaces the live one. A failed check fails the deploy and leaves the old file.
+    """
+    content = value.strip() + "\n"
+    info = host.get_fact(File, path=path)
+    if (info and host.get_fact(Sha1File, path=path) == hashlib.sha1(content.encode()).hexdigest()
+            and info.get("user") == user and info.get("group") == group
+            and info.get("mode") == 600):
+        return
+    new = f"{path}.new"
+    yield StringCommand("install", "-m", "0600", "-o", user, "-g", group, "/dev/null", q(new))
+    yield FileUploadCommand(StringIO(content), new)
+    if verify:
+        yield f"{verify.format(path=q(new))} || {{ rm -f {q(new)}; exit 1; }}"
+    yield f"mv -f {q(new)} {q(path)}"
+
+
+@operation()
+def registry_token(wgjit: str, db: str, user: str, scope: str, token: str, token_name: str):
+    """The registry database holds `token` (its hash) with `scope`; import it if not.
+
+    The token travels in a 0600 file that only exists during the import.
+    """
+    if token_id(token) in host.get_fact(RegistryTokenIds, wgjit=wgjit, db=db, user=user):
+        return
+    tmp = f"/run/wgjit-import-{token_name}.token"
+    yield StringCommand("install", "-m", "0600", "-o", user, "/dev/null", tmp)
+    yield FileUploadCommand(StringIO(token.strip() + "\n"), tmp)
+    yield (f"runuser -u {q(user)} -- {q(wgjit)} token import --db {q(db)} --scope {q(scope)} "
+           f"--name {q(token_name)} --token-file {tmp}; rc=$?; rm -f {tmp}; exit $rc")
+
+
+@operation()
+def wait_healthy(url: str, seconds: int = 120, helper: str = "/opt/wgjit/libexec/wait-healthy"):
+    """Fail the deploy unless `url` answers 200 within `seconds` (use after a restart)."""
+    yield StringCommand(helper, q(url), str(seconds))
+
+
+@operation()
+def barrier():
+    """Every host runs this at the same point of deploy.py: no host's later operations
+    start before every host's earlier ones finished (pyinfra orders operations per host;
+    a shared operation joins the hosts' chains). Changes nothing.
+    """
+    yield from ()

@@ -1,0 +1,34 @@
+"""Where things live on a target host: one place, so units, configs and checks agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREFIX = "/opt/wgjit"
+RELEASES = f"{PREFIX}/releases"
+LIBEXEC = f"{PREFIX}/libexec"
+WHEELS_ARCHIVE = f"{PREFIX}/wheels.tar"
+CONFIG_DIR = "/etc/wgjit"
+SYSTEMD_DIR = "/etc/systemd/system"
+
+REGISTRY_USER = "wgjit-registry"
+REGISTRY_STATE = "/var/lib/wgjit-registry"
+REGISTRY_CONFIG = f"{CONFIG_DIR}/registry.toml"
+REGISTRY_DB = f"{REGISTRY_STATE}/registry.db"
+
+GATEWAY_USER = "wgjit-gateway"
+GATEWAY_STATE = "/var/lib/wgjit-gateway"
+GATEWAY_CONFIG = f"{CONFIG_DIR}/gateway.toml"
+GATEWAY_TOKEN = f"{CONFIG_DIR}/gateway.token"
+GATEWAY_KEY = f"{CONFIG_DIR}/gateway.key"
+
+CLIENT_KEY = "/etc/wireguard/wgjit.key"
+
+# On the controller: the deploy's own files.
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+FILES = HERE / "files"
+
+
+def release(key: str) -> str:
+    return f"{RELEASES}/{key}"

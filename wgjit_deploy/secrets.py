@@ -1,0 +1,42 @@
+"""The operator's secrets for a deploy: API tokens, never stored in git.
+
+Each comes from the environment, as the token itself (WGJIT_ADMIN_TOKEN) or as a
+file outside the checkout (WGJIT_ADMIN_TOKEN_FILE), or from host data naming such
+a file. Values are wrapped in pyinfra's HiddenValue where they reach a command, so
+pyinfra's output shows *MASKED* (they only ever travel inside uploaded files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pyinfra.api.exceptions import DeployError
+
+from appliance.secrets import SecretFileError, read_secret
+
+TOKENS = {"admin": "WGJIT_ADMIN_TOKEN", "gateway": "WGJIT_GATEWAY_TOKEN"}
+
+
+def token(scope: str, data_file: str | None = None) -> str:
+    """The operator's `scope` token; a DeployError says how to provide a missing one."""
+    var = TOKENS[scope]
+    if os.environ.get(var):
+        return os.environ[var].strip()
+    path = os.environ.get(f"{var}_FILE") or data_file
+    if not path:
+        raise DeployError(
+            f"no {scope} token: set {var} or {var}_FILE (a 0600 file outside git); "
+            "`wgjit token generate --output FILE` makes one")
+    try:
+        return read_secret(Path(path).expanduser(), what=f"{scope} token")
+    except SecretFileError as e:
+        raise DeployError(str(e)) from e
+
+
+def token_id(value: str) -> str:
+    """The public half of a token (`wgj_<id>_<secret>`), what `wgjit token list` shows."""
+    parts = value.split("_", 2)
+    if len(parts) != 3 or parts[0] != "wgj" or not parts[1]:
+        raise DeployError("a token must look like wgj_<id>_<secret>")
+    return parts[1]
