@@ -15,7 +15,8 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -192,8 +193,40 @@ class UapiDevice(WgDevice):
         return proto.parse_get(head.decode(errors="replace"), self.ifname).info
 
     def activity(self) -> list[PeerActivity]:
-        answer = self.transact(proto.GET_REQUEST, "get")
-        return proto.parse_activity(answer, self.ifname, now=time.time())
+        # The answer is read at once, as raw chunks (wireguard-go holds its
+        # configuration lock until the last byte is read, and installs wait on
+        # it), then parsed chunk by chunk, each freed once parsed: the whole
+        # answer is never held twice (bytes and text), which at 50,000 peers
+        # is ~30 MB less at the peak.
+        with self._connect() as s:
+            try:
+                s.sendall(proto.GET_REQUEST)
+            except OSError as e:
+                raise ProtocolError(f"{self.ifname}: sending get: {e}",
+                                    ifname=self.ifname) from e
+            chunks = self._read_chunks(s, "get")
+        return proto.activity_from_lines(_chunk_lines(chunks), self.ifname, now=time.time())
+
+    def _read_chunks(self, s: socket.socket, what: str) -> deque[bytes]:
+        """A whole answer (up to and including its blank line) as received."""
+        chunks: deque[bytes] = deque()
+        tail = b""
+        while True:
+            try:
+                chunk = s.recv(_READ_CHUNK)
+            except TimeoutError as e:
+                raise DeviceTimeout(f"{self.ifname}: no complete answer to {what} within "
+                                    f"{self.timeout}s", ifname=self.ifname) from e
+            except OSError as e:
+                raise ProtocolError(f"{self.ifname}: reading the answer to {what}: {e}",
+                                    ifname=self.ifname) from e
+            if not chunk:
+                raise ProtocolError(f"{self.ifname}: the device closed the connection before "
+                                    f"answering {what} completely", ifname=self.ifname)
+            chunks.append(chunk)
+            tail = (tail + chunk)[-2:]
+            if tail == b"\n\n":  # an answer has no blank line before its end
+                return chunks
 
     def dialect(self) -> str:
         """wireguard-go or boringtun, told by the first line of a get (cheap even with
@@ -247,6 +280,18 @@ class UapiDevice(WgDevice):
             chunk = keys[i:i + step]
             lines = [line for k in chunk for line in proto.encode_remove(k)]
             self._set(lines, f"removing {len(chunk)} peer(s)")
+
+
+def _chunk_lines(chunks: deque[bytes]) -> Iterator[tuple[str, str]]:
+    """(key, value) per line of an answer held as chunks, freeing each chunk once split."""
+    rest = ""
+    while chunks:
+        lines = (rest + chunks.popleft().decode(errors="replace")).split("\n")
+        rest = lines.pop()
+        for line in lines:
+            if not line:
+                return
+            yield proto.key_value(line)
 
 
 # -- starting wireguard-go ------------------------------------------------------------

@@ -116,13 +116,16 @@ def split_lines(text: str) -> Iterator[tuple[str, str]]:
         if end < 0:
             end = end_of_text
         for line in text[start:end].split("\n"):
-            if not line:
-                continue
-            key, sep, value = line.partition("=")
-            if not sep:
-                raise ProtocolError(f"UAPI answer line without '=': {line[:40]!r}")
-            yield key, value
+            if line:
+                yield key_value(line)
         start = end + 1
+
+
+def key_value(line: str) -> tuple[str, str]:
+    key, sep, value = line.partition("=")
+    if not sep:
+        raise ProtocolError(f"UAPI answer line without '=': {line[:40]!r}")
+    return key, value
 
 
 def answer_errno(text: str) -> int:
@@ -235,15 +238,25 @@ def parse_activity(text: str, ifname: str, *, now: float) -> list[PeerActivity]:
     """Only what housekeeping needs from a `get=1` answer (see PeerActivity):
     addresses, endpoints and keys other than the peer's own are skipped.
     `now` (Unix time) is when it was read, for boringtun's relative times."""
-    check_errno(text, "get", ifname)
+    return activity_from_lines(split_lines(text), ifname, now=now)
+
+
+def activity_from_lines(lines: Iterable[tuple[str, str]], ifname: str, *,
+                        now: float) -> list[PeerActivity]:
+    """parse_activity over (key, value) lines as they arrive; stops at errno."""
     rows: list[list] = []  # [public key, sec, nsec, rx, keepalive]
     cur: list | None = None
-    boringtun = versioned = False
-    for key, value in split_lines(text):
+    boringtun = versioned = ended = False
+    for key, value in lines:
         if key == "public_key":
             cur = [hex_to_b64(value, key), None, 0, 0, 0]
             rows.append(cur)
         elif key == "errno":
+            code = abs(_int(key, value))
+            if code:
+                raise ProtocolError(f"{ifname}: the device rejected get: {errno_text(code)}",
+                                    ifname=ifname, errno=code)
+            ended = True
             break
         elif cur is None:
             boringtun = boringtun or key == "own_public_key"
@@ -257,6 +270,9 @@ def parse_activity(text: str, ifname: str, *, now: float) -> list[PeerActivity]:
             cur[4] = _int(key, value)
         elif key == "protocol_version":
             versioned = True
+    if not ended:
+        raise ProtocolError(f"{ifname}: UAPI answer to get does not end with errno=",
+                            ifname=ifname)
     dialect = BORINGTUN if boringtun else WIREGUARD_GO if versioned else None
     out = []
     for public, sec, nsec, rx, keepalive in rows:

@@ -14,6 +14,12 @@ from appliance.keys import encode_key
 from appliance.wg import PeerActivity
 from appliance.wg import uapi_protocol as proto
 from appliance.wg.errors import ProtocolError
+from tests.unit.test_wg_uapi import (
+    BORINGTUN_GET,
+    PEER_HEX,
+    WIREGUARD_GO_GET,
+    daemon,  # noqa: F401 - the fixture
+)
 
 NOW = 1_790_000_000.5
 
@@ -94,3 +100,33 @@ def test_activity_of_a_big_answer_spans_split_chunks(monkeypatch: pytest.MonkeyP
     got = proto.parse_activity(text, "wg0", now=NOW)
     assert [p.rx_bytes for p in got] == list(range(200))
     assert got == from_full(text)
+
+
+# -- over a socket: the fake daemon of test_wg_uapi -----------------------------------
+
+
+@pytest.mark.parametrize("text", [WIREGUARD_GO_GET, BORINGTUN_GET,
+                                  f"public_key={PEER_HEX}\nrx_bytes=1\nerrno=0\n\n",
+                                  "listen_port=7\nerrno=0\n\n"],
+                         ids=["wireguard-go", "boringtun", "no-device-lines", "no-peers"])
+def test_info_reads_only_the_device_section(daemon, text: str) -> None:  # noqa: F811
+    _, dev = daemon(lambda req: text)
+    full = proto.parse_get(text, "wgfake").info
+    assert dev.info() == full
+
+
+def test_activity_over_the_socket(daemon) -> None:  # noqa: F811
+    big = answer([f"private_key={hexkey()}"],
+                 [peer_lines(sec=1_789_999_000 + i, rx=i) for i in range(3000)])  # > 64 KiB
+    _, dev = daemon(lambda req: big)
+    got = dev.activity()
+    assert [p.rx_bytes for p in got] == list(range(3000))
+    assert [p.public_key for p in got] == [p.public_key for p in from_full(big)]
+
+
+@pytest.mark.parametrize("reply", ["errno=-22\n\n", f"public_key={PEER_HEX}\nrx_bytes=1\n"],
+                         ids=["device-error", "cut-short"])
+def test_activity_over_the_socket_fails_loudly(daemon, reply: str) -> None:  # noqa: F811
+    _, dev = daemon(lambda req: reply)
+    with pytest.raises(ProtocolError):
+        dev.activity()
