@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
 MAX_PENDING = 1024  # lookups queued or running; beyond this initiations are dropped
+# The handshake check's period: at least this, at most that, and else this many
+# times what its device read costs (so it spends at most 1/factor of the time).
 HANDSHAKE_CHECK_MIN = 0.1
+HANDSHAKE_CHECK_MAX = 5.0  # well before the 25 s trigger keepalive fires twice
+HANDSHAKE_CHECK_COST_FACTOR = 5.0
 SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
 
 
@@ -103,6 +107,9 @@ class Gateway:
         self._stop = threading.Event()
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
+        # Whole-device reads, one at a time: each holds every peer in memory
+        # (~40 MB at 50,000), and two at once would double the daemon's peak.
+        self._device_read = threading.Lock()
         self.device: WgDevice | None = None
         self.capture: Capture | None = None
         self._threads: list[threading.Thread] = []
@@ -171,6 +178,7 @@ class Gateway:
         self.jobs.every("evict", s.evict_interval, self.evict_pass)
         self.jobs.every("feed", s.feed_interval, self.feed.poll, now=True)
         # Short period: a crossed handshake is broken only when this job sees it.
+        # check_handshakes lengthens it when reading the device gets expensive.
         self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
         self.jobs.every("cache_expire", 300, self.cache.expire)
         self.jobs.start()
@@ -330,7 +338,8 @@ class Gateway:
 
     def evict_pass(self) -> dict:
         try:
-            return self.evictor.run_pass()
+            with self._device_read:
+                return self.evictor.run_pass()
         except WgError as e:
             log.error("eviction pass: device error: %s", e)
             return {}
@@ -339,10 +348,22 @@ class Gateway:
         pending = self.installer.pending_triggers()
         if not pending:
             return
-        wanted = set(pending)
+        # An eviction pass is reading (or just read) every peer: wait for the next tick.
+        if not self._device_read.acquire(blocking=False):
+            return
+        try:  # held until the copy is dropped, so that no second one can coexist
+            started = time.monotonic()
+            peers = self.device.activity()
+            now = time.monotonic()
+            self._pace_handshake_checks(now - started)
+            self._handshakes_seen(peers, set(pending), now)
+            del peers
+        finally:
+            self._device_read.release()
+
+    def _handshakes_seen(self, peers: list, wanted: set[str], now: float) -> None:
         done = []
-        now = time.monotonic()
-        for p in self.device.peers():
+        for p in peers:
             if p.public_key not in wanted:
                 continue
             if p.last_handshake is not None:
@@ -355,6 +376,21 @@ class Gateway:
             self.installer.handshake_done(done)
             for key in done:
                 events.emit("handshake_completed", public_key=key)
+
+    def _pace_handshake_checks(self, dump_seconds: float) -> None:
+        """Keep the whole-device reads of this job to a fraction of the time.
+
+        Reading 50,000 peers takes about a second (bench/evict.py), and
+        wireguard-go holds back installs while it answers; repeated every 0.1 s
+        while installs keep coming, it would take a core, the GIL the capture
+        needs and the device lock installs need. The period follows the cost,
+        so a large gateway breaks crossed handshakes a little later instead.
+        """
+        period = min(HANDSHAKE_CHECK_MAX,
+                     max(HANDSHAKE_CHECK_MIN, HANDSHAKE_CHECK_COST_FACTOR * dump_seconds))
+        current = self.jobs.period("handshakes")
+        if abs(period - current) > 0.25 * current:
+            self.jobs.reschedule("handshakes", round(period, 2))
 
     def _on_evict(self, key: str, reason: str) -> None:
         # A returning client must be able to come back with a fresh initiation

@@ -1,8 +1,8 @@
 """Eviction: take idle peers off the device; the next initiation brings them back.
 
 Under just-in-time provisioning eviction costs one pull and install on the
-client's return, so it can be aggressive. One pass reads the device once and
-removes, in batches:
+client's return, so it can be aggressive. One pass reads the device once (its
+cheap activity read: keys, handshakes, received bytes) and removes, in batches:
 - idle peers: nothing received from them for the idle timeout. Activity is
   the later of the latest handshake and the last pass that saw the peer's
   received bytes grow: the handshake alone is refreshed only every
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from appliance.gateway import events
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import EVICTION_REASONS, GatewayMetrics
-from appliance.wg import Peer
+from appliance.wg import PeerActivity
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Evictor:
         self._rx: dict[str, tuple[int, float]] = {}
         self.last_pass: dict = {}
 
-    def _last_active(self, p: Peer, now: float) -> float:
+    def _last_active(self, p: PeerActivity, now: float) -> float:
         """The later of the handshake and the last pass where rx_bytes grew.
 
         A peer seen for the first time counts as active now: after a restart
@@ -63,10 +63,9 @@ class Evictor:
         previous = self._rx.get(p.public_key)
         active = now if previous is None or p.rx_bytes != previous[0] else previous[1]
         self._rx[p.public_key] = (p.rx_bytes, active)
-        handshake = p.last_handshake.timestamp() if p.last_handshake else 0.0
-        return max(active, handshake)
+        return max(active, p.last_handshake or 0.0)
 
-    def choose(self, peers: list[Peer], now: float) -> dict[str, str]:
+    def choose(self, peers: list[PeerActivity], now: float) -> dict[str, str]:
         """key -> reason for every peer this pass should remove."""
         chosen: dict[str, str] = {}
         installed = self.installer.snapshot()
@@ -99,11 +98,11 @@ class Evictor:
     def run_pass(self) -> dict:
         started = time.monotonic()
         dumped_at = time.time()
-        peers = self.installer.device.peers()  # the pass's one read of the device
+        peers = self.installer.device.activity()  # the pass's one read of the device
         now = time.time()
-        # Peers put on the device by someone else (or before a restart) are ours now.
         present = {p.public_key for p in peers}
         self.installer.forget_missing(present, dumped_at)
+        # Peers put on the device by someone else are ours now.
         if any(key not in self.installer for key in present):
             for key in self.installer.adopt(peers):
                 events.emit("peer_adopted", public_key=key)

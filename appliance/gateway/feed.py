@@ -122,8 +122,11 @@ class FeedFollower:
             return
         self.cache.put(peer)
         # Unchanged peers are left alone: a reconcile of thousands must not
-        # rewrite (and log) every one of them.
-        if self.installer.differs(peer) and self.installer.update(peer):
+        # rewrite (and log) every one of them. An adopted peer's configuration is
+        # not known (see Installer.adopt): it is written once, without an event.
+        entry = self.installer.get(key)
+        known = entry is not None and entry.allowed_ips is not None
+        if self.installer.differs(peer) and self.installer.update(peer) and known:
             events.emit("peer_updated", public_key=key, allowed_ips=list(peer.allowed_ips))
 
     def reconcile(self, why: str) -> int:

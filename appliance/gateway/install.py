@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.gateway.pull import RegistryPeer
-from appliance.wg import Peer, PeerConfig, WgDevice
+from appliance.wg import PeerActivity, PeerConfig, WgDevice
 from appliance.wg.model import parse_network
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ RETRIGGER_AFTER = 0.3
 MAX_RETRIGGERS = 3
 
 
-@dataclass
+@dataclass(slots=True)  # one per installed peer: tens of thousands
 class Installed:
     public_key: str
     installed_at: float  # time.time()
@@ -40,7 +40,7 @@ class Installed:
     trigger_pending: bool = True
     adopted: bool = False
     tenant: str = ""
-    allowed_ips: tuple[str, ...] = field(default_factory=tuple)
+    allowed_ips: tuple[str, ...] | None = field(default_factory=tuple)  # None: unknown
     preshared_key: str | None = field(default=None, repr=False)
     triggered_at: float = 0.0  # time.monotonic() of the latest (re)install
     retriggers: int = 0
@@ -68,10 +68,14 @@ class Installer:
         with self._lock:
             return dict(self._peers)
 
-    def adopt(self, peers: list[Peer] | None = None) -> list[str]:
+    def adopt(self, peers: list[PeerActivity] | None = None) -> list[str]:
         """Take over the peers the device holds (a restart loses nothing); returns their keys.
 
-        `peers` is a dump the caller already has, so a pass reads the device once.
+        `peers` is a read the caller already has, so a pass reads the device once.
+        Only the cheap activity read is used: at 50,000 peers a full read would
+        double the daemon's memory. So an adopted peer's allowed IPs and preshared
+        key are unknown here; the feed checks adopted peers against the registry
+        and writes the registry's (see differs).
         A keepalive on an adopted peer is taken for a trigger we did not get to
         clear (killed between install and handshake): it stays pending, so the
         handshake check turns it off. Left on, it would make the device rekey
@@ -80,15 +84,13 @@ class Installer:
         now = time.time()
         adopted = []
         with self._lock:
-            for p in self.device.peers() if peers is None else peers:
+            for p in self.device.activity() if peers is None else peers:
                 if p.public_key in self._peers:
                     continue
                 # A peer that never handshook gets the full grace period from now.
                 self._peers[p.public_key] = Installed(
-                    p.public_key, now, str(p.endpoint) if p.endpoint else None,
-                    trigger_pending=p.persistent_keepalive > 0, adopted=True,
-                    allowed_ips=tuple(str(n) for n in p.allowed_ips),
-                    preshared_key=p.preshared_key)
+                    p.public_key, now, None, trigger_pending=p.persistent_keepalive > 0,
+                    adopted=True, allowed_ips=None)
                 adopted.append(p.public_key)
         return adopted
 
@@ -196,6 +198,8 @@ class Installer:
         entry = self._peers.get(peer.public_key)
         if entry is None:
             return False
+        if entry.allowed_ips is None:  # adopted: what the device holds is not known
+            return True
         return (_networks(entry.allowed_ips) != _networks(peer.allowed_ips)
                 or (entry.preshared_key or None) != (peer.preshared_key or None))
 

@@ -111,10 +111,10 @@ def test_idle_peer_goes_and_a_fresh_one_stays(dev: FakeDevice) -> None:
     dev.put(fresh, handshake=T0 - 10)
     inst.adopt()
     # First sight counts as activity (after a restart we cannot know better) ...
-    assert ev.choose(dev.peers(), T0) == {}
+    assert ev.choose(dev.activity(), T0) == {}
     # ... so the stale one goes one idle timeout later, the fresh one too by then.
-    assert ev.choose(dev.peers(), T0 + 59) == {}
-    assert ev.choose(dev.peers(), T0 + 61) == {stale: "idle", fresh: "idle"}
+    assert ev.choose(dev.activity(), T0 + 59) == {}
+    assert ev.choose(dev.activity(), T0 + 61) == {stale: "idle", fresh: "idle"}
 
 
 def test_received_bytes_keep_a_peer_between_handshakes(dev: FakeDevice) -> None:
@@ -127,13 +127,13 @@ def test_received_bytes_keep_a_peer_between_handshakes(dev: FakeDevice) -> None:
     inst.adopt()
     for t in range(0, 100, 10):
         dev.traffic(busy, 64)
-        chosen = ev.choose(dev.peers(), T0 + t)
+        chosen = ev.choose(dev.activity(), T0 + t)
         if quiet in chosen:
             break
     assert chosen == {quiet: "idle"}
     assert T0 + t - T0 > 30  # not before the timeout
     dev.traffic(busy, 64)
-    assert busy not in ev.choose(dev.peers(), T0 + 200)
+    assert busy not in ev.choose(dev.activity(), T0 + 200)
 
 
 def test_never_handshaken_after_grace_counts_from_install(dev: FakeDevice) -> None:
@@ -141,8 +141,8 @@ def test_never_handshaken_after_grace_counts_from_install(dev: FakeDevice) -> No
     k = key()
     inst.install(RegistryPeer(k, ("198.18.1.1/32",), None), "192.0.2.50:40000")
     at = inst.get(k).installed_at
-    assert ev.choose(dev.peers(), at + 14) == {}
-    assert ev.choose(dev.peers(), at + 16) == {k: "never_handshaken"}
+    assert ev.choose(dev.activity(), at + 14) == {}
+    assert ev.choose(dev.activity(), at + 16) == {k: "never_handshaken"}
 
 
 def test_cap_removes_the_least_recently_active_first(dev: FakeDevice) -> None:
@@ -151,10 +151,10 @@ def test_cap_removes_the_least_recently_active_first(dev: FakeDevice) -> None:
     for i, k in enumerate(keys):
         dev.put(k, handshake=T0 - 500 + i, rx=1)
     inst.adopt()
-    ev.choose(dev.peers(), T0 - 600)  # first sight, long ago
+    ev.choose(dev.activity(), T0 - 600)  # first sight, long ago
     for k in keys[2:]:
         dev.traffic(k, 1)  # the last three are active now
-    assert ev.choose(dev.peers(), T0) == {keys[0]: "cap", keys[1]: "cap"}
+    assert ev.choose(dev.activity(), T0) == {keys[0]: "cap", keys[1]: "cap"}
 
 
 def test_cap_counts_pending_installs_by_install_time(dev: FakeDevice) -> None:
@@ -162,11 +162,11 @@ def test_cap_counts_pending_installs_by_install_time(dev: FakeDevice) -> None:
     old = key()
     dev.put(old, handshake=T0 - 50, rx=1)
     inst.adopt()
-    ev.choose(dev.peers(), T0 - 50)
+    ev.choose(dev.activity(), T0 - 50)
     new = key()
     inst.install(RegistryPeer(new, ("198.18.1.2/32",), None), "192.0.2.50:40000")
     # The new install (no handshake yet, within grace) is more recent than the old peer.
-    assert ev.choose(dev.peers(), inst.get(new).installed_at + 1) == {old: "cap"}
+    assert ev.choose(dev.activity(), inst.get(new).installed_at + 1) == {old: "cap"}
 
 
 def test_a_pass_reads_once_removes_in_batches_and_reports(dev: FakeDevice) -> None:
@@ -191,12 +191,13 @@ def test_a_pass_reads_once_removes_in_batches_and_reports(dev: FakeDevice) -> No
     assert sample(metrics.installed) == 1
 
 
-def test_a_pass_adopts_from_its_own_dump(dev: FakeDevice) -> None:
+def test_a_pass_adopts_strangers_from_its_own_read(dev: FakeDevice) -> None:
     ev, inst, _ = make(dev)
     k = key()
     dev.put(k, handshake=T0)
     ev.run_pass()
     assert k in inst and inst.get(k).adopted
+    assert inst.get(k).allowed_ips is None  # not in the cheap read: the feed fills it in
     assert dev.dumps == 1
 
 
@@ -257,3 +258,7 @@ def test_differs_compares_normalised_networks_and_psk(dev: FakeDevice) -> None:
     assert inst.differs(RegistryPeer(k, ("198.18.1.4/32",), psk))
     assert inst.differs(RegistryPeer(k, ("198.18.1.4/32", "fd00::1:4/128"), None))
     assert not inst.differs(RegistryPeer(key(), ("198.18.1.9/32",), None))  # not installed
+    adopted = key()
+    dev.put(adopted)
+    inst.adopt()
+    assert inst.differs(RegistryPeer(adopted, (), None)), "unknown config is written once"

@@ -311,3 +311,19 @@ def test_adopted_checks_wait_out_a_registry_outage(w: World) -> None:
     w.reg.down = False
     w.feed.poll()
     assert k not in w.dev.table
+
+
+def test_an_adopted_peer_gets_the_registry_config_once_quietly(w: World, caplog) -> None:
+    w.feed.poll()
+    k = key()
+    w.reg.create(k, "198.18.1.7/32", "fd00::1:7/128")
+    w.dev.put(k)  # on the device with no allowed IPs (or stale ones)
+    w.restart()
+    w.feed.check_adopted(w.inst.adopt())
+    with caplog.at_level("INFO", logger="wgjit.events"):
+        w.feed.poll()
+        w.feed.poll()
+    assert {str(n) for n in w.dev.table[k].allowed_ips} == {"198.18.1.7/32", "fd00::1:7/128"}
+    assert w.inst.get(k).allowed_ips == ("198.18.1.7/32", "fd00::1:7/128")
+    assert not [r for r in caplog.records if r.getMessage() == "peer_updated"]
+    assert w.dev.removals == []
