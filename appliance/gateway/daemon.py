@@ -319,6 +319,13 @@ class Gateway:
                 self.metrics.install_errors.inc()
                 log.error("install of %s failed: %s", key, e)
                 return
+            if self.feed.removed_since(key, seen_at):
+                # Revoked while this pull was in flight: the feed may have removed
+                # the peer before our install, and our lookup cached the old answer.
+                self.cache.invalidate(key)
+                if installed and self.installer.remove([key]):
+                    self.evictor.removed_elsewhere(key, "revoked")
+                return
             if installed:
                 elapsed = time.time() - seen_at
                 self.metrics.installs.inc()

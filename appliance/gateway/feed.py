@@ -15,6 +15,8 @@ checked against the registry instead: a full reconcile.
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 
 from appliance.gateway import events
 from appliance.gateway.cache import PeerCache
@@ -26,6 +28,7 @@ from appliance.gateway.state import GatewayState
 log = logging.getLogger(__name__)
 
 ADOPTED_CHECKS_PER_POLL = 500
+REMEMBER_REMOVED = 600.0  # seconds; far longer than any pull can be in flight
 
 
 class FeedFollower:
@@ -42,6 +45,24 @@ class FeedFollower:
         # even when the cursor is fine, since the feed cannot speak for peers
         # it never saw installed (added by hand, or under another state dir).
         self._unchecked: set[str] = set()
+        self._removed: OrderedDict[str, float] = OrderedDict()  # key -> when, oldest first
+
+    def removed_since(self, key: str, since: float) -> bool:
+        """Did the feed revoke or delete `key` at or after `since` (time.time())?
+
+        A pull that began before a revocation may install the peer, or cache the
+        old answer, after the feed removed both: the daemon asks this once its
+        install is done and undoes it. Recording before removing leaves no gap.
+        """
+        at = self._removed.get(key)
+        return at is not None and at >= since
+
+    def _note_removed(self, key: str) -> None:
+        now = time.time()
+        self._removed[key] = now
+        self._removed.move_to_end(key)
+        while self._removed and next(iter(self._removed.values())) < now - REMEMBER_REMOVED:
+            self._removed.popitem(last=False)
 
     def check_adopted(self, keys: list[str]) -> None:
         """Have these adopted peers checked against the registry on the next polls."""
@@ -101,11 +122,13 @@ class FeedFollower:
     def apply(self, change: dict) -> None:
         key, op = change["public_key"], change["op"]
         if op in ("revoke", "delete"):
+            self._note_removed(key)  # before removing: see removed_since
             self.cache.invalidate(key)
             if self.installer.remove([key]):
                 self.on_removed(key, "revoked" if op == "revoke" else "deleted")
             return
         if op in ("create", "restore"):
+            self._removed.pop(key, None)
             self.cache.invalidate(key)
             return
         if op == "update":
@@ -117,6 +140,7 @@ class FeedFollower:
         try:
             peer = self.registry.peer(key)
         except PeerNotFound:
+            self._note_removed(key)
             if self.installer.remove([key]):
                 self.on_removed(key, "revoked")
             return

@@ -7,6 +7,7 @@ daemon and wireguard-go (revoke, restore, allowed-IP change, kill -9, outage).
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -327,3 +328,28 @@ def test_an_adopted_peer_gets_the_registry_config_once_quietly(w: World, caplog)
     assert w.inst.get(k).allowed_ips == ("198.18.1.7/32", "fd00::1:7/128")
     assert not [r for r in caplog.records if r.getMessage() == "peer_updated"]
     assert w.dev.removals == []
+
+
+def test_a_pull_in_flight_during_a_revocation_can_tell(w: World) -> None:
+    # The daemon asks removed_since(key, capture time) after its install: a pull that
+    # began before the revocation must undo what it did after the feed's removal.
+    a, other = key(), key()
+    w.reg.create(a)
+    w.reg.create(other)
+    w.feed.poll()
+    began = time.time()
+    w.reg.revoke(a)
+    w.feed.poll()
+    assert w.feed.removed_since(a, began)
+    assert not w.feed.removed_since(a, time.time() + 1)  # a pull that began later
+    assert not w.feed.removed_since(other, began)
+    w.reg.restore(a)
+    w.feed.poll()
+    assert not w.feed.removed_since(a, began), "restored: an install is legitimate again"
+    # A reconcile that finds a key gone counts too.
+    w.install(other)
+    w.reg.revoke(other)
+    w.reg.trim(w.reg.next_cursor)  # a gap: the revoke is only seen by the reconcile
+    w.reg.create(key())
+    w.feed.poll()
+    assert other not in w.dev.table and w.feed.removed_since(other, began)
