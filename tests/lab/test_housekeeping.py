@@ -87,7 +87,7 @@ def test_idle_client_is_evicted_and_returns_just_in_time(lab: Lab) -> None:
     # Not before the timeout (activity is counted per pass, so up to a pass late)...
     assert ev["ts"] - last_reply >= IDLE - EVICT_EVERY
     # ... and not much after it.
-    assert ev["ts"] - last_reply <= IDLE + 4 * EVICT_EVERY
+    assert ev["ts"] - last_reply <= IDLE + 2.5
     assert lab.client("c1").public_key not in installed(lab, GW)
     assert metric(lab, "wgjit_gateway_evictions_total", reason="idle") >= 1
 
@@ -221,6 +221,8 @@ def test_registry_unreachable_eviction_runs_and_revocation_catches_up(lab: Lab) 
 def test_kill_9_and_restart_loses_nothing(lab: Lab) -> None:
     c1, c2, c4 = lab.client("c1"), lab.client("c2"), lab.client("c4")
     g = lab.gateway(GW)
+    if not lab.connected("c2"):  # run on its own
+        connect(lab, "c2")
     connect(lab, "c1")
     connect(lab, "c4")
     before = set(installed(lab, GW))
@@ -257,9 +259,10 @@ def test_kill_9_and_restart_loses_nothing(lab: Lab) -> None:
     # The leftover trigger keepalive is cleared, so c1 can go idle.
     wait_for(lambda: installed(lab, GW)[c1.public_key].persistent_keepalive == 0, 3,
              "c1's keepalive cleared")
-    # Traffic went on throughout: no gap, no duplicate replies.
+    # Traffic went on throughout: no gap (a lost tunnel would cost the client at
+    # least its 15 s of silence before it initiates again), no duplicate replies.
     got = replies(lab, "c2")
-    assert max(b - a for a, b in zip(got, got[1:], strict=False)) < 1.0
+    assert max(b - a for a, b in zip(got, got[1:], strict=False)) < 2.0
     for name in ("c1", "c2"):
         assert "DUP!" not in Path(lab.client(name).ping_log).read_text()
     keys = [p.public_key for p in lab.peers(GW)]
