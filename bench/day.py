@@ -305,7 +305,7 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = Params()
     ap.add_argument("--clients", type=int, default=d.clients)
@@ -316,7 +316,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="directory for day.png, day.csv, day.md (bench/results)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = Params(clients=args.clients, signups=args.signups, idle_timeout=args.idle_timeout,
                evict_interval=args.evict_interval, max_peers=args.max_peers, seed=args.seed)
     result = simulate(p)

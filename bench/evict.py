@@ -307,7 +307,7 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, nargs="+", default=[10_000, 50_000])
     ap.add_argument("--settle", type=float, default=12.0,
@@ -315,7 +315,7 @@ def main() -> int:
     ap.add_argument("--watch", type=float, default=20.0, help="seconds of CPU/RSS sampling")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="directory for evict.json and evict.txt (bench/results)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (network namespaces, wireguard-go)", file=sys.stderr)
         return 2

@@ -262,3 +262,26 @@ def test_differs_compares_normalised_networks_and_psk(dev: FakeDevice) -> None:
     dev.put(adopted)
     inst.adopt()
     assert inst.differs(RegistryPeer(adopted, (), None)), "unknown config is written once"
+
+
+def test_a_simulated_day_through_the_policy(tmp_path) -> None:
+    # bench/day.py on a small population: push only grows, JIT follows the clients.
+    from bench import day
+
+    result = day.simulate(day.Params(clients=1500, signups=150, seed=7))
+    m = result["minutes"]
+    assert len(m) == 24 * 60
+    push = [x["registered_push"] for x in m]
+    jit = [x["installed_jit"] for x in m]
+    assert push == sorted(push) and push[-1] == 1650
+    assert max(jit) < push[0] / 3
+    # Installed tracks active: never fewer (active clients are all installed), and
+    # above it only by those idle less than the timeout.
+    assert all(x["installed_jit"] >= x["active"] for x in m)
+    peak_hour = max(range(24), key=lambda h: m[h * 60]["active"])
+    night = min(range(24), key=lambda h: m[h * 60]["active"])
+    assert m[peak_hour * 60]["installed_jit"] > 1.5 * m[night * 60]["installed_jit"]
+    assert result["counts"]["evicted_idle"] > 0
+    assert day.main(["--clients", "300", "--signups", "10", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "day.md").read_text().count("| ") > 24
+    assert (tmp_path / "day.csv").exists()
