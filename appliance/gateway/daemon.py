@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
 MAX_PENDING = 1024  # lookups queued or running; beyond this initiations are dropped
+REPIN_DELAY = 0.2  # seconds for the data plane to act on a replay before we undo it
 # The handshake check's period: at least this, at most that, and else this many
 # times what its device read costs (so it spends at most 1/factor of the time).
 HANDSHAKE_CHECK_MIN = 0.1
@@ -265,15 +266,19 @@ class Gateway:
         # Judged for installed peers too: the data plane never saw the initiation
         # that brought a peer in (it had no such peer then), so it has no timestamp
         # to refuse a replay of it by, and accepts one, aiming the peer at the
-        # replayer until the client's next packet moves it back. Only this count
-        # and event tell the operator.
+        # replayer. We put the endpoint back (_repin).
         if not self.replay.accept(init.initiator_static, init.timestamp):
             self.metrics.drops.labels("replay").inc()
+            installed = self.installer.get(key)
             events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
-                        endpoint=d.endpoint, installed=key in self.installer)
+                        endpoint=d.endpoint, installed=installed is not None)
+            if installed is not None and installed.endpoint not in (None, d.endpoint):
+                self.pool.submit(self._repin, key, d.endpoint, installed.endpoint)
             return
-        if key in self.installer:
-            # Rekeys and retries of peers we already serve: the data plane has them.
+        if (entry := self.installer.get(key)) is not None:
+            # Rekeys and retries of peers we already serve: the data plane has
+            # them. A fresh initiation is the client's own: remember where from.
+            entry.endpoint = d.endpoint
             self.metrics.drops.labels("already_installed").inc()
             return
         self.metrics.verified.inc()
@@ -399,11 +404,28 @@ class Gateway:
         if abs(period - current) > 0.25 * current:
             self.jobs.reschedule("handshakes", round(period, 2))
 
+    def _repin(self, key: str, replayer: str, good: str) -> None:
+        """Undo the endpoint a replayed initiation gave an installed peer.
+
+        Waits for the data plane to have handled the replay, then, only if the
+        peer now points at the replayer, points it back at the last endpoint
+        the client itself used. Should the client have roamed by data packets
+        meanwhile, its next packet moves the endpoint again (WireGuard roaming).
+        """
+        time.sleep(REPIN_DELAY)
+        try:
+            current = next((p for p in self.device.peers() if p.public_key == key), None)
+            if current is not None and str(current.endpoint) == replayer:
+                self.device.set_endpoint(key, good)
+                events.emit("endpoint_restored", level=logging.WARNING, public_key=key,
+                            endpoint=good, replayer=replayer)
+        except WgError as e:
+            log.error("restoring the endpoint of %s failed: %s", key, e)
+
     def _on_evict(self, key: str, reason: str) -> None:
-        # A returning client must be able to come back with a fresh initiation
-        # even if its clock-based timestamp is not newer than one we saw (it
-        # is; but an evicted key should cost nothing to remember).
-        self.replay.forget(decode_key(key))
+        # The replay guard keeps the key's last timestamp (bounded LRU): a
+        # returning client's clock-based timestamp is newer anyway, while a
+        # recorded old initiation must not reinstall the peer after eviction.
         self.metrics.installed.set(len(self.installer))
 
     def health(self) -> tuple[bool, dict]:

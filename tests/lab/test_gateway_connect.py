@@ -226,16 +226,20 @@ def test_replayed_initiation_from_elsewhere_installs_nothing(lab: Lab) -> None:
 
     # 1. Replayed while the peer is installed: counted and reported, nothing new
     #    installed. wireguard-go accepts this first replay (role inversion: it never
-    #    saw the original) and aims the peer at the replayer, but the client's next
-    #    packet brings it back with the session intact.
+    #    saw the original) and aims the peer at the replayer; the daemon puts the
+    #    endpoint back although the client stays quiet, and the session is intact.
     lab.disconnect("c5")
     counters = Counters(lab)
     source = replay(counters)
     [event] = key_events(lab, GW, victim.public_key, "initiation_replayed")
     assert (event["endpoint"], event["installed"]) == (source, True)
+    wait_for(lambda: key_events(lab, GW, victim.public_key, "endpoint_restored"), 3,
+             "the daemon restoring c5's endpoint")
+    [restored] = key_events(lab, GW, victim.public_key, "endpoint_restored")
+    assert (restored["endpoint"], restored["replayer"]) == (endpoint, source)
+    assert endpoint_now() == endpoint
     lab.connect("c5")  # same session: transport packets, no handshake
     assert first_reply_after_start(lab, "c5") < 1.0
-    wait_for(lambda: endpoint_now() == endpoint, 3, "c5's endpoint restored")
     # Replayed again: the data plane now knows that timestamp too; the endpoint
     # stays even though the client is quiet and would not move it back.
     lab.disconnect("c5")
