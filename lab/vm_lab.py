@@ -113,6 +113,26 @@ def list_vm_labs() -> list[str]:
     return sorted(p.name for p in VM_STATE_ROOT.iterdir() if (p / STATE_FILE).is_file())
 
 
+def reap_orphans() -> list[str]:
+    """Remove VM labs whose owning process died (a SIGKILLed test run: its qemus died
+    with it, its namespaces and disks did not), and disks no lab owns."""
+    reaped = []
+    for prefix in list_vm_labs():
+        try:
+            st = VMLabState.load(prefix)
+        except (LabError, ValueError, TypeError):
+            continue
+        if st.owner_pid and not procs.alive(st.owner_pid):
+            VMLab(st).down()
+            reaped.append(prefix)
+    disks = vm_image.cache_dir() / "vms"
+    if disks.is_dir():
+        for d in disks.iterdir():
+            if not (VM_STATE_ROOT / d.name / STATE_FILE).is_file():
+                shutil.rmtree(d, ignore_errors=True)
+    return reaped
+
+
 def net_ns(prefix: str) -> str:
     return f"{prefix}-net"
 
@@ -159,6 +179,7 @@ class VMLab:
         keep=False: qemu dies with this process (tests); keep=True: the VMs outlive it
         (`python -m lab vm up`). On any failure everything made so far is removed.
         """
+        reap_orphans()
         prefix = check_prefix(prefix or "wv" + secrets.token_hex(2))
         d = VM_STATE_ROOT / prefix
         VM_STATE_ROOT.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def wheels_archive(wheel_dir: Path) -> Path:
         return out
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for f in sorted(wheel_dir.glob("*.whl")):
+        for f in sorted([*wheel_dir.glob("*.whl"), wheel_dir / "requirements.txt"]):
             info = tarfile.TarInfo(f.name)
             info.size, info.mode, info.mtime = f.stat().st_size, 0o644, 0
             with f.open("rb") as fh:

@@ -25,7 +25,8 @@ q = shlex.quote
 
 @operation()
 def venv_release(path: str, archive: str, requirement: str, python: str = "python3"):
-    """A venv at `path` with `requirement` installed from a tar of wheels, offline.
+    """A venv at `path`: `requirement` (no deps) and the archive's requirements.txt,
+    installed from the archive's wheels, offline.
 
     A release is built once and never changed (`.complete` marks a finished one), so
     a running service keeps its files while the next release is built beside it.
@@ -33,9 +34,16 @@ def venv_release(path: str, archive: str, requirement: str, python: str = "pytho
     if host.get_fact(File, path=f"{path}/.complete"):
         return
     p, wheels = q(path), q(f"{path}.wheels")
+    # Debian's python3-venv ships pip as a wheel: running pip from it into a venv
+    # made --without-pip skips ensurepip, which costs minutes on a slow target.
+    pip = (f'W=$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1); '
+           f'if [ -n "$W" ]; then {q(python)} -m venv --without-pip {p} && '
+           f'set -- {q(python)} "$W/pip" --python {p}/bin/python; '
+           f'else {q(python)} -m venv {p} && set -- {p}/bin/pip; fi')
+    install = "\"$@\" install --quiet --no-index --disable-pip-version-check"
     yield (f"rm -rf {p} {wheels} && mkdir -p {wheels} && tar -xf {q(archive)} -C {wheels} && "
-           f"{q(python)} -m venv {p} && {p}/bin/pip install --quiet --no-index "
-           f"--disable-pip-version-check --find-links {wheels} {q(requirement)} && "
+           f"{{ {pip}; }} && {install} --no-deps --find-links {wheels} {q(requirement)} && "
+           f"{install} --find-links {wheels} -r {wheels}/requirements.txt && "
            f"rm -rf {wheels} && touch {p}/.complete")
 
 

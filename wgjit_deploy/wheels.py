@@ -25,13 +25,17 @@ PLATFORMS = ("manylinux_2_36_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 # Wheels carry file dates; a fixed one keeps a rebuild of the same source identical.
 SOURCE_DATE_EPOCH = "315532800"
+# Dependencies the controller needs and the targets do not (pyinfra and its gevent,
+# paramiko, pydantic... would double what a target installs and compiles).
+CONTROLLER_ONLY = frozenset({"pyinfra"})
+REQUIREMENTS = "requirements.txt"
 
 
 @dataclass(frozen=True)
 class Wheelhouse:
-    path: Path
+    path: Path  # the wheels, and requirements.txt: what the targets install besides
     key: str  # names the release on the target
-    requirement: str  # what to pip install from it, e.g. "wgjit==0.1.0"
+    requirement: str  # the appliance itself, e.g. "wgjit==0.1.0", installed --no-deps
 
 
 def cache_root() -> Path:
@@ -39,18 +43,28 @@ def cache_root() -> Path:
 
 
 def _source_hash(python_version: str) -> str:
-    h = hashlib.sha256(f"{python_version}\0{' '.join(PLATFORMS)}\0".encode())
+    h = hashlib.sha256(f"{python_version}\0{' '.join(PLATFORMS)}\0"
+                       f"{' '.join(sorted(CONTROLLER_ONLY))}\0".encode())
     files = [CHECKOUT / "pyproject.toml", *sorted((CHECKOUT / "appliance").rglob("*.py"))]
     for f in files:
         h.update(str(f.relative_to(CHECKOUT)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 
 
-def _project_version() -> tuple[str, str]:
+def _project() -> dict:
     import tomllib
 
-    project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
-    return project["name"], project["version"]
+    return tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
+
+
+def runtime_requirements() -> list[str]:
+    """The appliance's dependencies that targets need (pyproject's, less CONTROLLER_ONLY)."""
+    import re
+
+    def name(req: str) -> str:
+        return re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+    return [r for r in _project()["dependencies"] if name(r) not in CONTROLLER_ONLY]
 
 
 def _pip(*args: str) -> None:
@@ -64,7 +78,8 @@ def _pip(*args: str) -> None:
 @functools.cache
 def wheelhouse(python_version: str = "3.11") -> Wheelhouse:
     """Build (or reuse) the wheel directory for targets running CPython `python_version`."""
-    name, version = _project_version()
+    project = _project()
+    name, version = project["name"], project["version"]
     key = f"{name}-{version}-{_source_hash(python_version)}"
     out = cache_root() / f"wheelhouse-{key}"
     if not (out / ".complete").is_file():
@@ -72,12 +87,13 @@ def wheelhouse(python_version: str = "3.11") -> Wheelhouse:
         with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".build-") as tmp:
             wheels = Path(tmp) / "wheels"
             _pip("wheel", "--quiet", "--no-deps", "-w", str(wheels), str(CHECKOUT))
-            (own,) = wheels.glob("*.whl")
+            reqs = wheels / REQUIREMENTS
+            reqs.write_text("".join(f"{r}\n" for r in runtime_requirements()))
             abi = "cp" + python_version.replace(".", "")
             _pip("download", "--quiet", "--only-binary=:all:", "--python-version",
                  python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
                  "--abi", "none", *[a for p in PLATFORMS for a in ("--platform", p)],
-                 "-d", str(wheels), str(own))
+                 "-d", str(wheels), "-r", str(reqs))
             (wheels / ".complete").write_text(key + "\n")
             shutil.rmtree(out, ignore_errors=True)
             os.replace(wheels, out)

@@ -1,0 +1,105 @@
+"""Pieces of the fleet deploy that need no target: wheels, the archive, templates, secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+import jinja2
+import pytest
+from pyinfra.api.exceptions import DeployError
+
+from appliance.secrets import write_secret
+from wgjit_deploy import paths, secrets, wheels
+from wgjit_deploy.appliance import wheels_archive
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _render(name: str, **values) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(paths.TEMPLATES),
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template(name).render(**values)
+
+
+def test_targets_get_the_runtime_dependencies_only():
+    reqs = wheels.runtime_requirements()
+    assert not any(r.lower().startswith("pyinfra") for r in reqs)
+    assert any(r.startswith("flask") for r in reqs) and any(r.startswith("pyroute2") for r in reqs)
+
+
+def test_wheels_archive_is_byte_identical_for_identical_wheels(tmp_path):
+    outs = []
+    for run in ("a", "b"):
+        d = tmp_path / run / "wheelhouse-x-0.1.0-k"
+        d.mkdir(parents=True)
+        (d / "z-1.0-py3-none-any.whl").write_bytes(b"zz")
+        (d / "a-1.0-py3-none-any.whl").write_bytes(b"aa")
+        (d / "requirements.txt").write_text("a\nz\n")
+        (d / ".complete").write_text("k\n")
+        outs.append(wheels_archive(d))
+    assert outs[0].name == "wheelhouse-x-0.1.0-k.tar"
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    with tarfile.open(outs[0]) as t:
+        assert t.getnames() == ["a-1.0-py3-none-any.whl", "requirements.txt",
+                                "z-1.0-py3-none-any.whl"]
+
+
+def test_gateway_unit_grants_only_net_admin_and_net_raw():
+    unit = _render("wgjit-gateway.service.j2", service_user="wgjit-gateway",
+                   release="/opt/wgjit/releases/r1", config=paths.GATEWAY_CONFIG,
+                   state_dir_name="wgjit-gateway")
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line
+                 and not line.startswith("#"))
+    assert lines["User"] == "wgjit-gateway"
+    assert lines["AmbientCapabilities"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert lines["CapabilityBoundingSet"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert lines["ExecStart"].startswith("/opt/wgjit/releases/r1/bin/wgjit gateway run")
+
+
+def test_interface_unit_and_gateway_config_render():
+    unit = _render("wgjit-wireguard.service.j2", ifname="wgjit0", listen_port=51820,
+                   private_key=paths.GATEWAY_KEY, addresses=["198.18.0.1/16", "fd00::1/64"])
+    assert "ip link add wgjit0 type wireguard" in unit
+    assert unit.count("ip address add") == 2
+    import tomllib
+
+    conf = tomllib.loads(_render(
+        "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
+        token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
+        listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
+        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"]))
+    from appliance import config
+    from appliance.gateway.cli import OPTIONS
+
+    # The daemon's own resolver accepts every key the template writes.
+    s = config.resolve(OPTIONS, {}, conf, "gateway", environ={})
+    assert s["backend"] == "netlink" and s["capture_interface"] == ["eth0"]
+    assert "private_key_file" not in conf["gateway"]  # the interface unit holds the key
+
+
+def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("WGJIT_GATEWAY_TOKEN", raising=False)
+    monkeypatch.delenv("WGJIT_GATEWAY_TOKEN_FILE", raising=False)
+    with pytest.raises(DeployError, match="WGJIT_GATEWAY_TOKEN"):
+        secrets.token("gateway")
+    f = write_secret(tmp_path / "g.token", "wgj_abc_" + "s" * 43)
+    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN_FILE", str(f))
+    assert secrets.token("gateway") == "wgj_abc_" + "s" * 43
+    f.chmod(0o644)
+    with pytest.raises(DeployError, match="chmod 600"):
+        secrets.token("gateway")
+    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN", "wgj_def_" + "t" * 43)
+    assert secrets.token("gateway").startswith("wgj_def_")
+    assert secrets.token_id("wgj_def_" + "t" * 43) == "def"
+
+
+def test_example_inventory_groups():
+    p = subprocess.run([str(ROOT / ".venv/bin/pyinfra"), "inventory/example.py",
+                        "debug-inventory"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "--> Groups: registry, example" in out
+    assert out.count("--> Groups: gateways, example") == 2
