@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +13,37 @@ from flask import g, request
 from appliance.registry import db, tokens
 from appliance.registry.errors import APIError
 
+# Verified tokens are remembered per worker for a few seconds: a gateway's
+# lookups all carry the same token, and checking it is a query and a hash on
+# the hottest path. Only successes are kept (random guesses cannot grow it),
+# and a revoked token stops working within VERIFIED_TTL.
+VERIFIED_TTL = 5.0
+VERIFIED_MAX = 1024
+_verified: dict[str, tuple[tokens.Token, float]] = {}
+_verified_lock = threading.Lock()
+
+
+def _verify(value: str) -> tokens.Token | None:
+    now = time.monotonic()
+    with _verified_lock:
+        hit = _verified.get(value)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    token = tokens.verify(db.get_db(), value)
+    if token is not None:
+        with _verified_lock:
+            if len(_verified) >= VERIFIED_MAX:
+                _verified.clear()
+            _verified[value] = (token, now + VERIFIED_TTL)
+    return token
+
 
 def _authenticate() -> tokens.Token:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise APIError(401, "unauthorized", "missing bearer token")
-    token = tokens.verify(db.get_db(), value.strip())
+    token = _verify(value.strip())
     if token is None:
         raise APIError(401, "unauthorized", "invalid or revoked token")
     return token

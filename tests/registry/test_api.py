@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import urllib.parse
 
 import pytest
@@ -193,12 +194,21 @@ def test_missing_or_invalid_token(client, header):
     assert r.status_code == 401 and r.json["error"] == "unauthorized"
 
 
-def test_revoked_token(client, db_path, app):
+def test_revoked_token(client, db_path, app, monkeypatch):
+    from appliance.registry import auth
+
     tok = make_token(db_path, "admin")
     h = {"Authorization": f"Bearer {tok}"}
     assert client.get("/v1/peers", headers=h).status_code == 200
     assert tokens.revoke(regdb.connect(db_path), tok.split("_")[1])
+    # Verified tokens are remembered for VERIFIED_TTL; after that the revocation bites.
+    later = time.monotonic() + auth.VERIFIED_TTL + 1
+    monkeypatch.setattr(auth.time, "monotonic", lambda: later)
     assert client.get("/v1/peers", headers=h).status_code == 401
+    # A revoked token never seen before is refused at once.
+    tok2 = make_token(db_path, "admin")
+    assert tokens.revoke(regdb.connect(db_path), tok2.split("_")[1])
+    assert client.get("/v1/peers", headers={"Authorization": f"Bearer {tok2}"}).status_code == 401
 
 
 def test_token_with_right_id_wrong_secret(client, db_path, app):
