@@ -223,6 +223,12 @@ def bulk_create_peers(conn: sqlite3.Connection, tenant: str,
         with db.write(conn):
             now = db.utcnow()
             next_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM peers").fetchone()[0]
+            # Address plans are usually allocated in order: a network that starts
+            # past every stored range of its family cannot overlap one, which
+            # spares the per-network query for such imports.
+            top = {family: conn.execute(
+                "SELECT max(hi) FROM allowed_ips WHERE tenant_id = ? AND family = ?",
+                (tid, family)).fetchone()[0] for family in (4, 6)}
             peer_rows, ip_rows, change_rows = [], [], []
             for offset, (key, nets, name) in enumerate(chunk):
                 pid = next_id + offset
@@ -230,7 +236,9 @@ def bulk_create_peers(conn: sqlite3.Connection, tenant: str,
                 change_rows.append(("create", key, tenant, now))
                 for position, net in enumerate(nets):
                     lo, hi = _bounds(net)
-                    clash = find_overlap(conn, tid, net, (lo, hi))
+                    stored_top = top[net.version]
+                    clash = None if stored_top is None or lo > stored_top else \
+                        find_overlap(conn, tid, net, (lo, hi))
                     if clash is not None:
                         raise Conflict("allowed_ip_overlap", f"{key}: {net} overlaps {clash}")
                     ip_rows.append((pid, tid, position, str(net), net.version, lo, hi))
