@@ -18,6 +18,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from werkzeug.routing import BaseConverter
 
     from appliance.registry import db, errors, gateway, metrics, peers, service, tenants
+    from appliance.registry.fastpath import GatewayLookupFastPath
 
     class WireGuardKeyConverter(BaseConverter):
         """A key in a path: standard base64 may hold '/' anywhere, even first,
@@ -43,4 +44,5 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.url_map.merge_slashes = False
     for bp in (service.bp, tenants.bp, peers.bp, gateway.bp):
         app.register_blueprint(bp)
+    app.wsgi_app = GatewayLookupFastPath(app.wsgi_app, app.config["DATABASE"])
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,13 +24,13 @@ _verified: dict[str, tuple[tokens.Token, float]] = {}
 _verified_lock = threading.Lock()
 
 
-def _verify(value: str) -> tokens.Token | None:
+def verify_cached(conn: sqlite3.Connection, value: str) -> tokens.Token | None:
     now = time.monotonic()
     with _verified_lock:
         hit = _verified.get(value)
     if hit is not None and hit[1] > now:
         return hit[0]
-    token = tokens.verify(db.get_db(), value)
+    token = tokens.verify(conn, value)
     if token is not None:
         with _verified_lock:
             if len(_verified) >= VERIFIED_MAX:
@@ -43,7 +44,7 @@ def _authenticate() -> tokens.Token:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise APIError(401, "unauthorized", "missing bearer token")
-    token = _verify(value.strip())
+    token = verify_cached(db.get_db(), value.strip())
     if token is None:
         raise APIError(401, "unauthorized", "invalid or revoked token")
     return token

@@ -179,7 +179,11 @@ _local = threading.local()
 
 
 def get_db() -> sqlite3.Connection:
-    path = current_app.config["DATABASE"]
+    return thread_conn(current_app.config["DATABASE"])
+
+
+def thread_conn(path: str) -> sqlite3.Connection:
+    """This thread's connection to `path`, opened on first use."""
     conn = getattr(_local, "conn", None)
     # A connection must not cross a fork (gunicorn workers) or a database change.
     if conn is None or _local.key != (path, os.getpid()):

@@ -8,6 +8,8 @@ revoked peers and update changed ones.
 
 from __future__ import annotations
 
+import sqlite3
+
 from flask import Blueprint, jsonify
 
 from appliance.registry import auth, db, validate
@@ -19,35 +21,39 @@ bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
 MAX_CHANGES = 1000
 
 
+LOOKUP_SQL = (
+    # One statement: this is the hot path every gateway's cache misses land on.
+    "SELECT p.public_key, p.preshared_key, p.revoked_at, p.updated_at, p.tenant_id,"
+    " t.name AS tenant, (SELECT group_concat(cidr, ' ') FROM (SELECT cidr FROM allowed_ips"
+    " WHERE peer_id = p.id ORDER BY position)) AS ips"
+    " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key = ?"
+)
+
+
+def lookup(conn: sqlite3.Connection, key: str, tenant_limit: int | None) -> dict | None:
+    """What a gateway gets for a canonical key; None when unknown, revoked or
+    outside the token's tenant."""
+    row = conn.execute(LOOKUP_SQL, (key,)).fetchone()
+    if row is None or row["revoked_at"] is not None:
+        return None
+    if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+        return None
+    return {
+        "public_key": row["public_key"],
+        "tenant": row["tenant"],
+        "allowed_ips": row["ips"].split(" ") if row["ips"] else [],
+        "preshared_key": row["preshared_key"],
+        "updated_at": row["updated_at"],
+    }
+
+
 @bp.get("/peers/<wgkey:key>")
 @auth.require("gateway", "admin")
 def peer(key: str):
-    key = path_key(key)
-    conn = db.get_db()
-    # One statement: this is the hot path every gateway's cache misses land on.
-    row = conn.execute(
-        "SELECT p.id, p.public_key, p.preshared_key, p.revoked_at, p.updated_at, p.tenant_id,"
-        " t.name AS tenant, (SELECT group_concat(cidr, ' ') FROM (SELECT cidr FROM allowed_ips"
-        " WHERE peer_id = p.id ORDER BY position)) AS ips"
-        " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key = ?",
-        (key,),
-    ).fetchone()
-    if row is not None and g_limited_elsewhere(row["tenant_id"]):
-        row = None
-    if row is None or row["revoked_at"] is not None:
+    found = lookup(db.get_db(), path_key(key), auth.tenant_limit())
+    if found is None:
         raise APIError(404, "not_found", "no active peer with this key")
-    return jsonify(
-        public_key=row["public_key"],
-        tenant=row["tenant"],
-        allowed_ips=row["ips"].split(" ") if row["ips"] else [],
-        preshared_key=row["preshared_key"],
-        updated_at=row["updated_at"],
-    )
-
-
-def g_limited_elsewhere(tenant_id: int) -> bool:
-    limit = auth.tenant_limit()
-    return limit is not None and limit != tenant_id
+    return jsonify(found)
 
 
 @bp.get("/changes")

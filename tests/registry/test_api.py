@@ -7,6 +7,7 @@ import time
 import urllib.parse
 
 import pytest
+from prometheus_client import REGISTRY
 
 from appliance.registry import db as regdb
 from appliance.registry import tokens
@@ -336,3 +337,22 @@ def test_newer_schema_is_refused(tmp_path):
     conn.execute(f"PRAGMA user_version = {regdb.SCHEMA_VERSION + 1}")
     with pytest.raises(RuntimeError, match="newer"):
         regdb.migrate(conn)
+
+
+def test_fast_path_answers_exactly_like_the_blueprint(app, client, admin, gateway, tenant):
+    from appliance.registry.fastpath import GatewayLookupFastPath
+
+    key, _ = add_peer(client, admin, ips=["198.18.0.2/32", "fd00::2/128"],
+                      preshared_key=new_key())
+    assert isinstance(app.wsgi_app, GatewayLookupFastPath)
+    labels = {"method": "GET", "route": "/v1/gateway/peers/<wgkey:key>", "status": "200"}
+    before = REGISTRY.get_sample_value("wgjit_registry_requests_total", labels) or 0
+    fast = client.get(f"/v1/gateway/peers/{q(key)}", headers=gateway)
+    flask_only = app.wsgi_app.next
+    app.wsgi_app = flask_only  # the same request through Flask alone
+    slow = client.get(f"/v1/gateway/peers/{q(key)}", headers=gateway)
+    assert fast.status_code == slow.status_code == 200
+    assert fast.json == slow.json
+    assert fast.headers["Content-Type"] == slow.headers["Content-Type"]
+    # Counted once by each path, under the same labels.
+    assert REGISTRY.get_sample_value("wgjit_registry_requests_total", labels) == before + 2
