@@ -7,10 +7,11 @@ WGJIT_GATEWAY_TOKEN[_FILE]), never from git.
 
 from pyinfra import host
 
+from wgjit_deploy import paths
 from wgjit_deploy.appliance import install_appliance, release_path
 from wgjit_deploy.client import client_role
 from wgjit_deploy.gateway import gateway_role
-from wgjit_deploy.operations import barrier
+from wgjit_deploy.operations import barrier, prune_releases
 from wgjit_deploy.registry import registry_role
 
 roles = [role for role, group in (("registry", "registry"), ("gateway", "gateways"),
@@ -27,3 +28,7 @@ if "gateway" in roles:
 barrier(name="gateways ready")
 if "client" in roles:
     client_role()
+if {"registry", "gateway"} & set(roles):
+    # Last: every service of this host now runs the new release.
+    prune_releases(name="older releases removed", releases=paths.RELEASES,
+                   keep=release_path())

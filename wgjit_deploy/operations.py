@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, StringCommand, operation
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.facts.files import File, FindDirectories, Sha1File
 
 from wgjit_deploy.facts import RegistryTokenIds, WireGuardPublicKey
 from wgjit_deploy.secrets import token_id
@@ -126,3 +126,16 @@ def barrier():
     a shared operation joins the hosts' chains). Changes nothing.
     """
     yield from ()
+
+
+@operation()
+def prune_releases(releases: str, keep: str):
+    """Remove every release under `releases` but `keep`.
+
+    deploy.py runs it last, so only a host whose services all restarted onto `keep`
+    gets here; a host whose deploy failed keeps the release it still runs.
+    """
+    found = host.get_fact(FindDirectories, path=releases, maxdepth=1, quote_path=True)
+    stale = [d for d in found if d.rstrip("/") not in (releases.rstrip("/"), keep)]
+    if stale:
+        yield StringCommand("rm", "-rf", *[q(d) for d in sorted(stale)])
