@@ -76,8 +76,8 @@ def client_config(path: str, registry_url: str, tenant: str, address: str, gatew
         if host.state.is_executing:
             raise OperationError(f"no public key for {host.name if not own else gateway} yet")
         return
-    peer = registry_peer(registry_url, secrets.token("admin", host.data.get("admin_token_file")),
-                         tenant, own, [address], host.name)
+    token = secrets.reveal(secrets.token("admin", host.data.get("admin_token_file")))
+    peer = registry_peer(registry_url, token, tenant, own, [address], host.name)
     conf = render(peer, gw_file.read_text().strip(), endpoint, gateway_ips)
     yield from files.put._inner(src=StringIO(conf), dest=path, user="root", group="root",
                                 mode="600")

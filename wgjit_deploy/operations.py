@@ -14,11 +14,11 @@ from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import FileUploadCommand, HiddenValue, StringCommand, operation
 from pyinfra.facts.files import File, FindDirectories, Sha1File
 
 from wgjit_deploy.facts import RegistryTokenIds, WireGuardPublicKey
-from wgjit_deploy.secrets import token_id
+from wgjit_deploy.secrets import reveal, token_id
 
 q = shlex.quote
 
@@ -77,14 +77,15 @@ def public_key(private_key: str, host_name: str, local_dir: str | None = None):
 
 
 @operation()
-def secret_file(path: str, value: str, user: str, group: str, verify: str | None = None):
+def secret_file(path: str, value: str | HiddenValue, user: str, group: str,
+                verify: str | None = None):
     """A 0600 file holding `value`, owned by user:group, replaced only when it differs.
 
     The new content goes to `path.new` first (created 0600 before anything is written
     into it); `verify`, a command with {path} in it, must accept that file before it
     replaces the live one. A failed check fails the deploy and leaves the old file.
     """
-    content = value.strip() + "\n"
+    content = reveal(value).strip() + "\n"
     info = host.get_fact(File, path=path)
     if (info and host.get_fact(Sha1File, path=path) == hashlib.sha1(content.encode()).hexdigest()
             and info.get("user") == user and info.get("group") == group
@@ -99,7 +100,8 @@ def secret_file(path: str, value: str, user: str, group: str, verify: str | None
 
 
 @operation()
-def registry_token(wgjit: str, db: str, user: str, scope: str, token: str, token_name: str):
+def registry_token(wgjit: str, db: str, user: str, scope: str, token: str | HiddenValue,
+                   token_name: str):
     """The registry database holds `token` (its hash) with `scope`; import it if not.
 
     The token travels in a 0600 file that only exists during the import.
@@ -108,7 +110,7 @@ def registry_token(wgjit: str, db: str, user: str, scope: str, token: str, token
         return
     tmp = f"/run/wgjit-import-{token_name}.token"
     yield StringCommand("install", "-m", "0600", "-o", user, "/dev/null", tmp)
-    yield FileUploadCommand(StringIO(token.strip() + "\n"), tmp)
+    yield FileUploadCommand(StringIO(reveal(token).strip() + "\n"), tmp)
     yield (f"runuser -u {q(user)} -- {q(wgjit)} token import --db {q(db)} --scope {q(scope)} "
            f"--name {q(token_name)} --token-file {tmp}; rc=$?; rm -f {tmp}; exit $rc")
 

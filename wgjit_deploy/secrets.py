@@ -2,8 +2,10 @@
 
 Each comes from the environment, as the token itself (WGJIT_ADMIN_TOKEN) or as a
 file outside the checkout (WGJIT_ADMIN_TOKEN_FILE), or from host data naming such
-a file. Values are wrapped in pyinfra's HiddenValue where they reach a command, so
-pyinfra's output shows *MASKED* (they only ever travel inside uploaded files).
+a file. A token never reaches a command line (where `ps` would show it): it travels
+only inside uploaded 0600 files, whose content pyinfra never prints. It is handed to
+operations as pyinfra's HiddenValue, so any argument dump or debug log of pyinfra
+shows *MASKED*; tests/vm/test_deploy.py checks the output.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pyinfra.api import HiddenValue
 from pyinfra.api.exceptions import DeployError
 
 from appliance.secrets import SecretFileError, read_secret
@@ -18,8 +21,16 @@ from appliance.secrets import SecretFileError, read_secret
 TOKENS = {"admin": "WGJIT_ADMIN_TOKEN", "gateway": "WGJIT_GATEWAY_TOKEN"}
 
 
-def token(scope: str, data_file: str | None = None) -> str:
-    """The operator's `scope` token; a DeployError says how to provide a missing one."""
+def token(scope: str, data_file: str | None = None) -> HiddenValue:
+    """The operator's `scope` token, masked; a DeployError says how to provide a missing one."""
+    return HiddenValue(_token(scope, data_file))
+
+
+def reveal(value: str | HiddenValue) -> str:
+    return value.unmask() if isinstance(value, HiddenValue) else value
+
+
+def _token(scope: str, data_file: str | None = None) -> str:
     var = TOKENS[scope]
     if os.environ.get(var):
         return os.environ[var].strip()
@@ -34,9 +45,9 @@ def token(scope: str, data_file: str | None = None) -> str:
         raise DeployError(str(e)) from e
 
 
-def token_id(value: str) -> str:
+def token_id(value: str | HiddenValue) -> str:
     """The public half of a token (`wgj_<id>_<secret>`), what `wgjit token list` shows."""
-    parts = value.split("_", 2)
+    parts = reveal(value).split("_", 2)
     if len(parts) != 3 or parts[0] != "wgj" or not parts[1]:
         raise DeployError("a token must look like wgj_<id>_<secret>")
     return parts[1]
