@@ -132,15 +132,20 @@ def _wrk_ms(text: str) -> float:
 
 
 def load_wrk(port: int, token: str, keys: list[str], connections: int,
-             duration: float) -> dict | None:
-    """Closed-loop maximum throughput with wrk (C, two threads): a Python load
-    generator on the same two cores would measure itself as much as the server."""
+             duration: float, rate: float | None = None) -> dict | None:
+    """Throughput and latency with wrk (C, two threads): a Python load generator
+    on the same two cores would measure itself as much as the server. With
+    `rate`, each connection pauses between requests so that all of them together
+    offer about that rate (wrk has no fixed-rate mode; the pause is not counted
+    in the latency)."""
     if not shutil.which("wrk"):
         return None
     sample = random.sample(keys, min(len(keys), 20_000))
     quoted = ",".join('"{}"'.format(urllib.parse.quote(k, safe="")) for k in sample)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_SCRIPT % (quoted, token))
+        if rate:
+            f.write(f"delay = function() return {1000 * connections / rate:.3f} end\n")
     try:
         out = subprocess.run(
             ["wrk", "-t2", f"-c{connections}", f"-d{int(duration)}s", "--latency", "-s", f.name,
@@ -175,7 +180,9 @@ def main() -> int:
             load(srv.port, token, keys, 2, 2.0)  # warm the page cache and the workers
             full = load_wrk(srv.port, token, keys, args.clients, args.duration) or \
                 load(srv.port, token, keys, args.clients, args.duration)
-            half = load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
+            half = load_wrk(srv.port, token, keys, args.clients, args.duration,
+                            full["rate"] / 2) if full.get("tool") == "wrk" else \
+                load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
         finally:
             srv.stop()
     result = {
