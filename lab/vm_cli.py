@@ -50,7 +50,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     lab = VMLab.load(_which(args))
-    argv = lab.ssh_argv(args.name, args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    argv = lab.ssh_argv(args.name, args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd,
+                        quote=False)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 

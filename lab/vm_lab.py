@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -336,15 +337,21 @@ class VMLab:
 
     # -- using it --
 
-    def ssh_argv(self, name: str, argv: list[str] | None = None) -> list[str]:
+    def ssh_argv(self, name: str, argv: list[str] | None = None, *,
+                 quote: bool = True) -> list[str]:
         v = self.state.vm(name)
         cmd = ["ip", "netns", "exec", self.net, "ssh", *SSH_OPTIONS, "-i", self.state.ssh_key,
                f"root@{v.address4}"]
-        return cmd + (["--", *argv] if argv else [])
+        # ssh hands the remote shell one string: quote, so each element stays one word
+        # (shell syntax goes through ["sh", "-c", "..."]).
+        # quote=False: words joined as ssh(1) itself does, for a person at a prompt.
+        if not argv:
+            return cmd
+        return [*cmd, "--", shlex.join(argv) if quote else " ".join(argv)]
 
     def ssh(self, name: str, argv: list[str], *, timeout: float = 120,
             check: bool = False, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a command on a VM as root (argv is joined by the remote shell, as ssh does)."""
+        """Run argv on a VM as root; for pipes and redirections, argv = ["sh", "-c", "..."]."""
         p = subprocess.run(self.ssh_argv(name, argv), capture_output=True, text=True,
                            timeout=timeout, input=input)
         if check and p.returncode != 0:
