@@ -26,7 +26,8 @@ from appliance.secrets import read_secret
 from lab import client as lab_client
 from lab.vm_lab import GATEWAY_IFNAME, VMLab
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+# The first test carries the module's setup: image (cached), two boots, first deploy.
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 TIMINGS: dict[str, float] = {}
 
