@@ -27,7 +27,7 @@ from lab import client as lab_client
 from lab.vm_lab import GATEWAY_IFNAME, VMLab
 
 # The first test carries the module's setup: image (cached), two boots, first deploy.
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.vm, pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 TIMINGS: dict[str, float] = {}
 
