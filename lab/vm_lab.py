@@ -49,6 +49,7 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "ConnectTimeout=5"]
 # The deploy's interface name on gateways (group_data/gateways.py says the same).
 GATEWAY_IFNAME = "wgjit0"
+POWEROFF_TIMEOUT = 180.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -311,7 +312,8 @@ class VMLab:
             if v.pid and self._alive(v):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.ssh(v.name, ["systemctl", "poweroff", "--no-block"], timeout=20)
-        deadline = time.monotonic() + 60
+        # systemd stops every service first; under TCG on a busy machine that takes a while.
+        deadline = time.monotonic() + POWEROFF_TIMEOUT
         for v in st.vms:
             while v.pid and self._alive(v) and time.monotonic() < deadline:
                 time.sleep(0.5)
