@@ -171,17 +171,29 @@ class NetlinkDevice(WgDevice):
         super().__init__(ifname)
         self.netns = netns
         self.max_message = max_message
-        self._wg: WgSocket | None = None
+        # pyroute2 (0.9) keeps a socket's transport per thread: a second thread using
+        # the same socket sets up a second transport on its file descriptor and the
+        # requests of both fail with ECONNRESET (seen with the gateway under systemd,
+        # whose installs, eviction and handshake jobs run on different threads). So
+        # each thread gets a socket of its own.
+        self._local = threading.local()
+        self._socks: list[WgSocket] = []
         # pyroute2's sync socket is not safe for concurrent requests; the gateway
         # installs from the capture path while the eviction job dumps.
         self._lock = threading.Lock()
+
+    @property
+    def _wg(self) -> WgSocket | None:
+        return getattr(self._local, "sock", None)
 
     def _sock(self) -> WgSocket:
         if self._wg is None:
             try:
                 # Not WireGuard(netns=...): that forks (see nsenter).
-                self._wg = (WgSocket(fileno=netlink_socket_fd(self.netns, NETLINK_GENERIC))
-                            if self.netns else WgSocket())
+                self._local.sock = (
+                    WgSocket(fileno=netlink_socket_fd(self.netns, NETLINK_GENERIC))
+                    if self.netns else WgSocket())
+                self._socks.append(self._local.sock)
             except NetlinkError as e:
                 if e.code == errno.ENOENT:
                     raise BackendUnavailable(
@@ -194,9 +206,10 @@ class NetlinkDevice(WgDevice):
 
     def close(self) -> None:
         with self._lock:
-            if self._wg is not None:
-                self._wg.close()
-                self._wg = None
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+            self._local = threading.local()
 
     # -- reading ------------------------------------------------------------------
 
