@@ -481,6 +481,9 @@ def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dic
             "ssh_hostname": v.address4, "ssh_user": "root", "ssh_key": st.ssh_key,
             "ssh_known_hosts_file": "/dev/null", "ssh_strict_host_key_checking": "off",
             "ssh_allow_agent": False, "ssh_look_for_keys": False,
+            # An emulated sshd on a busy machine can miss pyinfra's 10 s connect timeout.
+            "ssh_connect_retries": 3, "ssh_connect_retry_min_delay": 2,
+            "ssh_connect_retry_max_delay": 5,
             # The image has every package; the VMs have no route to a mirror.
             "apt_update": False,
             "registry_url": fleet.registry_url(hosts),
