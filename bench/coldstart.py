@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 
 from appliance.keys import encode_key  # noqa: E402
-from appliance.registry import db, model  # noqa: E402
+from appliance.registry import cidr, db, model  # noqa: E402
 from appliance.secrets import read_secret  # noqa: E402
 from bench.common import (  # noqa: E402
     Pinger,
@@ -81,9 +81,9 @@ def bulk_import(lab: Lab, start: int, stop: int) -> float:
     try:
         t0 = time.perf_counter()
         model.bulk_create_peers(conn, lab.state.registry.tenant, (
-            (encode_key(os.urandom(32)),
-             [ipaddress.ip_network((int(BULK_NET4[1]) + i, 32)),
-              ipaddress.ip_network((int(BULK_NET6[1]) + i, 128))], None)
+            model.NewPeer(encode_key(os.urandom(32)),
+                          [cidr.from_network(ipaddress.ip_network((int(BULK_NET4[1]) + i, 32))),
+                           cidr.from_network(ipaddress.ip_network((int(BULK_NET6[1]) + i, 128)))])
             for i in range(start, stop)))
         return time.perf_counter() - t0
     finally:

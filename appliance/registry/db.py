@@ -85,6 +85,26 @@ MIGRATIONS: list[str] = [
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     INSERT INTO meta (key, value) VALUES ('feed_id', lower(hex(randomblob(8))));
     """,
+    # 3: allowed_ips clustered on its primary key (WITHOUT ROWID): rows are only
+    # ever reached by (peer_id, position) or the range index, so the rowid tree
+    # was a third B-tree to write per network: ~20% of a bulk import.
+    """
+    CREATE TABLE allowed_ips_v3 (
+        peer_id INTEGER NOT NULL REFERENCES peers(id) ON DELETE CASCADE,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        position INTEGER NOT NULL,
+        cidr TEXT NOT NULL,
+        family INTEGER NOT NULL,
+        lo BLOB NOT NULL,
+        hi BLOB NOT NULL,
+        PRIMARY KEY (peer_id, position)
+    ) WITHOUT ROWID;
+    INSERT INTO allowed_ips_v3 (peer_id, tenant_id, position, cidr, family, lo, hi)
+        SELECT peer_id, tenant_id, position, cidr, family, lo, hi FROM allowed_ips;
+    DROP TABLE allowed_ips;
+    ALTER TABLE allowed_ips_v3 RENAME TO allowed_ips;
+    CREATE INDEX allowed_ips_range ON allowed_ips(tenant_id, family, lo);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from flask import request
 
 from appliance.keys import KeyError_, normalize_key
+from appliance.registry import cidr
 from appliance.registry.errors import APIError, invalid
 
 MAX_ALLOWED_IPS = 256
 MAX_NAME_LEN = 128
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def json_body() -> dict[str, Any]:
@@ -51,23 +50,24 @@ def name(value: Any, field: str = "name", *, required: bool = False) -> str | No
     return value.strip()
 
 
-def allowed_ips(value: Any, field: str = "allowed_ips") -> list[IPNetwork]:
+def allowed_ips(value: Any, field: str = "allowed_ips") -> list[cidr.Net]:
     """CIDRs, IPv4 or IPv6, host bits zero, no overlap among themselves."""
     if not isinstance(value, list) or not value:
         raise invalid(field, "must be a non-empty list of CIDRs")
     if len(value) > MAX_ALLOWED_IPS:
         raise invalid(field, f"at most {MAX_ALLOWED_IPS} entries")
-    nets: list[IPNetwork] = []
+    nets: list[cidr.Net] = []
     for i, item in enumerate(value):
         if not isinstance(item, str) or "/" not in item:
             raise invalid(f"{field}[{i}]", f"{item!r} is not a CIDR (address/prefix)")
         try:
-            net = ipaddress.ip_network(item.strip(), strict=True)
+            net = cidr.parse(item.strip())
         except ValueError as e:
             raise invalid(f"{field}[{i}]", f"{item!r} is not a valid CIDR: {e}") from e
         for other in nets:
-            if net.version == other.version and net.overlaps(other):
-                raise invalid(f"{field}[{i}]", f"{net} overlaps {other} in the same request")
+            if cidr.overlaps(net, other):
+                raise invalid(f"{field}[{i}]",
+                              f"{net.cidr} overlaps {other.cidr} in the same request")
         nets.append(net)
     return nets
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sqlite3
 import time
 import urllib.parse
 
@@ -325,8 +326,20 @@ def test_migration_from_v1_keeps_data(tmp_path):
     key = generate_keypair()[1]
     conn.execute("INSERT INTO peers (public_key, tenant_id, created_at, updated_at)"
                  " VALUES (?, 1, 'x', 'x')", (key,))
+    conn.execute("INSERT INTO allowed_ips (peer_id, tenant_id, position, cidr, family, lo, hi)"
+                 " VALUES (1, 1, 0, '198.18.0.1/32', 4, x'c6120001', x'c6120001')")
     assert regdb.migrate(conn) == regdb.SCHEMA_VERSION
     assert conn.execute("SELECT public_key FROM peers").fetchone()[0] == key
+    # v3 rebuilt allowed_ips without its rowid; the rows and the range index came along.
+    assert [r[0] for r in conn.execute("SELECT cidr FROM allowed_ips")] == ["198.18.0.1/32"]
+    with pytest.raises(sqlite3.OperationalError):
+        conn.execute("SELECT rowid FROM allowed_ips")
+    plan = " ".join(r[-1] for r in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT hi FROM allowed_ips WHERE tenant_id = 1 AND family = 4"
+        " ORDER BY lo DESC LIMIT 1"))
+    assert "allowed_ips_range" in plan
+    conn.execute("DELETE FROM peers")  # the cascade survived the rebuild too
+    assert conn.execute("SELECT count(*) FROM allowed_ips").fetchone()[0] == 0
     assert len(regdb.feed_id(conn)) == 16
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert regdb.migrate(conn) == regdb.SCHEMA_VERSION  # idempotent
