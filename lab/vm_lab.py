@@ -369,8 +369,9 @@ class VMLab:
                 "WGJIT_PUBKEY_DIR": str(Path(self.state.dir) / "pubkeys")}
 
     def pyinfra(self, args: list[str], *, env: dict[str, str] | None = None,
-                timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        """`pyinfra inventory/lab.py ARGS` from the bridge namespace, in the checkout."""
+                timeout: float = 1800,
+                inventory: str = "inventory/lab.py") -> subprocess.CompletedProcess[str]:
+        """`pyinfra INVENTORY ARGS` from the bridge namespace, in the checkout."""
         # The bridge namespace has no route to the package index: the wheels the deploy
         # uploads are built (or found in the cache) out here first.
         from wgjit_deploy.wheels import wheelhouse
@@ -378,7 +379,7 @@ class VMLab:
         pyinfra = Path(sys.executable).with_name("pyinfra")
         full_env = {**os.environ, **self.deploy_env(), **(env or {}), "PYINFRA_PROGRESS": "off"}
         return subprocess.run(["ip", "netns", "exec", self.net, str(pyinfra),
-                               "inventory/lab.py", *args], cwd=CHECKOUT, capture_output=True,
+                               inventory, *args], cwd=CHECKOUT, capture_output=True,
                               text=True, timeout=timeout, env=full_env)
 
     def gateway_public_key(self, name: str) -> str:

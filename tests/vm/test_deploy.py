@@ -11,6 +11,7 @@ Slow by nature (qemu TCG): the image is cached under /var/cache/wgjit-lab.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import pytest
 
 from appliance.registry import tokens
 from appliance.secrets import read_secret
+from lab import addressing
 from lab import client as lab_client
 from lab.vm_lab import GATEWAY_IFNAME, VMLab
 
@@ -189,6 +191,63 @@ def test_client_connects_just_in_time_and_is_evicted(lab, first_run):
     lab_client.reset_session(c, g)
     assert lab_client.ping_once(c, g, count=60, wait=60)
     assert c.public_key in _gateway_peers(lab)
+
+
+# The Vagrant lab's clients are VMs running the client role; here the registry VM
+# takes that role too (a third emulated VM would cost minutes), with an address
+# no namespace client uses.
+CLIENT_VM_INVENTORY = """
+from lab.vm_lab import inventory_groups
+
+_name, _data = inventory_groups()["registry"][0]
+clients = [(_name, {**_data, "wg_address": [{address!r}], "gateway": {gateway!r},
+                    "gateway_endpoint": {endpoint!r}, "gateway_ips": [{gateway_ip!r}]})]
+"""
+
+
+def test_client_role_on_a_vm_connects_through_the_gateway(lab, first_run, tmp_path):
+    gw, reg = _gateway_name(lab), _registry_name(lab)
+    if gw == reg:
+        pytest.skip("WGJIT_VM_COMBINED=1: no VM without a gateway to be the client")
+    gw_vm = lab.state.vm(gw)
+    address = addressing.client_tunnel(9)[0]
+    gateway_ip = str(ipaddress.ip_interface(gw_vm.tunnel4).ip)
+    inventory = tmp_path / "client_vm.py"
+    inventory.write_text(CLIENT_VM_INVENTORY.format(
+        address=address, gateway=gw, gateway_ip=f"{gateway_ip}/32",
+        endpoint=f"{gw_vm.address4}:{addressing.WG_PORT}"))
+    p = lab.pyinfra(["-y", "--json", "deploy.py"], inventory=str(inventory))
+    assert p.returncode == 0, f"client deploy failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    assert _errors(_results(p)) == {}
+    conf = lab.ssh(reg, ["cat", "/etc/wireguard/wgjit.conf"], check=True).stdout
+    # The config comes from the registry's record; the private key never leaves its file.
+    assert f"Address = {address}" in conf and "PrivateKey" not in conf
+    assert lab.gateway_public_key(gw) in conf
+    for path in ("/etc/wireguard/wgjit.conf", "/etc/wireguard/wgjit.key"):
+        st = lab.ssh(reg, ["stat", "-c", "%a %U", path], check=True).stdout.split()
+        assert st == ["600", "root"], path
+    client_key = lab.ssh(reg, ["wg", "show", "wgjit", "public-key"], check=True).stdout.strip()
+    shown = subprocess.run(
+        ["ip", "netns", "exec", lab.net, sys.executable, "-m", "appliance", "peer", "show",
+         "--registry", f"http://{lab.state.vm(reg).address4}:8080", "--token-file",
+         lab.state.admin_token_file, "--json", client_key],
+        capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["allowed_ips"] == [address]
+
+    # wg-quick's first keepalive is the client's first handshake: the gateway
+    # pulls it from the registry and installs it in the kernel just in time.
+    t0 = time.monotonic()
+    ping = lab.ssh(reg, ["ping", "-c", "1", "-w", "60", gateway_ip], timeout=120)
+    TIMINGS["client VM first reply"] = time.monotonic() - t0
+    assert ping.returncode == 0, f"no reply from {gateway_ip}:\n{ping.stdout}{ping.stderr}"
+    assert client_key in _gateway_peers(lab)
+    handshake = lab.ssh(reg, ["wg", "show", "wgjit", "latest-handshakes"], check=True).stdout
+    assert int(handshake.split()[1]) > 0
+
+    again = lab.pyinfra(["-y", "--json", "deploy.py"], inventory=str(inventory))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _changed(_results(again)) == {}
 
 
 def test_second_run_changes_nothing(lab, first_run):
