@@ -200,8 +200,8 @@ CLIENT_VM_INVENTORY = """
 from lab.vm_lab import inventory_groups
 
 _name, _data = inventory_groups()["registry"][0]
-clients = [(_name, {**_data, "wg_address": [{address!r}], "gateway": {gateway!r},
-                    "gateway_endpoint": {endpoint!r}, "gateway_ips": [{gateway_ip!r}]})]
+clients = [(_name, {{**_data, "wg_address": [{address!r}], "gateway": {gateway!r},
+                    "gateway_endpoint": {endpoint!r}, "gateway_ips": [{gateway_ip!r}]}})]
 """
 
 
