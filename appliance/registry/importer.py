@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
-from appliance.registry import cidr, validate
+from appliance.registry import validate
 from appliance.registry.errors import APIError
 from appliance.registry.model import NewPeer
 
@@ -54,22 +54,7 @@ def _peer(text: str) -> NewPeer:
     psk = body.get("preshared_key")
     return NewPeer(
         validate.key(body.get("public_key")),
-        _networks(body.get("allowed_ips")),
+        validate.allowed_ips(body.get("allowed_ips")),
         validate.name(body.get("name")),
         None if psk is None else validate.key(psk, "preshared_key"),
     )
-
-
-def _networks(value: object) -> list[cidr.Net]:
-    # The common import is one address per family, already canonical: parsed
-    # directly; anything else gets the API's full validation and messages.
-    if isinstance(value, list) and 0 < len(value) <= 2 and all(
-            isinstance(v, str) and "/" in v for v in value):
-        try:
-            nets = [cidr.parse(v) for v in value]
-        except ValueError:
-            nets = []
-        if nets and (len(nets) == 1 or not cidr.overlaps(*nets)):
-            return nets
-    return validate.allowed_ips(value)
-
