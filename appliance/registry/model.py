@@ -7,9 +7,9 @@ cursors commit in order and a reader never sees cursor N+1 without N.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from appliance.registry import db
@@ -190,6 +190,10 @@ def peer_dict(row: sqlite3.Row, ips: list[str]) -> dict:
     }
 
 
+# Peers per executemany in a bulk insert: bounds the rows held in memory.
+BULK_CHUNK = 20_000
+
+
 class NewPeer(NamedTuple):
     public_key: str
     allowed_ips: list[Net]
@@ -198,7 +202,7 @@ class NewPeer(NamedTuple):
 
 
 def bulk_create_peers(conn: sqlite3.Connection, tenant: str, peers: Iterable[NewPeer],
-                      batch: int | None = 20_000,
+                      batch: int | None = BULK_CHUNK,
                       progress: Callable[[int], None] | None = None) -> int:
     """Create many peers with the API's checks; returns how many.
 
@@ -225,23 +229,28 @@ def bulk_create_peers(conn: sqlite3.Connection, tenant: str, peers: Iterable[New
 
 def _bulk_insert(conn: sqlite3.Connection, tid: int, tenant: str, peers: Iterable[NewPeer],
                  batch: int | None, progress: Callable[[int], None] | None) -> int:
-    chunk_size = batch or 20_000
-    whole = db.write(conn) if batch is None else contextlib.nullcontext()
     count = 0
-    it = iter(peers)
-    with whole:
-        while True:
-            chunk = [p for _, p in zip(range(chunk_size), it, strict=False)]
-            if not chunk:
-                break
-            with db.write(conn) if batch is not None else contextlib.nullcontext():
+    if batch is None:  # one transaction, all or nothing
+        with db.write(conn):
+            for chunk in _chunks(peers, BULK_CHUNK):
                 _insert_chunk(conn, tid, tenant, chunk)
-            count += len(chunk)
-            if progress is not None and batch is not None:
-                progress(count)
-    if progress is not None and batch is None:
-        progress(count)
+                count += len(chunk)
+        if progress is not None:
+            progress(count)
+        return count
+    for chunk in _chunks(peers, batch):
+        with db.write(conn):
+            _insert_chunk(conn, tid, tenant, chunk)
+        count += len(chunk)
+        if progress is not None:
+            progress(count)
     return count
+
+
+def _chunks(items: Iterable[NewPeer], size: int) -> Iterator[list[NewPeer]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _insert_chunk(conn: sqlite3.Connection, tid: int, tenant: str, chunk: list[NewPeer]) -> None:
