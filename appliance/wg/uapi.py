@@ -130,30 +130,14 @@ class UapiDevice(WgDevice):
             return self._read_answer(s, what)
 
     def _read_answer(self, s: socket.socket, what: str, *, tolerate_eof: bool = False) -> str:
-        buf = bytearray()
-        while True:
-            try:
-                chunk = s.recv(_READ_CHUNK)
-            except TimeoutError as e:
-                if tolerate_eof:
-                    return ""
-                raise DeviceTimeout(f"{self.ifname}: no complete answer to {what} within "
-                                    f"{self.timeout}s", ifname=self.ifname) from e
-            except OSError as e:
-                if tolerate_eof:
-                    return ""
-                raise ProtocolError(f"{self.ifname}: reading the answer to {what}: {e}",
-                                    ifname=self.ifname) from e
-            if not chunk:
-                if tolerate_eof:
-                    return buf.decode(errors="replace") if buf.endswith(b"\n\n") else ""
-                raise ProtocolError(f"{self.ifname}: the device closed the connection before "
-                                    f"answering {what} completely", ifname=self.ifname)
-            start = max(0, len(buf) - 1)
-            buf += chunk
-            # An answer has no blank line before its end, so the first "\n\n" is the end.
-            if buf.find(b"\n\n", start) != -1:
-                return buf.decode(errors="replace")
+        """The whole answer as text; with tolerate_eof, "" when no complete one comes."""
+        try:
+            chunks = self._read_chunks(s, what)
+        except (DeviceTimeout, ProtocolError):
+            if tolerate_eof:
+                return ""
+            raise
+        return b"".join(chunks).decode(errors="replace")
 
     def _set(self, lines: Sequence[str], what: str) -> None:
         answer = self.transact(proto.set_request(lines), what)
