@@ -136,13 +136,15 @@ class VM:
         there can back a NIC given in qemu_args.
     qemu_args: extra qemu arguments (NICs, disks). The guest has no network unless
         these add one.
+    kernel: which /boot kernel to boot; default find_kernel() (the stock one, or
+        $WGJIT_VM_KERNEL).
     """
 
     def __init__(self, *, memory_mb: int = 1024, cpus: int = 1,
                  modules: Sequence[str] = ("wireguard",), boot_timeout: float = 120,
                  log_dir: str | Path | None = None, echo: bool | IO[str] = False,
                  netns: str | None = None, qemu_args: Sequence[str] = (),
-                 hostname: str = "wgjit-vm") -> None:
+                 hostname: str = "wgjit-vm", kernel: Kernel | None = None) -> None:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.modules = tuple(modules)
@@ -152,7 +154,7 @@ class VM:
         self.netns = netns
         self.qemu_args = list(qemu_args)
         self.hostname = hostname
-        self.kernel: Kernel | None = None
+        self.kernel: Kernel | None = kernel
         self.kernel_version = ""  # as the guest's `uname -r` reported it
         self.boot_seconds = 0.0
         self._rundir: Path | None = None
@@ -198,7 +200,8 @@ class VM:
         t0 = time.monotonic()
         self._buf = bytearray()
         self._busy = False
-        self.kernel = find_kernel()
+        if self.kernel is None:
+            self.kernel = find_kernel()
         self._boot_image = boot_image(self.kernel)
         image = initramfs(self.kernel)
         if self.log_dir is None:

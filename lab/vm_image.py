@@ -2,9 +2,10 @@
 
 The quick VM (lab/vm.py) shares the host's root over 9p; a deploy target must be
 a machine of its own, so this builds one with debootstrap and boots it from a
-disk. The kernel is the host's Debian kernel (picked from /boot by what is there)
-booted by qemu with the host's initrd; its modules are copied into the image so
-udev and modprobe inside the guest find WireGuard.
+disk. The kernel is one of the host's Debian kernels (lab/vm_kernel.py picks it:
+the stock one unless $WGJIT_VM_KERNEL says otherwise) booted by qemu with a small
+initrd of ours; its modules are copied into the image so udev and modprobe inside
+the guest find WireGuard.
 
 The image is cached under $WGJIT_IMAGE_CACHE (default /var/cache/wgjit-lab) by a
 hash of its recipe (this file, the package lists, the kernel version, the mirror),
@@ -32,20 +33,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lab.vm_initramfs import (
-    BOOT_DIR,
+from lab.vm_initramfs import _busybox, _decompressed, _ko_name
+from lab.vm_kernel import (
     MODULES_DIR,
+    Kernel,
     VMImageError,
-    _busybox,
-    _decompressed,
-    _ko_name,
+    choose,
+    installed_kernels,
     module_files,
+    modules_to_load,
 )
 from wgjit_deploy import packages
 
 SUITE = "bookworm"
 # Bump when the way the image is assembled changes without the inputs changing.
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"
 IMAGE_SIZE = "3G"
 BASE_PACKAGES = [
     "systemd-sysv", "udev", "dbus", "openssh-server", "kmod", "iproute2", "procps",
@@ -104,8 +106,17 @@ WantedBy=multi-user.target
 
 
 # The host's initrd (initramfs-tools, every driver) takes over a minute to unpack
-# and probe under TCG on a busy machine; this one loads two drivers and mounts /dev/vda.
-ROOT_MODULES = ("virtio_blk", "ext4")
+# and probe under TCG on a busy machine; this one loads what the kernel lacks of
+# these (lab/vm_kernel.py reads which) and mounts /dev/vda.
+ROOT_DRIVERS = {
+    "virtio_pci": "the PCI transport of every virtio device",
+    "virtio_blk": "the root disk, /dev/vda",
+    "ext4": "the root filesystem",
+    # udev would load it from the image too, later; networkd and sshd wait for it.
+    "virtio_net": "the lab NIC, a virtio-net-pci device",
+}
+# Not needed to boot, but a VM lab kernel without it is useless.
+REQUIRED_DRIVERS = {"wireguard": "kernel WireGuard, what the VM lab is for"}
 INITRD_INIT = r"""#!/bin/busybox sh
 export PATH=/bin
 busybox mkdir -p /proc /sys /dev /newroot
@@ -127,17 +138,10 @@ exec busybox switch_root /newroot /sbin/init
 
 
 @dataclasses.dataclass(frozen=True)
-class DiskKernel:
-    version: str
-    image: Path
-    initrd: Path
-
-
-@dataclasses.dataclass(frozen=True)
 class Image:
     path: Path
     initrd: Path  # small, ours (see INITRD_INIT), built with the image
-    kernel: DiskKernel
+    kernel: Kernel
     recipe: str
     build_seconds: float  # 0 when it came from the cache
 
@@ -197,40 +201,26 @@ def debian_mirror(suite: str = SUITE) -> str:
                        "set WGJIT_DEBIAN_MIRROR")
 
 
-def _version_key(version: str) -> list[tuple[int, str]]:
-    return [(int(n), "") if n else (0, s) for n, s in re.findall(r"(\d+)|(\D+)", version)]
-
-
-def find_disk_kernel() -> DiskKernel:
-    """The newest /boot kernel with an initrd and a WireGuard module ($WGJIT_VM_KERNEL wins).
+def find_disk_kernel() -> Kernel:
+    """The kernel the VM lab boots: $WGJIT_VM_KERNEL if set, else the stock one.
 
     A disk root needs no 9p, so Debian's cloud kernel serves as well as the full one.
     """
-    wanted = os.environ.get("WGJIT_VM_KERNEL")
-    found = []
-    for image in BOOT_DIR.glob("vmlinuz-*"):
-        version = image.name.removeprefix("vmlinuz-")
-        initrd = BOOT_DIR / f"initrd.img-{version}"
-        if wanted and version != wanted:
-            continue
-        if not initrd.is_file() or not (MODULES_DIR / version / "modules.dep").is_file():
-            continue
+    usable = []
+    for kernel in installed_kernels():
         try:
-            module_files(version, ["wireguard"])
+            modules_to_load(kernel.version, {**ROOT_DRIVERS, **REQUIRED_DRIVERS})
         except VMImageError:
             continue
-        found.append(DiskKernel(version, image, initrd))
-    if not found:
-        raise VMImageError("no kernel in /boot with an initrd and a WireGuard module "
-                           "(apt-get install linux-image-amd64)"
-                           + (f"; WGJIT_VM_KERNEL={wanted} not among them" if wanted else ""))
-    return max(found, key=lambda k: _version_key(k.version))
+        usable.append(kernel)
+    return choose(usable, ", ".join([*ROOT_DRIVERS, *REQUIRED_DRIVERS])
+                  + " built in or as modules")
 
 
-def recipe_hash(kernel: DiskKernel, mirror: str) -> str:
+def recipe_hash(kernel: Kernel, mirror: str) -> str:
     h = hashlib.sha256()
     for part in (RECIPE_VERSION, SUITE, IMAGE_SIZE, mirror, kernel.version, GUEST_SETUP,
-                 GUEST_UNIT, INITRD_INIT, *ROOT_MODULES, *image_packages()):
+                 GUEST_UNIT, INITRD_INIT, *ROOT_DRIVERS, *image_packages()):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -259,7 +249,7 @@ def _run(argv: list[str], log: Path, timeout: float = 900) -> None:
         raise VMImageError(f"{argv[0]} failed ({p.returncode}); log {log}:\n{tail}")
 
 
-def _configure(root: Path, kernel: DiskKernel, mirror: str) -> None:
+def _configure(root: Path, kernel: Kernel, mirror: str) -> None:
     shutil.copytree(MODULES_DIR / kernel.version, root / "lib/modules" / kernel.version,
                     symlinks=True, dirs_exist_ok=True)
     (root / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
@@ -332,7 +322,7 @@ def build_image(*, progress: Callable[[str], None] | None = None) -> Image:
         return Image(out, initrd, kernel, recipe, seconds)
 
 
-def _build_initrd(kernel: DiskKernel, out: Path) -> None:
+def _build_initrd(kernel: Kernel, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".initrd-") as tmp:
         root = Path(tmp) / "root"
         (root / "bin").mkdir(parents=True)
@@ -341,7 +331,7 @@ def _build_initrd(kernel: DiskKernel, out: Path) -> None:
         (root / "init").write_text(INITRD_INIT)
         (root / "init").chmod(0o755)
         order = []
-        for path in module_files(kernel.version, list(ROOT_MODULES)):
+        for path in module_files(kernel.version, modules_to_load(kernel.version, ROOT_DRIVERS)):
             (root / "lib/wgjit" / _ko_name(path)).write_bytes(_decompressed(path))
             order.append(_ko_name(path))
         (root / "lib/wgjit/modules.order").write_text("\n".join(order) + "\n")

@@ -1,8 +1,9 @@
-"""The quick VM's boot pieces: pick a kernel from /boot, build a tiny initramfs.
+"""The quick VM's boot pieces: a tiny initramfs for a kernel from /boot.
 
-The initramfs holds a static busybox, the modules needed to mount the host's root
-over 9p with an overlay on top (decompressed here, so busybox insmod needs no xz
-support), and the two scripts in lab/vm_init/. Everything else comes from the host's
+The initramfs holds a static busybox, the modules the chosen kernel lacks to reach
+its control port and mount the host's root over 9p with an overlay on top
+(decompressed here, so busybox insmod needs no xz support), and the two scripts in
+lab/vm_init/. Everything else comes from the host's
 own root inside the VM: modprobe, iproute2, Python, the checkout.
 
 It is built at run time into a cache directory, keyed by the kernel version and a
@@ -12,12 +13,10 @@ binary is ever committed.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import lzma
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -25,36 +24,37 @@ import tempfile
 import zlib
 from pathlib import Path
 
-BOOT_DIR = Path("/boot")
-MODULES_DIR = Path("/lib/modules")
+from lab.vm_kernel import (
+    Kernel,
+    VMImageError,
+    choose,
+    installed_kernels,
+    module_files,
+    modules_to_load,
+)
+
+__all__ = ["CHECKOUT", "Kernel", "VMImageError", "boot_image", "cache_dir", "find_kernel",
+           "initramfs", "module_files", "usable_kernels"]
+
 INIT_DIR = Path(__file__).with_name("vm_init")
 CHECKOUT = Path(__file__).resolve().parent.parent
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
-# What the initramfs must load before it can switch root. virtio_pci is built into
-# Debian's kernels but may be a module elsewhere; --show-depends says which.
-ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
-# A kernel without these is useless here. They go into the initramfs too: insmod of
-# a decompressed file there takes a fraction of modprobe's time over 9p under TCG.
-REQUIRED_MODULES = ("wireguard",)
-INITRAMFS_MODULES = (*ROOT_MODULES, *REQUIRED_MODULES)
+# What must work before the initramfs can switch root, and why. Which of these are
+# loaded is read off each kernel (lab/vm_kernel.py); wireguard goes in too because
+# insmod of a decompressed file here takes a fraction of modprobe's time over 9p
+# under TCG.
+BOOT_DRIVERS = {
+    "virtio_pci": "the PCI transport of every virtio device",
+    "virtio_console": "the agent's control port, a virtio-serial-pci port",
+    "9pnet_virtio": "the host's root over 9p",
+    "9p": "the host's root over 9p",
+    "overlay": "the VM's writable root",
+    "wireguard": "kernel WireGuard, what the VM is for",
+}
 
 # Bump when the way the image is assembled changes without the inputs changing.
-RECIPE_VERSION = "1"
-
-
-class VMImageError(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    version: str
-    image: Path  # the bzImage in /boot
-
-    @property
-    def config(self) -> Path:
-        return self.image.with_name(f"config-{self.version}")
+RECIPE_VERSION = "2"
 
 
 def cache_dir() -> Path:
@@ -63,58 +63,26 @@ def cache_dir() -> Path:
     return Path(env) if env else CHECKOUT / ".cache" / "wgjit-lab"
 
 
-def _version_key(version: str) -> list[tuple[int, str]]:
-    # "6.12.117+deb12-rt-amd64" sorts numerically on its numeric runs.
-    return [(int(n), "") if n else (0, s) for n, s in re.findall(r"(\d+)|(\D+)", version)]
-
-
-def module_files(version: str, modules: tuple[str, ...] | list[str]) -> list[Path]:
-    """The .ko files (compressed or not) that load `modules`, dependencies first.
-
-    Built-in modules contribute nothing. Raises VMImageError for a missing one.
-    """
-    files: list[Path] = []
-    for name in modules:
-        proc = subprocess.run(["modprobe", "-S", version, "--show-depends", name],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise VMImageError(f"kernel {version} has no module {name}: {proc.stderr.strip()}")
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "insmod":
-                path = Path(parts[1])
-                if path not in files:
-                    files.append(path)
-    return files
+def boot_modules(version: str) -> list[Path]:
+    """The module files this kernel needs in the initramfs, dependencies first."""
+    return module_files(version, modules_to_load(version, BOOT_DRIVERS))
 
 
 def usable_kernels() -> list[Kernel]:
-    """Kernels in /boot that have their modules, 9p, overlay and WireGuard; newest first."""
+    """Kernels in /boot that can boot a quick VM, in preference order (stock first)."""
     found = []
-    for image in BOOT_DIR.glob("vmlinuz-*"):
-        version = image.name.removeprefix("vmlinuz-")
-        if not (MODULES_DIR / version / "modules.dep").is_file():
-            continue
+    for kernel in installed_kernels():
         try:
-            module_files(version, INITRAMFS_MODULES)
+            boot_modules(kernel.version)
         except VMImageError:
             continue
-        found.append(Kernel(version, image))
-    return sorted(found, key=lambda k: _version_key(k.version), reverse=True)
+        found.append(kernel)
+    return found
 
 
 def find_kernel() -> Kernel:
-    """The kernel to boot: $WGJIT_VM_KERNEL (a version) if set, else the newest usable one."""
-    kernels = usable_kernels()
-    wanted = os.environ.get("WGJIT_VM_KERNEL")
-    if wanted:
-        kernels = [k for k in kernels if k.version == wanted]
-    if not kernels:
-        raise VMImageError(
-            "no usable kernel in /boot (need vmlinuz-<v> with /lib/modules/<v> holding "
-            "9p, 9pnet_virtio, overlay and wireguard; Debian's linux-image-amd64 has them)"
-            + (f"; WGJIT_VM_KERNEL={wanted} not among them" if wanted else ""))
-    return kernels[0]
+    """The kernel to boot: $WGJIT_VM_KERNEL (a version) if set, else the stock one."""
+    return choose(usable_kernels(), ", ".join(BOOT_DRIVERS) + " built in or as modules")
 
 
 def _bzimage_payload(data: bytes) -> bytes:
@@ -210,7 +178,7 @@ def _recipe_hash(kernel: Kernel, modules: list[Path], busybox: Path) -> str:
 
 def initramfs(kernel: Kernel) -> Path:
     """Path of the cached initramfs for `kernel`, building it first if needed."""
-    modules = module_files(kernel.version, INITRAMFS_MODULES)
+    modules = boot_modules(kernel.version)
     busybox = _busybox()
     out = cache_dir() / f"initramfs-{kernel.version}-{_recipe_hash(kernel, modules, busybox)}.cpio"
     if out.is_file():
