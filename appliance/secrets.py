@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -30,14 +32,22 @@ def read_secret(path: str | os.PathLike[str], *, what: str = "secret") -> str:
 
 
 def write_secret(path: str | os.PathLike[str], value: str) -> Path:
-    """Create or replace a 0600 file atomically; the secret is never world-readable."""
+    """Create or replace a 0600 file atomically; the secret is never world-readable.
+
+    The temporary file gets a random name and is created with O_EXCL|O_NOFOLLOW
+    (mkstemp): a name planted beforehand, say a symlink to a file the attacker can
+    read, makes the create fail instead of being written through. The final rename
+    replaces a symlink at `path` itself rather than following it.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
     try:
-        os.write(fd, (value.rstrip("\n") + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        with os.fdopen(fd, "wb") as f:
+            f.write((value.rstrip("\n") + "\n").encode())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return p
