@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,34 @@ def _parse_list(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def _parse_urls(value: Any) -> list[str]:
+    """One URL, or several: a TOML list, or text separated by commas or spaces."""
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    urls = []
+    for item in items:
+        url = str(item).strip().rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname \
+                or any(c in url for c in ", \t\n"):
+            raise ValueError(f"{item!r} is not an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            # URLs end up in logs and metric labels; the token has its own 0600 file.
+            raise ValueError("credentials do not belong in a URL; use the token file")
+        if url in urls:
+            raise ValueError(f"{item!r} is given twice")
+        urls.append(url)
+    if not urls:
+        raise ValueError("no URL given")
+    return urls
+
+
 BOOL = _parse_bool
 LIST = _parse_list
+URLS = _parse_urls
 
 
 def positive(value: Any) -> str | None:

@@ -28,7 +28,7 @@ def _non_negative(value: float) -> str | None:
 
 OPTIONS = [
     Option("interface", required=True),
-    Option("registry", required=True),
+    Option("registry", config.URLS, required=True),
     Option("token-file", required=True),
     Option("listen-port", int, 51820, check=_port),
     Option("private-key-file"),
@@ -60,7 +60,8 @@ def settings_from(args: argparse.Namespace):
 
     s = config.resolve(OPTIONS, vars(args), config.read_config_file(args.config), "gateway")
     fields = {f.name for f in dataclasses.fields(GatewaySettings)}
-    renamed = {"capture_interface": "capture_interfaces", "address": "addresses"}
+    renamed = {"registry": "registries", "capture_interface": "capture_interfaces",
+               "address": "addresses"}
     values = {renamed.get(k, k): v for k, v in s.items()}
     return GatewaySettings(**{k: v for k, v in values.items() if k in fields}), s["log_format"]
 
@@ -103,7 +104,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a = run.add_argument
     a("--config", metavar="FILE", help="TOML config file ([gateway] table)")
     a("--interface", metavar="IFNAME", help="WireGuard interface to adopt or create")
-    a("--registry", metavar="URL", help="registry base URL")
+    a("--registry", action="append", metavar="URL",
+      help="registry server base URL; repeat for several servers over one database, "
+           "asked in this order, failing over between them (WGJIT_REGISTRY: a comma- "
+           "or space-separated list)")
     a("--token-file", metavar="FILE", help="0600 file with a gateway-scope token")
     a("--listen-port", type=int, metavar="PORT", help="UDP port when creating (51820)")
     a("--private-key-file", metavar="FILE", help="0600 private key, to create the interface")

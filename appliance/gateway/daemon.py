@@ -28,11 +28,12 @@ from appliance.gateway import events
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
+from appliance.gateway.failover import PROBE_EVERY
 from appliance.gateway.feed import FeedFollower
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
 from appliance.gateway.metrics import GatewayMetrics, serve_http
-from appliance.gateway.pull import GatewayRegistry
+from appliance.gateway.pull import build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.replay import ReplayGuard
 from appliance.gateway.schedule import Jobs
@@ -57,7 +58,7 @@ SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "st
 @dataclass
 class GatewaySettings:
     interface: str
-    registry: str
+    registries: list[str]  # registry server URLs, in order of preference
     token_file: str
     listen_port: int = 51820
     private_key_file: str | None = None
@@ -150,7 +151,8 @@ class Gateway:
         adopted = self.installer.adopt()
         for key in adopted:
             events.emit("peer_adopted", public_key=key)
-        self.registry = GatewayRegistry(s.registry, token, timeout=s.registry_timeout)
+        self.registry = build_gateway_registry(s.registries, token, self.metrics,
+                                               timeout=s.registry_timeout)
         db_path = state_dir / "gateway.db"
         self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
                                CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
@@ -182,6 +184,7 @@ class Gateway:
         # check_handshakes lengthens it when reading the device gets expensive.
         self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
         self.jobs.every("cache_expire", 300, self.cache.expire)
+        self.jobs.every("registry_probe", PROBE_EVERY, self.registry.servers.probe)
         self.jobs.start()
 
     def stop(self) -> None:
@@ -438,6 +441,8 @@ class Gateway:
             "scheduler": sched_ok,
             "installed_peers": len(self.installer) if hasattr(self, "installer") else 0,
             "registry": {None: "unknown", True: "ok", False: "unavailable"}[self.registry_ok],
+            # Served only once start() has built the registry (serve_http comes last).
+            "registry_servers": self.registry.servers.health(),
             "feed": "ok" if getattr(self, "feed", None) and self.feed.healthy else "behind",
             "last_evict_pass": getattr(getattr(self, "evictor", None), "last_pass", {}),
         }

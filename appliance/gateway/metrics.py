@@ -46,6 +46,17 @@ class GatewayMetrics:
                                       "HTTP calls to the registry", registry=r)
         self.registry_errors = Counter("wgjit_gateway_registry_errors_total",
                                        "Registry calls that failed", registry=r)
+        self.registry_up = Gauge(
+            "wgjit_gateway_registry_up",
+            "1 while the registry server answers, 0 from a failed call until it answers again",
+            ["server"], registry=r)
+        self.registry_server_failures = Counter(
+            "wgjit_gateway_registry_server_failures_total",
+            "Calls and probes a registry server failed (unreachable, timeout, 5xx, 429)",
+            ["server"], registry=r)
+        self.registry_failovers = Counter(
+            "wgjit_gateway_registry_failovers_total",
+            "Calls retried on another registry server after a failure", registry=r)
         self.installs = Counter("wgjit_gateway_installs_total", "Peers installed", registry=r)
         self.install_errors = Counter("wgjit_gateway_install_errors_total",
                                       "Installs the device refused", registry=r)

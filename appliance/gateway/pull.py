@@ -1,18 +1,19 @@
-"""Pull a peer from the registry: timeouts, jittered retries, typed outcomes.
+"""Pull a peer from the registry: typed outcomes over one or several servers.
 
 The gateway token is scoped `gateway`: it can read peers and the change feed,
-nothing else, so a stolen gateway cannot rewrite the registry.
+nothing else, so a stolen gateway cannot rewrite the registry. Which server
+answers, and what happens when one fails, is `failover.RegistryServers`' job.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import dataclass
 
 import requests
 
+from appliance.gateway.failover import RegistryServers
+from appliance.gateway.metrics import GatewayMetrics
 from appliance.registry.client import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
@@ -46,40 +47,38 @@ class RegistryUnavailable(Exception):
 
 
 class GatewayRegistry:
-    def __init__(self, url: str, token: str, *, timeout: float = 3.0, attempts: int = 3,
-                 backoff: float = 0.2) -> None:
-        session = requests.Session()
-        # Pooled keep-alive connections: a pull is one round trip, not a TCP handshake too.
-        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=16)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        self.client = RegistryClient(url, token, timeout=timeout, session=session)
-        self.attempts = attempts
-        self.backoff = backoff
-        self.calls = 0
-        self.errors = 0
+    """The registry's gateway API (peer lookups, change feed) as the daemon uses it."""
+
+    def __init__(self, servers: RegistryServers) -> None:
+        self.servers = servers
 
     def _call(self, fn, *args):
-        for attempt in range(1, self.attempts + 1):
-            self.calls += 1
-            try:
-                return fn(*args)
-            except RegistryError as e:
-                if e.status == 404:
-                    raise PeerNotFound(str(e)) from None
-                self.errors += 1
-                if e.status in (401, 403):
-                    # Retrying will not fix a bad token; say so loudly, once per call.
-                    log.error("registry refused the gateway token: %s", e.message)
-                    raise RegistryUnavailable(str(e)) from None
-                if attempt == self.attempts:
-                    raise RegistryUnavailable(str(e)) from None
-                # Full jitter: a herd of gateways must not retry in lockstep.
-                time.sleep(random.uniform(0, self.backoff * 2 ** (attempt - 1)))
-        raise AssertionError("unreachable")
+        try:
+            return self.servers.call(lambda client: fn(client, *args))
+        except RegistryError as e:
+            if e.status == 404:
+                raise PeerNotFound(str(e)) from None
+            if e.status in (401, 403):
+                # Retrying will not fix a bad token; say so loudly, once per call.
+                log.error("registry refused the gateway token: %s", e.message)
+            raise RegistryUnavailable(str(e)) from None
 
     def peer(self, public_key: str) -> RegistryPeer:
-        return RegistryPeer.from_json(self._call(self.client.gateway_peer, public_key))
+        return RegistryPeer.from_json(self._call(RegistryClient.gateway_peer, public_key))
 
     def changes(self, since: int, limit: int = 1000) -> dict:
-        return self._call(self.client.changes, since, limit)
+        return self._call(RegistryClient.changes, since, limit)
+
+
+def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics, *,
+                           timeout: float = 3.0) -> GatewayRegistry:
+    """A client per registry server URL, in the order given (the order of preference)."""
+    clients = []
+    for url in urls:
+        session = requests.Session()
+        # Pooled keep-alive connections: a pull is one round trip, not a TCP handshake too.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=16)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        clients.append(RegistryClient(url, token, timeout=timeout, session=session))
+    return GatewayRegistry(RegistryServers(clients, metrics))
