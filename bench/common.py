@@ -184,7 +184,7 @@ def start_daemon(lab: Lab, g: Gateway, extra: Sequence[str] = (), *,
     log = Path(st.dir) / f"gateway-{g.name}.log"
     follower = EventFollower(log, g.name, from_end=True)
     spawned = time.time()
-    lab_gateway.start_daemon(g, st.registry, st.dir, 300.0, 30.0, extra)
+    lab_gateway.start_daemon(g, st.registries, st.dir, 300.0, 30.0, extra)
     st.save()
     return spawned, wait_event(follower, "gateway_ready", g, timeout)
 

@@ -39,6 +39,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     spec = topology.LabSpec(
         gateways=gateways, clients=args.clients, prefix=args.prefix,
         registry="no" if args.no_registry else ("yes" if args.registry else "auto"),
+        registries=args.registries,
         daemon=not args.no_daemon, psk=args.psk, endpoint_family=args.family,
         idle_timeout=args.idle_timeout, evict_interval=args.evict_interval)
     lab = topology.Lab.up(spec, progress=_progress(time.monotonic()), keep=not args.foreground)
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default plain: clients pre-provisioned with `wg set`)")
     up.add_argument("--registry", action="store_true", help="fail if the registry cannot start")
     up.add_argument("--no-registry", action="store_true")
+    up.add_argument("--registries", type=int, default=1, metavar="N",
+                    help="registry servers over the one database; jit gateways fail over "
+                         "between them (1)")
     up.add_argument("--no-daemon", action="store_true",
                     help="jit gateways without `wgjit gateway run` (empty interfaces)")
     up.add_argument("--psk", action="store_true", help="give every client a preshared key")

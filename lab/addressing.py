@@ -3,7 +3,8 @@ fd00::/8 in the tunnels. Never private ranges: the lab must not look like a real
 network to anything that leaks out of it.
 
 Underlay ("the internet", a bridge in the "<prefix>-net" namespace that also routes):
-  servers  192.0.2.0/24      2001:db8:1::/64   router .1 / ::1, registry .2, gateway gN .10+N
+  servers  192.0.2.0/24      2001:db8:1::/64   router .1 / ::1, registry server N .1+N
+                                               (N <= 9), gateway gN .10+N
   clients  198.51.100.0/24   2001:db8:2::/64   client cN: .1+N (N <= 253)
            203.0.113.0/24                      then .N-252 (N <= 506)
 Tunnel:
@@ -27,14 +28,17 @@ ROUTER6 = [str(SERVER_NET6[1]), str(CLIENT_NET6[1])]
 
 UNDERLAY_IF = "ul0"  # every host's leg into the internet
 MAX_GATEWAYS = 99
+MAX_REGISTRIES = 9  # registry servers sit below the gateways' .11
 MAX_CLIENTS = 506
 REGISTRY_PORT = 8080
 # WireGuard's customary port; every gateway has its own namespace, so all use it.
 WG_PORT = 51820
 
 
-def registry_underlay() -> tuple[str, str]:
-    return str(SERVER_NET4[2]), str(SERVER_NET6[2])
+def registry_underlay(n: int = 1) -> tuple[str, str]:
+    if not 1 <= n <= MAX_REGISTRIES:
+        raise ValueError(f"registry server number {n} outside 1..{MAX_REGISTRIES}")
+    return str(SERVER_NET4[1 + n]), str(SERVER_NET6[1 + n])
 
 
 def gateway_underlay(n: int) -> tuple[str, str]:

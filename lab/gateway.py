@@ -83,24 +83,29 @@ def peers(ifname: str) -> list[PeerInfo]:
     return out
 
 
-def daemon_argv(g: Gateway, reg: Registry, state_dir: str, idle_timeout: float,
+def daemon_argv(g: Gateway, regs: Sequence[Registry], state_dir: str, idle_timeout: float,
                 evict_interval: float, extra: Sequence[str] = ()) -> list[str]:
-    """extra: more `wgjit gateway run` flags; later flags win, so they may override these."""
+    """regs: the registry servers, in the gateway's order of preference.
+
+    extra: more `wgjit gateway run` flags; later flags win, so they may override
+    these (but a `--registry` there adds a server).
+    """
+    servers = [arg for r in regs for arg in ("--registry", r.url)]
     return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
-            "--registry", reg.url, "--token-file", reg.gateway_token_file,
+            *servers, "--token-file", regs[0].gateway_token_file,
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
             "--evict-interval", f"{evict_interval:g}", "--backend", "uapi",
             "--capture-interface", addressing.UNDERLAY_IF, "--log-format", "json", *extra]
 
 
-def start_daemon(g: Gateway, reg: Registry, lab_dir: str, idle_timeout: float,
+def start_daemon(g: Gateway, regs: Sequence[Registry], lab_dir: str, idle_timeout: float,
                  evict_interval: float, extra: Sequence[str] = ()) -> None:
     state_dir = Path(lab_dir) / f"gateway-{g.name}"
     state_dir.mkdir(mode=0o700, exist_ok=True)
     g.metrics = METRICS_LISTEN
     g.daemon_log = str(Path(lab_dir) / f"gateway-{g.name}.log")
-    g.daemon_argv = daemon_argv(g, reg, str(state_dir), idle_timeout, evict_interval, extra)
+    g.daemon_argv = daemon_argv(g, regs, str(state_dir), idle_timeout, evict_interval, extra)
     g.daemon_pid = procs.spawn(g.ns, g.daemon_argv, g.daemon_log)
 
 

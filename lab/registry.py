@@ -6,6 +6,7 @@ bridge namespace (see nsexec), like any gateway or operator on that network woul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def start_registry(state_dir: str, ns: str) -> Registry:
     return reg
 
 
+def another_server(first: Registry, n: int, ns: str, state_dir: str) -> Registry:
+    """Registry server n over the first one's database and tokens, in namespace ns.
+
+    The lab's namespaces share one filesystem, so servers in two of them can
+    serve the same SQLite file (WAL): the registry beyond one machine, in miniature.
+    """
+    ip4, ip6 = addressing.registry_underlay(n)
+    reg = dataclasses.replace(first, url=f"http://{ip4}:{addressing.REGISTRY_PORT}", ns=ns,
+                              underlay4=ip4, underlay6=ip6, pid=0,
+                              log=str(Path(state_dir) / f"registry{n}.log"))
+    serve(reg)
+    return reg
+
+
 def serve(reg: Registry) -> None:
     """Start the server over reg's existing database (again, after an outage)."""
     reg.pid = procs.spawn(reg.ns, [*wgjit_argv(), "registry", "serve", "--db", reg.db,
@@ -121,6 +136,13 @@ class RegistryClient:
         except requests.RequestException:
             return False
         return r.status_code == 200
+
+    def metrics_text(self) -> str:
+        """This server's /metrics (Prometheus text): its own counters, not the others'."""
+        r = self.worker.call(self.session.get, self.reg.url + "/metrics", timeout=HTTP_TIMEOUT)
+        if r.status_code != 200:
+            raise self._fail("metrics", r)
+        return r.text
 
     def wait_healthy(self, timeout: float = 20.0) -> float:
         """Seconds until /healthz answered; fails early if the server died."""

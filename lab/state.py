@@ -103,7 +103,8 @@ class LabState:
     dir: str
     created: float
     namespaces: list[str] = field(default_factory=list)
-    registry: Registry | None = None
+    # Registry servers over one database; the first made it (and the tokens).
+    registries: list[Registry] = field(default_factory=list)
     gateways: list[Gateway] = field(default_factory=list)
     clients: list[Client] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -114,6 +115,11 @@ class LabState:
     @property
     def path(self) -> Path:
         return Path(self.dir) / STATE_FILE
+
+    @property
+    def registry(self) -> Registry | None:
+        """The first registry server (the only one unless the lab asked for more)."""
+        return self.registries[0] if self.registries else None
 
     def gateway(self, name: str) -> Gateway:
         for g in self.gateways:
@@ -137,10 +143,10 @@ class LabState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabState:
         d = dict(d)
-        reg = d.pop("registry", None)
+        regs = d.pop("registries", [])
         gws = d.pop("gateways", [])
         cls_ = d.pop("clients", [])
-        return cls(**d, registry=Registry(**reg) if reg else None,
+        return cls(**d, registries=[Registry(**r) for r in regs],
                    gateways=[Gateway(**g) for g in gws], clients=[Client(**c) for c in cls_])
 
 

@@ -29,13 +29,17 @@ def collect(lab: Lab) -> dict[str, Any]:
         "owner_pid": st.owner_pid if st.owner_pid and procs.alive(st.owner_pid) else 0,
     }
     if st.registry:
-        r = st.registry
-        try:
-            healthy = lab.registry().healthy()
-        except LabError:
-            healthy = False
-        out["registry"] = {"url": r.url, "ns": r.ns, "pid": r.pid,
-                           "running": procs.alive(r.pid), "healthy": healthy}
+        servers = []
+        for n, r in enumerate(st.registries, 1):
+            try:
+                healthy = lab.registry(n).healthy()
+            except LabError:
+                healthy = False
+            servers.append({"url": r.url, "ns": r.ns, "pid": r.pid,
+                            "running": procs.alive(r.pid), "healthy": healthy})
+        out["registry"] = servers[0]
+        if len(servers) > 1:
+            out["registry_servers"] = servers
     handshakes: dict[str, int] = {}
     out["gateways"] = []
     for g in st.gateways:
@@ -76,10 +80,10 @@ def render(s: dict[str, Any]) -> str:
              f"  namespaces {len(s['namespaces'])}, WireGuard sockets {len(s['sockets'])}"
              + (f", removed when process {s['owner_pid']} exits" if s.get("owner_pid") else "")]
     if "registry" in s:
-        r = s["registry"]
-        health = "healthy" if r["healthy"] else ("running, not answering" if r["running"]
-                                                  else "NOT RUNNING")
-        lines.append(f"  registry {r['url']}  {health}  (ns {r['ns']}, pid {r['pid']})")
+        for r in s.get("registry_servers", [s["registry"]]):
+            health = "healthy" if r["healthy"] else ("running, not answering" if r["running"]
+                                                      else "NOT RUNNING")
+            lines.append(f"  registry {r['url']}  {health}  (ns {r['ns']}, pid {r['pid']})")
     else:
         lines.append("  registry: none")
     for g in s["gateways"]:

@@ -2,6 +2,8 @@
 
     <prefix>-net   the internet: bridge br0, routes between the server and client nets
     <prefix>-reg   `wgjit registry serve` (gunicorn) on 192.0.2.2:8080
+    <prefix>-regN  with registries=N > 1: more registry servers over the same database
+                   (the same SQLite file: namespaces share the filesystem), 192.0.2.(1+N)
     <prefix>-gN    wireguard-go <prefix>gN on :51820; in "jit" mode `wgjit gateway run` adopts it
     <prefix>-cN    wireguard-go <prefix>cN, configured with `wg` only; pings its gateway
 
@@ -35,7 +37,13 @@ from lab import addressing, client, gateway, procs
 from lab.addressing import UNDERLAY_IF, WG_PORT
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.nsexec import NetnsWorker
-from lab.registry import RegistryClient, registry_available, serve, start_registry
+from lab.registry import (
+    RegistryClient,
+    another_server,
+    registry_available,
+    serve,
+    start_registry,
+)
 from lab.state import (
     Client,
     Gateway,
@@ -73,6 +81,8 @@ class LabSpec:
     client_gateways: list[str] | None = None
     prefix: str | None = None
     registry: str = "auto"  # "auto": start it if `wgjit registry serve` exists; "yes"; "no"
+    # Registry servers over the one database; jit gateways are given them all, in order.
+    registries: int = 1
     daemon: bool = True  # in jit mode, start `wgjit gateway run` if it exists
     psk: bool = False
     endpoint_family: str = "4"  # how clients reach gateways: "4", "6" or "mixed"
@@ -93,6 +103,10 @@ class LabSpec:
             raise LabError("client_gateways needs one gateway name per client")
         if self.registry not in ("auto", "yes", "no"):
             raise LabError("registry: auto, yes or no")
+        if not 1 <= self.registries <= addressing.MAX_REGISTRIES:
+            raise LabError(f"registries: 1..{addressing.MAX_REGISTRIES}")
+        if self.registries > 1 and self.registry == "no":
+            raise LabError("registries > 1 needs the registry")
         if self.endpoint_family not in ("4", "6", "mixed"):
             raise LabError("endpoint_family: 4, 6 or mixed")
         for name in self.daemon_args:
@@ -107,11 +121,16 @@ def ns_name(prefix: str, host: str) -> str:
 
 
 def _ns_re(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(prefix)}-(net|reg|g\d+|c\d+)$")
+    return re.compile(rf"^{re.escape(prefix)}-(net|reg\d*|g\d+|c\d+)$")
 
 
 def _sock_re(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(prefix)}[gc]\d+\.sock$")
+
+
+def registry_host(n: int) -> str:
+    """The host name of registry server n: "reg", then "reg2", "reg3", ..."""
+    return "reg" if n == 1 else f"reg{n}"
 
 
 def lab_namespaces(prefix: str) -> list[str]:
@@ -136,8 +155,8 @@ def destroy(prefix: str) -> list[str]:
     problems: list[str] = []
     namespaces = lab_namespaces(prefix)
     # gunicorn stops at once on SIGINT; on SIGTERM it waits for workers to finish.
-    reg_ns = ns_name(prefix, "reg")
-    targets = [(pid, signal.SIGINT if ns == reg_ns else signal.SIGTERM)
+    reg_ns = re.compile(rf"^{re.escape(prefix)}-reg\d*$")
+    targets = [(pid, signal.SIGINT if reg_ns.match(ns) else signal.SIGTERM)
                for ns in namespaces for pid in procs.netns_pids(ns)]
     procs.stop(targets)
     # wireguard-go removes its socket on SIGTERM, not on SIGKILL.
@@ -237,7 +256,7 @@ class Lab:
         self.state = state
         self.progress = progress or _quiet
         self._workers: dict[str, NetnsWorker] = {}
-        self._registry_client: RegistryClient | None = None
+        self._registry_clients: dict[int, RegistryClient] = {}  # by server number
         self._http: dict[str, requests.Session] = {}  # per namespace, for the daemons' HTTP
 
     # -- lifecycle --
@@ -278,7 +297,7 @@ class Lab:
         for w in self._workers.values():
             w.close()
         self._workers.clear()
-        self._registry_client = None
+        self._registry_clients.clear()
         self._http.clear()
 
     def down(self) -> list[str]:
@@ -316,8 +335,9 @@ class Lab:
         # (host, address4, address6, router4, router6) for every leg into the internet
         legs: list[tuple[str, str, str, str, str]] = []
         if want_registry:
-            legs.append(("reg", *addressing.registry_underlay(),
-                         addressing.ROUTER4[0], addressing.ROUTER6[0]))
+            for n in range(1, spec.registries + 1):
+                legs.append((registry_host(n), *addressing.registry_underlay(n),
+                             addressing.ROUTER4[0], addressing.ROUTER6[0]))
 
         for i, mode in enumerate(spec.gateways, 1):
             u4, u6 = addressing.gateway_underlay(i)
@@ -386,7 +406,7 @@ class Lab:
             elif st.registry is None:
                 raise LabError(f"{g.name} jit: the daemon needs the registry")
             else:
-                gateway.start_daemon(g, st.registry, st.dir, spec.idle_timeout,
+                gateway.start_daemon(g, st.registries, st.dir, spec.idle_timeout,
                                      spec.evict_interval, spec.daemon_args.get(g.name, ()))
                 st.save()
                 secs = gateway.wait_daemon(g)
@@ -447,11 +467,20 @@ class Lab:
 
     def _start_registry(self, spec: LabSpec) -> None:
         st = self.state
-        st.registry = start_registry(st.dir, ns_name(st.prefix, "reg"))
+        st.registries.append(start_registry(st.dir, ns_name(st.prefix, registry_host(1))))
         st.save()
         rc = self.registry()
         secs = rc.wait_healthy()
-        self._say(f"registry serving at {st.registry.url} (healthy after {secs * 1000:.0f} ms)")
+        self._say(f"registry serving at {st.registries[0].url} "
+                  f"(healthy after {secs * 1000:.0f} ms)")
+        # One at a time, after the first: it has created the schema they all serve.
+        for n in range(2, spec.registries + 1):
+            st.registries.append(another_server(st.registries[0], n,
+                                                ns_name(st.prefix, registry_host(n)), st.dir))
+            st.save()
+            secs = self.registry(n).wait_healthy()
+            self._say(f"registry server {n} serving the same database at "
+                      f"{st.registries[-1].url} (healthy after {secs * 1000:.0f} ms)")
         rc.create_tenant(st.registry.tenant)
         for c in st.clients:
             psk = Path(c.psk_file).read_text().strip() if c.psk_file else None
@@ -472,34 +501,38 @@ class Lab:
             self._workers[ns] = NetnsWorker(ns)
         return self._workers[ns]
 
-    def registry(self) -> RegistryClient:
-        """The registry API, spoken from the internet namespace."""
-        if self.state.registry is None:
-            raise LabError(f"lab {self.prefix} has no registry")
-        if self._registry_client is None:
-            self._registry_client = RegistryClient(self.worker("net"), self.state.registry)
-        return self._registry_client
+    def _registry_server(self, n: int):
+        if not 1 <= n <= len(self.state.registries):
+            raise LabError(f"lab {self.prefix} has no registry server {n} "
+                           f"({len(self.state.registries)} in all)")
+        return self.state.registries[n - 1]
 
-    def stop_registry(self) -> None:
-        """Take the registry down (a registry outage); restart_registry() brings it back."""
-        reg = self.state.registry
-        if reg is None:
-            raise LabError(f"lab {self.prefix} has no registry")
-        # SIGINT: gunicorn stops at once (SIGTERM waits for its workers).
-        procs.stop([(pid, signal.SIGINT) for pid in procs.netns_pids(reg.ns)])
+    def registry(self, n: int = 1) -> RegistryClient:
+        """The registry API through server n, spoken from the internet namespace."""
+        if n not in self._registry_clients:
+            self._registry_clients[n] = RegistryClient(self.worker("net"),
+                                                       self._registry_server(n))
+        return self._registry_clients[n]
+
+    def stop_registry(self, n: int = 1, sig: int = signal.SIGINT) -> None:
+        """Take registry server n down (an outage); restart_registry(n) brings it back.
+
+        SIGINT: gunicorn stops at once (SIGTERM waits for its workers); SIGKILL:
+        the server dies, master and workers alike, as with a crashed host.
+        """
+        reg = self._registry_server(n)
+        procs.stop([(pid, sig) for pid in procs.netns_pids(reg.ns)])
         if procs.netns_pids(reg.ns):
             raise LabError(f"registry processes still running in {reg.ns}")
         reg.pid = 0
         self.state.save()
 
-    def restart_registry(self) -> float:
-        """Serve the same database again; seconds until /healthz answered."""
-        reg = self.state.registry
-        if reg is None:
-            raise LabError(f"lab {self.prefix} has no registry")
+    def restart_registry(self, n: int = 1) -> float:
+        """Serve the same database again on server n; seconds until /healthz answered."""
+        reg = self._registry_server(n)
         serve(reg)
         self.state.save()
-        return self.registry().wait_healthy()
+        return self.registry(n).wait_healthy()
 
     def stop_daemon(self, gateway_name: str, sig: int = signal.SIGTERM,
                     timeout: float = 15.0) -> None:

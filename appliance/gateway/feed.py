@@ -75,6 +75,7 @@ class FeedFollower:
 
     def poll(self) -> int:
         """Apply everything new; returns how many changes were applied."""
+        self.metrics.feed_polls.inc()
         try:
             return self._poll()
         except RegistryUnavailable as e:

@@ -80,6 +80,8 @@ class GatewayMetrics:
                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.feed_cursor = Gauge("wgjit_gateway_feed_cursor", "Change-feed cursor applied",
                                  registry=r)
+        self.feed_polls = Counter("wgjit_gateway_feed_polls_total",
+                                  "Change-feed polls started", registry=r)
         self.feed_errors = Counter("wgjit_gateway_feed_errors_total",
                                    "Change-feed polls that failed", registry=r)
         self.reconciles = Counter("wgjit_gateway_reconciles_total",

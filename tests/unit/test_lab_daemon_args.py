@@ -15,10 +15,10 @@ def test_extra_flags_come_last_so_they_override() -> None:
                 underlay6="2001:db8:1::b", tunnel4="198.18.0.1/16", tunnel6="fd00::1/64",
                 listen_port=51820, metrics="127.0.0.1:9586")
     reg = Registry(url="http://192.0.2.2:8080", gateway_token_file="/nonexistent")
-    argv = lab_gateway.daemon_argv(g, reg, "/tmp/state", 300, 30,
+    argv = lab_gateway.daemon_argv(g, [reg], "/tmp/state", 300, 30,
                                    ["--trigger-keepalive", "0", "--rate", "7"])
     assert argv[-4:] == ["--trigger-keepalive", "0", "--rate", "7"]
-    assert "--trigger-keepalive" not in lab_gateway.daemon_argv(g, reg, "/tmp/state", 300, 30)
+    assert "--trigger-keepalive" not in lab_gateway.daemon_argv(g, [reg], "/tmp/state", 300, 30)
 
 
 @pytest.mark.parametrize("name", ["g3", "c1", "g", "gx"])
