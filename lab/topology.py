@@ -527,6 +527,13 @@ class Lab:
         reg.pid = 0
         self.state.save()
 
+    def pause_registry(self, n: int = 1, pause: bool = True) -> None:
+        """Freeze registry server n (SIGSTOP): a hung server, whose kernel still
+        accepts connections but which never answers; pause=False thaws it."""
+        reg = self._registry_server(n)
+        for pid in procs.netns_pids(reg.ns):
+            os.kill(pid, signal.SIGSTOP if pause else signal.SIGCONT)
+
     def restart_registry(self, n: int = 1) -> float:
         """Serve the same database again on server n; seconds until /healthz answered."""
         reg = self._registry_server(n)

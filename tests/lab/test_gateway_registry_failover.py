@@ -7,8 +7,11 @@ SIGKILL, master and workers. Clients the gateway never saw still connect just
 in time (server 2 answers in the same pull), a revocation made through server
 2 reaches the gateway within two feed polls without a reconcile (one feed_id:
 the cursor carries over), and once server 1 serves again the gateway's probe
-finds it and lookups go back to it. tests/unit/test_registry_failover.py
-covers the same logic with a fake transport, including timeouts and 5xx.
+finds it and lookups go back to it. Then server 1 hangs (SIGSTOP: connections
+accepted, never answered): one pull waits out --registry-timeout once and is
+answered by server 2, the next ones skip server 1.
+tests/unit/test_registry_failover.py covers the same logic with a fake
+transport, including resets, 5xx and 429.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ GW = "g1"
 # The default period: long beside a pull, so the pull right after the kill is
 # what finds server 1 dead (the test kills it just after a poll).
 FEED_EVERY = 5.0
-LAB_SPEC = {"gateways": ["jit"], "clients": 4, "registry": "yes", "registries": 2,
+# Short, so that a hung server costs well under the client's 5 s retry.
+REGISTRY_TIMEOUT = 1.0
+LAB_SPEC = {"gateways": ["jit"], "clients": 6, "registry": "yes", "registries": 2,
             "idle_timeout": 120, "evict_interval": 0.5,
-            "daemon_args": {GW: ["--feed-interval", f"{FEED_EVERY:g}"]}}
+            "daemon_args": {GW: ["--feed-interval", f"{FEED_EVERY:g}",
+                                 "--registry-timeout", f"{REGISTRY_TIMEOUT:g}"]}}
 
 
 def metric(lab: Lab, name: str, **labels: str) -> float:
@@ -53,10 +59,9 @@ def lookups_served(lab: Lab, server: int) -> float:
                and s.labels.get("route") == LOOKUP_ROUTE)
 
 
-def connect_in_time(lab: Lab, name: str) -> None:
+def connect_in_time(lab: Lab, name: str, limit: float = JIT_CONNECT_LIMIT) -> None:
     lab.connect(name, fresh=True)
-    assert first_reply_after_start(lab, name) < JIT_CONNECT_LIMIT, \
-        f"{name} waited for its own retry"
+    assert first_reply_after_start(lab, name) < limit, f"{name} waited for its own retry"
     assert key_events(lab, GW, lab.client(name).public_key,
                       "peer_pulled")[-1]["source"] == "registry"
 
@@ -141,3 +146,34 @@ def test_two_servers_one_killed(lab: Lab) -> None:
     assert lookups_served(lab, 1) == 1  # a fresh server counts from 0
     assert lookups_served(lab, 2) == served2
     assert procs.alive(lab.gateway(GW).daemon_pid)
+
+
+def test_a_hung_server_costs_one_timeout(lab: Lab) -> None:
+    """Server 1 stops answering but still accepts connections (SIGSTOP): the
+    pull waits out --registry-timeout once, then server 2 answers it."""
+    s1 = lab.state.registries[0]
+    c5 = lab.client("c5")
+    wait_for(lambda: [s["up"] for s in lab.health(GW)[1]["registry_servers"]] == [True, True],
+             40, "both servers up")
+    failovers = metric(lab, "wgjit_gateway_registry_failovers_total")
+    polls = metric(lab, "wgjit_gateway_feed_polls_total")
+    wait_for(lambda: metric(lab, "wgjit_gateway_feed_polls_total") > polls,
+             3 * FEED_EVERY, "a feed poll")
+    lab.pause_registry(1)
+    try:
+        # One timeout, then the answer, and the install: still before the 5 s retry.
+        connect_in_time(lab, "c5", REGISTRY_TIMEOUT + JIT_CONNECT_LIMIT)
+        names = [(e["event"], e.get("public_key")) for e in lab.events(GW)]
+        downs = [i for i, n in enumerate(names) if n == ("registry_server_down", None)]
+        assert names.index(("identity_recovered", c5.public_key)) < downs[-1] \
+            < names.index(("peer_pulled", c5.public_key))
+        assert "timed out" in lab.events(GW)[downs[-1]]["error"]
+        assert metric(lab, "wgjit_gateway_registry_failovers_total") == failovers + 1
+        assert metric(lab, "wgjit_gateway_registry_up", server=s1.url) == 0
+        # The next client does not wait on the hung server at all.
+        connect_in_time(lab, "c6")
+        assert metric(lab, "wgjit_gateway_registry_failovers_total") == failovers + 1
+    finally:
+        lab.pause_registry(1, pause=False)
+    wait_for(lambda: metric(lab, "wgjit_gateway_registry_up", server=s1.url) == 1, 40,
+             "the probe finding server 1 answering again")
