@@ -57,7 +57,7 @@ class Server:
     url: str
     client: RegistryClient
     up: bool = True  # until a call to it fails
-    failures: int = 0  # consecutive, probes included; reset by any answer
+    failures: int = 0  # consecutive backoff steps, probes included; reset by any answer
     retry_at: float = 0.0  # monotonic time of the next probe while down
     last_error: str | None = None
 
@@ -131,15 +131,20 @@ class RegistryServers:
 
     def _failed(self, server: Server, e: RegistryError) -> None:
         self.metrics.registry_server_failures.labels(server.url).inc()
+        now = self._clock()
         with self._lock:
             was_up = server.up
+            # Calls that were already under way when the server went down fail
+            # together: one outage, one step of the backoff, not one per call.
+            if was_up or now >= server.retry_at:
+                server.failures += 1
+                server.retry_at = now + min(DOWN_MAX, DOWN_FIRST * 2 ** (server.failures - 1))
             server.up = False
-            server.failures += 1
-            server.retry_at = self._clock() + min(DOWN_MAX,
-                                                  DOWN_FIRST * 2 ** (server.failures - 1))
             server.last_error = e.message if e.status == 0 else str(e)
-        if was_up:
+            # Under the lock, so that the gauge ends as the state does when
+            # one thread's failure and another's answer cross.
             self.metrics.registry_up.labels(server.url).set(0)
+        if was_up:
             events.emit("registry_server_down", level=logging.WARNING, server=server.url,
                         error=server.last_error)
 
@@ -149,8 +154,8 @@ class RegistryServers:
             server.up = True
             server.failures = 0
             server.last_error = None
-        if not was_up:
             self.metrics.registry_up.labels(server.url).set(1)
+        if not was_up:
             events.emit("registry_server_up", server=server.url)
 
     def health(self) -> list[dict]:
@@ -161,7 +166,3 @@ class RegistryServers:
                      "last_error": s.last_error,
                      "probe_in": None if s.up else round(max(0.0, s.retry_at - now), 2)}
                     for s in self.servers]
-
-    def any_up(self) -> bool:
-        with self._lock:
-            return any(s.up for s in self.servers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import urllib.parse
 from pathlib import Path
 
@@ -38,13 +39,14 @@ from tests.unit.test_evict import FakeDevice, sample
 from tests.unit.test_feed import FakeRegistry, key
 
 A, B, C = "http://192.0.2.2:8080", "http://192.0.2.3:8080", "http://192.0.2.4:8080"
+REGISTRY_OPTION = next(o for o in gateway_cli.OPTIONS if o.name == "registry")
 
 
 # --- settings ------------------------------------------------------------------
 
 def gateway_settings(argv: list[str], monkeypatch, env: dict[str, str] | None = None,
                      config_file: Path | None = None):
-    for k in [k for k in __import__("os").environ if k.startswith("WGJIT_")]:
+    for k in [k for k in os.environ if k.startswith("WGJIT_")]:
         monkeypatch.delenv(k)
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
@@ -89,7 +91,7 @@ def test_config_file_takes_a_string_or_a_list(monkeypatch, tmp_path):
     ("http://user:secret@192.0.2.2:8080", "credentials do not belong in a URL"),
 ])
 def test_bad_registry_lists_name_the_key(value, needle):
-    opts = [gateway_cli.OPTIONS[1]]
+    opts = [REGISTRY_OPTION]
     with pytest.raises(config.ConfigError) as e:
         config.resolve(opts, {}, {}, "gateway", {"WGJIT_REGISTRY": value})
     assert "environment WGJIT_REGISTRY" in str(e.value) and needle in str(e.value)
@@ -100,7 +102,7 @@ def test_bad_registry_lists_name_the_key(value, needle):
 
 def test_a_toml_list_item_is_one_url():
     with pytest.raises(config.ConfigError, match="not an http"):
-        config.resolve([gateway_cli.OPTIONS[1]], {}, {"registry": [f"{A},{B}"]}, "gateway", {})
+        config.resolve([REGISTRY_OPTION], {}, {"registry": [f"{A},{B}"]}, "gateway", {})
 
 
 # --- a fake transport: several servers over one registry ------------------------
@@ -408,3 +410,21 @@ def test_a_server_over_another_database_makes_the_feed_reconcile(net: Net, tmp_p
     assert w.removed == [(a, "revoked")]
     assert w.state.get("feed_id") == stray.feed_id
     w.close()
+
+
+def test_concurrent_lookups_while_a_server_dies_all_get_answers(net: Net) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [key() for _ in range(64)]
+    for k in keys:
+        net.reg.create(k)
+    net.transport.fail[A] = "reset"
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda k: net.registry.peer(k).public_key, keys))
+    assert got == keys and net.sleeps == []
+    asked = net.transport.asked()
+    assert asked.count(B) == len(keys)  # each lookup answered once, by B
+    assert net.up(A) == 0 and net.up(B) == 1
+    [a, _] = net.servers.health()
+    assert (a["up"], a["failures"], a["probe_in"]) == (False, 1, DOWN_FIRST), \
+        "one outage is one backoff step, however many calls it failed"
