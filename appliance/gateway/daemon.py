@@ -12,6 +12,7 @@ The interface outlives the daemon: a restart adopts the peers it holds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -224,6 +225,10 @@ class Gateway:
 
     def apply(self, settings: GatewaySettings) -> None:
         """Take new tunables without a restart (SIGHUP). Interface and registry stay."""
+        if settings.registries != self.settings.registries:
+            log.warning("reload: registry servers changed to %s; still using %s until a "
+                        "restart", settings.registries, self.settings.registries)
+            settings = dataclasses.replace(settings, registries=self.settings.registries)
         self.settings = settings
         self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                              settings.max_peers)
