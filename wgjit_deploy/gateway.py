@@ -60,7 +60,8 @@ def gateway_role(release: str) -> None:
         name=f"{paths.SYSTEMD_DIR}/{UNIT}", src=str(paths.TEMPLATES / f"{UNIT}.j2"),
         dest=f"{paths.SYSTEMD_DIR}/{UNIT}", user="root", group="root", mode="644",
         service_user=user, release=release, config=paths.GATEWAY_CONFIG,
-        state_dir_name=paths.GATEWAY_STATE.rsplit("/", 1)[1])
+        state_dir_name=paths.GATEWAY_STATE.rsplit("/", 1)[1],
+        memory_max=data.gateway_memory_max)
     systemd.daemon_reload(name="systemd daemon-reload", _if=any_changed(wg_unit, unit))
     # A new interface drops every installed peer; the gateway puts back, just in
     # time, those that are still talking.

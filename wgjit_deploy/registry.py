@@ -45,7 +45,8 @@ def registry_role(release: str) -> None:
         name=f"{paths.SYSTEMD_DIR}/{UNIT}", src=str(paths.TEMPLATES / f"{UNIT}.j2"),
         dest=f"{paths.SYSTEMD_DIR}/{UNIT}", user="root", group="root", mode="644",
         service_user=user, release=release, config=paths.REGISTRY_CONFIG,
-        state_dir_name=paths.REGISTRY_STATE.rsplit("/", 1)[1])
+        state_dir_name=paths.REGISTRY_STATE.rsplit("/", 1)[1],
+        memory_max=host.data.registry_memory_max)
     changed = any_changed(unit, conf)
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
     systemd.service(name=f"restart {UNIT}", service=UNIT, restarted=True, _if=changed)

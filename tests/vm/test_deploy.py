@@ -291,3 +291,26 @@ def test_lab_teardown_is_clean(lab):
     # Checked in the fixture (down() reports problems); here: the state is where
     # `python -m lab vm status` finds it while the lab runs.
     assert Path(lab.state.dir, "vmlab.json").is_file()
+
+
+# `systemd-analyze security` exposure (0 safest .. 10): the gateway keeps two
+# capabilities and five address families, the registry none. The README gives the
+# scores; a unit that loses its hardening climbs past these bounds.
+EXPOSURE_BOUND = {"wgjit-registry.service": 2.5, "wgjit-gateway.service": 4.0}
+
+
+@pytest.mark.parametrize("unit", sorted(EXPOSURE_BOUND))
+def test_units_are_hardened(lab, first_run, unit):
+    name = _registry_name(lab) if "registry" in unit else _gateway_name(lab)
+    props = dict(line.split("=", 1) for line in lab.ssh(name, [
+        "systemctl", "show", unit, "-p", "UMask", "-p", "ProtectKernelModules", "-p",
+        "RestrictNamespaces", "-p", "MemoryMax", "-p", "TasksMax", "-p", "SystemCallFilter",
+        "-p", "ActiveState"], check=True).stdout.splitlines() if "=" in line)
+    assert props["ActiveState"] == "active"
+    assert props["UMask"] == "0077" and props["ProtectKernelModules"] == "yes"
+    assert props["TasksMax"] == "64" and props["MemoryMax"] not in ("", "infinity")
+    assert props["SystemCallFilter"].strip(), "no system call filter"
+    out = lab.ssh(name, ["systemd-analyze", "security", "--no-pager", unit], check=True).stdout
+    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out).group(1))
+    _say(f"{unit}: systemd-analyze security exposure {score}")
+    assert score <= EXPOSURE_BOUND[unit], out[-3000:]
