@@ -28,10 +28,12 @@ def test_evict_bench_small(tmp_path: Path) -> None:
                        "--out", str(tmp_path)]) == 0
     [r] = json.loads((tmp_path / "evict.json").read_text())
     ev, daemon = r["evictor"], r["daemon"]
-    # The evict-all pass took every peer there was, installs made during it aside.
+    # The keep passes removed nothing; the evict-all pass took every peer there was,
+    # installs made during it aside. (How many installs land during a pass is timing:
+    # on a fast machine a 600-peer pass can end before the first one, so no bound.)
+    assert ev["keep_pass_evicted"] == 0
     assert ev["evicted"] >= n
     assert ev["left_on_device"] <= ev["evict_pass_installs"]["installs"]
-    assert ev["keep_pass_installs"]["installs"] > 0
     # The daemon adopted all n, ran at least one eviction pass that removed nothing.
     assert daemon["evict_passes"] >= 1
     assert daemon["last_evict_pass"]["peers"] == n
