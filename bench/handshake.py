@@ -37,8 +37,8 @@ from appliance.gateway.handshake import (  # noqa: E402
     InitiationError,
     Responder,
 )
-from appliance.gateway.handshake_testing import build_initiation, with_mac1  # noqa: E402
 from appliance.keys import generate_private_key  # noqa: E402
+from tests.initiations import build_initiation, with_mac1  # noqa: E402
 
 TARGETS = {"verified": 8_000, "mac1 reject": 100_000}
 

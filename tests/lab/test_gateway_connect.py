@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from appliance.gateway.handshake import tai64n
-from appliance.gateway.handshake_testing import build_initiation
 from appliance.keys import decode_key, generate_keypair, generate_private_key
 from appliance.secrets import write_secret
 from lab import gateway as lab_gateway
 from lab import procs
 from lab.netns import wg
 from lab.topology import Lab
+from tests.initiations import build_initiation
 from tests.lab.gateway_e2e import (
     JIT_CONNECT_LIMIT,
     InitiationTap,

@@ -30,9 +30,9 @@ from appliance.gateway.handshake import (
     tai64n,
     tai64n_to_unix,
 )
-from appliance.gateway.handshake_testing import build_initiation, with_mac1
 from appliance.gateway.replay import ReplayGuard
 from appliance.keys import decode_key, generate_private_key, public_key
+from tests.initiations import build_initiation, with_mac1
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DUMMY_PSK = bytes(32)  # noiseprotocol insists on one; the first message never uses it
