@@ -201,6 +201,21 @@ def test_forged_initiation_installs_nothing(lab: Lab) -> None:
     assert first_reply_after_start(lab, "c4") < JIT_CONNECT_LIMIT
 
 
+def test_initiation_with_a_low_order_static_key_is_dropped_as_static(lab: Lab) -> None:
+    """A static field that opens (the sender knows our public key) to a point whose
+    shared secret is all zeros: dropped under its own label, nothing looked up."""
+    g = lab.gateway(GW)
+    bad = [build_initiation(generate_private_key(), decode_key(g.public_key),
+                            claimed_static=bytes(32)) for _ in range(2)]
+    counters = Counters(lab)
+    send_udp(lab, "c3", g.underlay4, g.listen_port, bad)
+    wait_for(lambda: drops(counters, "static") >= 2, 10, "2 static drops")
+    assert drops(counters, "static") == 2
+    assert counters.delta("wgjit_gateway_initiations_verified_total") == 0
+    assert counters.delta("wgjit_gateway_registry_calls_total") == 0
+    assert counters.delta("wgjit_gateway_installs_total") == 0
+
+
 def test_replayed_initiation_from_elsewhere_installs_nothing(lab: Lab) -> None:
     victim, attacker, g = lab.client("c5"), lab.client("c3"), lab.gateway(GW)
     assert victim.endpoint_family == attacker.endpoint_family == 4
