@@ -339,7 +339,9 @@ def run(n: int, settle: float, watch: float) -> dict:
             print(f"{n:,} peers: the daemon adopting them ...", flush=True)
             daemon = bench_daemon(ns, ifname, f"{prefix}ul", n, Path(tmp), settle, watch,
                                   cleanup)
-        return {"peers": n, "evictor": ev, "daemon": daemon}
+        # Other work shares the machine: say how busy it was.
+        return {"peers": n, "evictor": ev, "daemon": daemon, "load_average": os.getloadavg(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     finally:
         problems = cleanup.run()
         if problems:
