@@ -69,9 +69,17 @@ def _leftovers(vmlab: VMLab) -> list[str]:
     wireguard-go processes, tap and veth devices, UAPI sockets, state and disks."""
     st, prefix = vmlab.state, vmlab.prefix
     left = [f"netns {ns}" for ns in list_netns() if ns.startswith(f"{prefix}-")]
-    left += [f"{v.name}: qemu pid {v.pid} alive" for v in st.vms if v.pid and procs.alive(v.pid)]
+
+    def running(pid: int, word: str) -> bool:  # alive and still that program (pids recycle)
+        try:
+            return procs.alive(pid) and word in Path(f"/proc/{pid}/cmdline").read_text(
+                errors="replace")
+        except OSError:
+            return False
+    left += [f"{v.name}: qemu pid {v.pid} alive" for v in st.vms
+             if v.pid and running(v.pid, "qemu")]
     left += [f"{c.name}: wireguard-go pid {c.wg_pid} alive" for c in st.clients
-             if c.wg_pid and procs.alive(c.wg_pid)]
+             if c.wg_pid and running(c.wg_pid, c.ifname)]
     # Any process still naming the lab's disks or state (a qemu not in the state file).
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
