@@ -82,6 +82,8 @@ def _leftovers(vmlab: VMLab) -> list[str]:
              if c.wg_pid and running(c.wg_pid, c.ifname)]
     # Any process still naming the lab's disks or state (a qemu not in the state file).
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
