@@ -38,7 +38,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     gateways = modes * args.gateways if len(modes) == 1 else modes
     spec = topology.LabSpec(
         gateways=gateways, clients=args.clients, prefix=args.prefix,
-        registry="no" if args.no_registry else ("yes" if args.registry else "auto"),
+        registry="no" if args.no_registry else "yes",
         registries=args.registries,
         daemon=not args.no_daemon, psk=args.psk, endpoint_family=args.family,
         idle_timeout=args.idle_timeout, evict_interval=args.evict_interval)
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", action="append", choices=["jit", "plain"],
                     help="gateway mode; once for all gateways, or once per gateway "
                          "(default plain: clients pre-provisioned with `wg set`)")
-    up.add_argument("--registry", action="store_true", help="fail if the registry cannot start")
-    up.add_argument("--no-registry", action="store_true")
+    up.add_argument("--no-registry", action="store_true",
+                    help="no registry host (plain gateways only)")
     up.add_argument("--registries", type=int, default=1, metavar="N",
                     help="registry servers over the one database; jit gateways fail over "
                          "between them (1)")

@@ -4,9 +4,6 @@ The lab runs the real registry, a JIT gateway (g1: `wgjit gateway run` adopting 
 empty wireguard-go interface) and a pre-provisioned baseline gateway (g2: peers
 added with `wg set` ahead of time). Clients connect one by one; each line is
 printed as it happens, with milliseconds since the demo began.
-
-Only `jit_story` depends on the daemon. Until `wgjit gateway run` is built,
-`registry_story` runs instead and says so.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable
 
-from lab import gateway as lab_gateway
 from lab.netns import LabError
 from lab.timeline import EventFollower, PingFollower, Timeline
 from lab.topology import Lab, LabSpec, signals_raise_interrupt
@@ -132,26 +128,6 @@ def jit_story(lab: Lab, w: Watcher, jit_clients: list[str], idle_timeout: float,
     w.idle(1.0)
 
 
-def registry_story(lab: Lab, w: Watcher, jit_clients: list[str]) -> None:
-    tl = w.tl
-    tl.heading("The registry: what a JIT gateway would pull on a first initiation")
-    rc = lab.registry() if lab.state.registry else None
-    if rc is None:
-        tl.say("lab", "no registry either (`wgjit registry serve` is not available)")
-    for name in jit_clients if rc else []:
-        c = lab.client(name)
-        t = time.time()
-        peer = rc.gateway_peer(c.public_key)
-        tl.say(name, f"GET /v1/gateway/peers/{c.public_key[:8]}… -> "
-               f"{', '.join(peer['allowed_ips']) if peer else 'not found'} "
-               f"in {(time.time() - t) * 1000:.1f} ms")
-    if jit_clients:
-        tl.heading(f"{jit_clients[0]} pings g1, which has no daemon to install it")
-        connect(lab, w, jit_clients[0], note="no daemon", timeout=3.0)
-    tl.heading("The JIT gateway daemon (`wgjit gateway run`) is not built yet: the demo stops "
-               "after the registry and the clients")
-
-
 def verdict(tl: Timeline) -> str:
     """One line an operator can quote: JIT first replies against the pre-provisioned one."""
     def first(a) -> float:
@@ -181,7 +157,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    daemon = lab_gateway.gateway_available()
     tl = Timeline(time.time())
     n = max(1, args.clients)
     jit_clients = [f"c{i}" for i in range(1, n + 1)]
@@ -201,10 +176,7 @@ def main(args: argparse.Namespace) -> int:
             w = Watcher(lab, tl)
             w.poll()
             baseline(lab, w, base)
-            if daemon:
-                jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
-            else:
-                registry_story(lab, w, jit_clients)
+            jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
             tl.heading("Summary: ms from a client's first ping to each step")
             print(tl.summary(), flush=True)
             print(verdict(tl), flush=True)

@@ -37,13 +37,7 @@ from lab import addressing, client, gateway, procs
 from lab.addressing import UNDERLAY_IF, WG_PORT
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.nsexec import NetnsWorker
-from lab.registry import (
-    RegistryClient,
-    another_server,
-    registry_available,
-    serve,
-    start_registry,
-)
+from lab.registry import RegistryClient, another_server, serve, start_registry
 from lab.state import (
     Client,
     Gateway,
@@ -80,10 +74,10 @@ class LabSpec:
     # Gateway name per client ("g1", ...); default: round robin.
     client_gateways: list[str] | None = None
     prefix: str | None = None
-    registry: str = "auto"  # "auto": start it if `wgjit registry serve` exists; "yes"; "no"
+    registry: str = "yes"  # "yes" or "no"
     # Registry servers over the one database; jit gateways are given them all, in order.
     registries: int = 1
-    daemon: bool = True  # in jit mode, start `wgjit gateway run` if it exists
+    daemon: bool = True  # in jit mode, start `wgjit gateway run`
     psk: bool = False
     endpoint_family: str = "4"  # how clients reach gateways: "4", "6" or "mixed"
     idle_timeout: float = 300.0
@@ -101,8 +95,8 @@ class LabSpec:
             raise LabError(f"clients: 0..{addressing.MAX_CLIENTS}")
         if self.client_gateways is not None and len(self.client_gateways) != self.clients:
             raise LabError("client_gateways needs one gateway name per client")
-        if self.registry not in ("auto", "yes", "no"):
-            raise LabError("registry: auto, yes or no")
+        if self.registry not in ("yes", "no"):
+            raise LabError("registry: yes or no")
         if not 1 <= self.registries <= addressing.MAX_REGISTRIES:
             raise LabError(f"registries: 1..{addressing.MAX_REGISTRIES}")
         if self.registries > 1 and self.registry == "no":
@@ -328,10 +322,7 @@ class Lab:
                   f"{n_cl} client(s)")
         self._make_internet()
 
-        want_registry = spec.registry == "yes" or (spec.registry == "auto"
-                                                   and registry_available())
-        if spec.registry == "yes" and not registry_available():
-            raise LabError("registry requested but `wgjit registry serve` is not available")
+        want_registry = spec.registry == "yes"
         # (host, address4, address6, router4, router6) for every leg into the internet
         legs: list[tuple[str, str, str, str, str]] = []
         if want_registry:
@@ -385,8 +376,7 @@ class Lab:
         if want_registry:
             self._start_registry(spec)
         else:
-            note = ("registry not started: `wgjit registry serve` is not available"
-                    if spec.registry == "auto" else "registry not started (--no-registry)")
+            note = "registry not started (--no-registry)"
             st.notes.append(note)
             self._say(note)
 
@@ -398,11 +388,6 @@ class Lab:
                 self._say(f"{g.name} plain: {len(mine)} peer(s) pre-provisioned with `wg set`")
             elif not spec.daemon:
                 self._say(f"{g.name} jit: daemon not requested; the interface starts empty")
-            elif not gateway.gateway_available():
-                note = (f"{g.name} jit: `wgjit gateway run` is not built yet; "
-                        "the interface starts empty and nothing installs peers")
-                st.notes.append(note)
-                self._say(note)
             elif st.registry is None:
                 raise LabError(f"{g.name} jit: the daemon needs the registry")
             else:

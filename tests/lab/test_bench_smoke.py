@@ -58,5 +58,7 @@ def test_coldstart(tmp_path: Path) -> None:
     assert r["peers"] == 20
     assert r["pushed"] == 21  # the bulk peers and the client's own
     for mode in ("jit", "push"):
-        assert not math.isnan(r[mode]["cold_start"])
-        assert r[mode]["cold_start"] >= r[mode]["connect"]
+        assert not math.isnan(r[mode]["cold_start"])  # the client's first reply came
+    # What each model left in wireguard-go: JIT only the client that spoke, push everything.
+    assert r["jit"]["device_peers"] == 1
+    assert r["push"]["device_peers"] == 21

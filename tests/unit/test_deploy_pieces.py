@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatc
 
 
 def test_example_inventory_groups():
-    p = subprocess.run([str(ROOT / ".venv/bin/pyinfra"), "inventory/example.py",
+    # The pyinfra of the interpreter running the tests, wherever its venv is.
+    p = subprocess.run([sys.executable, "-m", "pyinfra", "inventory/example.py",
                         "debug-inventory"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
