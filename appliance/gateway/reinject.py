@@ -34,6 +34,7 @@ Needs CAP_NET_RAW, like the capture.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 from appliance.gateway.capture import Datagram
@@ -52,10 +53,9 @@ class Reinjector:
         except OSError:
             self._v4.close()
             raise
-        try:
+        # Kernels before 4.5 lack the option and imply it for IPPROTO_RAW.
+        with contextlib.suppress(OSError):
             self._v6.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
-        except OSError:  # kernels before 4.5 lack the option and imply it for IPPROTO_RAW
-            pass
 
     def send(self, d: Datagram) -> None:
         """Deliver `d` (a captured datagram) to where it was addressed, from its source.

@@ -69,7 +69,8 @@ def test_interface_unit_and_gateway_config_render():
         "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
         token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
-        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"]))
+        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"],
+        install_mode=None))
     from appliance import config
     from appliance.gateway.cli import OPTIONS
 
@@ -82,7 +83,8 @@ def test_interface_unit_and_gateway_config_render():
         "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
         token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
-        evict_interval=30, handshake_grace=15, install_mode="invert"))
+        evict_interval=30, handshake_grace=15, capture_interfaces=[],
+        install_mode="invert"))
     assert config.resolve(OPTIONS, {}, conf, "gateway", environ={})["install_mode"] == "invert"
 
 
