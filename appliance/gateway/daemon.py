@@ -406,17 +406,18 @@ class Gateway:
         for p in peers:
             if p.public_key not in wanted:
                 continue
-            if p.last_handshake is not None:
-                done.append(p.public_key)
-            elif p.rx_bytes and self.installer.is_reinjected(p.public_key):
+            if (p.last_handshake is not None or p.rx_bytes) and \
+                    self.installer.is_reinjected(p.public_key):
                 # The data plane consumed the re-injected initiation (it counts
                 # handshake messages in rx_bytes: 148 after one initiation with
                 # wireguard-go; the kernel counts them too) and answered the
                 # client; the handshake completes with the client's first data
-                # packet, one round trip later.
+                # packet, one round trip later (or already did, at a short RTT).
                 self.installer.reinjection_answered(p.public_key)
                 self.metrics.reinjections.labels("answered").inc()
                 events.emit("reinjection_answered", public_key=p.public_key)
+            if p.last_handshake is not None:
+                done.append(p.public_key)
             elif self.installer.reinjection_overdue(p.public_key, now):
                 # Dropped on the way (a firewall), refused (a cookie demanded
                 # under load), or not ours to answer: the gateway initiates.
