@@ -12,7 +12,10 @@ is used, which blurs milliseconds. Events the timeline understands, and their fi
     identity_recovered   endpoint, public_key        the initiator's static key decrypted
     peer_pulled          public_key, source, [ms]    config fetched; source registry|cache|stale
     peer_unknown         public_key, [reason]        the registry does not know it (or revoked)
-    peer_installed       public_key, endpoint        on the device, handshaking back
+    peer_installed       public_key, endpoint, mode  on the device (mode reinject|invert)
+    initiation_reinjected  public_key                the captured initiation handed back
+    reinjection_answered public_key                  the data plane answered the client
+    reinjection_fallback public_key, reason          unanswered: role inversion instead
     handshake_completed  public_key                  session up (trigger keepalive cleared)
     peer_evicted         public_key, reason          reason idle|never_handshaken|revoked
     peer_adopted         public_key                  found on the device at start
@@ -214,7 +217,15 @@ class Timeline:
                            + (f" in {ev.get('ms'):.0f} ms"
                               if isinstance(ev.get("ms"), (int, float)) else ""),
             "peer_unknown": f"{gw}: not in the registry ({ev.get('reason', 'unknown')}), ignored",
-            "peer_installed": f"{gw} installed the peer and handshakes back to {ep}",
+            "peer_installed": (f"{gw} installed the peer and handshakes back to {ep}"
+                               if ev.get("mode", "invert") == "invert" else
+                               f"{gw} installed the peer (responder, no endpoint)"),
+            "initiation_reinjected": f"{gw} handed the client's own initiation back to its "
+                                     "data plane",
+            "reinjection_answered": f"{gw}: the data plane answered the client's handshake "
+                                    "(the client stays the initiator)",
+            "reinjection_fallback": f"{gw}: re-injection {ev.get('reason', 'failed')}; "
+                                    "handshaking back instead (role inversion)",
             "handshake_completed": f"{gw}: session established",
             "peer_evicted": f"{gw} evicted the peer ({ev.get('reason', 'idle')})",
             "peer_adopted": f"{gw} adopted the peer already on its device",

@@ -410,7 +410,8 @@ class Gateway:
                     self.installer.is_reinjected(p.public_key):
                 # The data plane consumed the re-injected initiation (it counts
                 # handshake messages in rx_bytes: 148 after one initiation with
-                # wireguard-go; the kernel counts them too) and answered the
+                # wireguard-go; the kernel's receive.c calls update_rx_stats after
+                # consuming a handshake message) and answered the
                 # client; the handshake completes with the client's first data
                 # packet, one round trip later (or already did, at a short RTT).
                 self.installer.reinjection_answered(p.public_key)
