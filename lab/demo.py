@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from lab import gateway as lab_gateway
 from lab.netns import LabError
-from lab.timeline import EventFollower, PingFollower, Timeline
+from lab.timeline import EventFollower, PingFollower, Timeline, endpoint_host
 from lab.topology import Lab, LabSpec, signals_raise_interrupt
 
 POLL = 0.02
@@ -42,6 +42,10 @@ class Watcher:
         self.pings[client] = PingFollower(self.lab.client(client).ping_log)
 
     def poll(self) -> None:
+        if self.lab.state.relay_log:
+            # Behind the relay a gateway sees the relay's address: name the flow.
+            for upstream, client in self.lab.relay_flows().items():
+                self.tl.hosts.setdefault(upstream, self.tl.hosts.get(endpoint_host(client), "?"))
         for f in self.logs:
             for ev in f.events():
                 self.tl.feed(ev)

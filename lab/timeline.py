@@ -129,7 +129,7 @@ def short_key(key: str) -> str:
     return key[:8] + "…" if key else "?"
 
 
-def _host(endpoint: str) -> str:
+def endpoint_host(endpoint: str) -> str:
     """'198.51.100.2:41000' or '[2001:db8::2]:41000' -> the address."""
     if endpoint.startswith("["):
         return endpoint[1:].split("]")[0]
@@ -177,8 +177,10 @@ class Timeline:
         if key and key in self.names:
             return self.names[key]
         ep = ev.get("endpoint")
-        if ep and _host(ep) in self.hosts:
-            return self.hosts[_host(ep)]
+        if ep and ep in self.hosts:  # behind the RTT relay: its upstream "ip:port"
+            return self.hosts[ep]
+        if ep and endpoint_host(ep) in self.hosts:
+            return self.hosts[endpoint_host(ep)]
         return short_key(key) if key else "?"
 
     def _open_attempt(self, client: str) -> Attempt | None:
