@@ -108,7 +108,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.replay = ReplayGuard()
         self._stop = threading.Event()
-        self._pending: set[str] = set()
+        # Keys being looked up or installed -> the latest verified initiation of
+        # each: a retry that arrives meanwhile replaces the one to re-inject (the
+        # client accepts a response to its latest initiation only).
+        self._pending: dict[str, Datagram] = {}
         self._pending_lock = threading.Lock()
         # Whole-device reads, one at a time: each holds every peer in memory
         # (~40 MB at 50,000), and two at once would double the daemon's peak.
@@ -227,7 +230,8 @@ class Gateway:
         return 0
 
     def apply(self, settings: GatewaySettings) -> None:
-        """Take new tunables without a restart (SIGHUP). Interface and registry stay."""
+        """Take new tunables without a restart (SIGHUP). Interface, registry and install
+        mode stay (the raw sockets of re-injection are opened at start)."""
         self.settings = settings
         self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                              settings.max_peers)
@@ -291,12 +295,13 @@ class Gateway:
         self.metrics.verified.inc()
         with self._pending_lock:
             if key in self._pending:
+                self._pending[key] = d
                 self.metrics.drops.labels("pending").inc()
                 return
             if len(self._pending) >= MAX_PENDING:
                 self.metrics.drops.labels("queue_full").inc()
                 return
-            self._pending.add(key)
+            self._pending[key] = d
         events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
         events.emit("identity_recovered", public_key=key, endpoint=d.endpoint)
         # d goes along: only this verified, fresh initiation may be re-injected.
@@ -328,6 +333,9 @@ class Gateway:
                 return
             events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
                         ms=round(1000 * (time.time() - seen_at), 2))
+            with self._pending_lock:  # the client's latest initiation (a slow pull)
+                d = self._pending.get(key, d)
+                endpoint = d.endpoint
             try:
                 installed = self.installer.install(lookup.peer, endpoint, reinject=reinject)
             except WgError as e:
@@ -350,14 +358,15 @@ class Gateway:
                 events.emit("peer_installed", public_key=key, endpoint=endpoint,
                             allowed_ips=list(lookup.peer.allowed_ips),
                             ms=round(1000 * elapsed, 2),
-                            mode="reinject" if reinject else "invert")
+                            mode=("reinject" if reinject else "invert"
+                                  if self.installer.role_inversion else "responder"))
                 if reinject:
                     self._reinject(key, d, seen_at)
         except Exception:
             log.exception("pull/install of %s failed", key)
         finally:
             with self._pending_lock:
-                self._pending.discard(key)
+                self._pending.pop(key, None)
 
     def _reinject(self, key: str, d: Datagram, seen_at: float) -> None:
         assert self.reinjector is not None

@@ -35,6 +35,7 @@ Needs CAP_NET_RAW, like the capture.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 
 from appliance.gateway.capture import Datagram
@@ -60,12 +61,34 @@ class Reinjector:
     def send(self, d: Datagram) -> None:
         """Deliver `d` (a captured datagram) to where it was addressed, from its source.
 
-        Raises OSError if the kernel refuses the send.
+        Raises OSError if the destination is not an address of this host (the
+        capture also sees datagrams this host only forwards; re-injecting one
+        would put a packet with the client's source address on the network)
+        or if the kernel refuses the send.
         """
+        six = ":" in d.dst_ip
+        scope = socket.if_nametoindex(d.ifname) if six and d.dst_ip.lower().startswith(
+            "fe80:") and d.ifname else 0
+        if not _is_local(d.dst_ip, scope):
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f"{d.dst_ip} is not an address of this host: not re-injected")
         packet = udp_packet(d.src_ip, d.src_port, d.dst_ip, d.dst_port, d.payload)
-        sock = self._v6 if ":" in d.dst_ip else self._v4
-        sock.sendto(packet, (d.dst_ip, 0))
+        if six:
+            self._v6.sendto(packet, (d.dst_ip, 0, 0, scope))
+        else:
+            self._v4.sendto(packet, (d.dst_ip, 0))
 
     def close(self) -> None:
         self._v4.close()
         self._v6.close()
+
+
+def _is_local(ip: str, scope: int = 0) -> bool:
+    """Can a socket bind to `ip`? True only for this host's own addresses (10-30 us)."""
+    six = ":" in ip
+    with socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, 0, 0, scope) if six else (ip, 0))
+        except OSError:
+            return False
+    return True

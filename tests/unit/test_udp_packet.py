@@ -113,3 +113,11 @@ def test_rfc1071_example() -> None:
 def test_bad_input_is_refused(args: tuple, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         udp_packet(*args)
+
+
+def test_only_this_hosts_addresses_count_as_local() -> None:
+    from appliance.gateway.reinject import _is_local
+
+    assert _is_local("127.0.0.1") and _is_local("::1")
+    # Documentation addresses no test machine holds: never re-injected towards.
+    assert not _is_local("192.0.2.254") and not _is_local("2001:db8:ffff::1")
