@@ -7,3 +7,4 @@ metrics_listen = "127.0.0.1:9587"
 idle_timeout = 300
 evict_interval = 30
 handshake_grace = 15
+# install_mode = "invert"  # unset: the daemon's default, re-injection (README, "Install modes")

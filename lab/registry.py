@@ -7,7 +7,6 @@ bridge namespace (see nsexec), like any gateway or operator on that network woul
 from __future__ import annotations
 
 import dataclasses
-import functools
 import subprocess
 import sys
 import time

@@ -1,5 +1,9 @@
 """The gateway daemon end to end: who gets in just in time, and who does not.
 
+This module runs the daemon with `--install-mode invert` (role inversion); the
+default, re-injection, has the same checks in test_reinject.py. What happens
+before the install (identity, forgeries, garbage) is the same in both modes.
+
 One lab for the module: a jit gateway (wireguard-go + `wgjit gateway run`), the
 real registry under gunicorn, six wireguard-go clients configured with `wg` only,
 odd ones reaching the gateway over IPv4, even ones over IPv6. Each test uses its
@@ -47,7 +51,8 @@ pytestmark = [pytest.mark.lab]
 LAB_SPEC = {"gateways": ["jit"], "clients": 6, "endpoint_family": "mixed",
             # Nobody goes idle within the module; passes often, so a peer removed by
             # hand is noticed quickly (the replay test).
-            "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes"}
+            "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes",
+            "daemon_args": {"g1": ["--install-mode", "invert"]}}
 GW = "g1"
 
 

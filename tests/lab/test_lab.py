@@ -341,7 +341,12 @@ def test_demo_runs_and_tells_the_story() -> None:
     assert re.search(r"\[\+\s+\d+ ms\] c3\s+first reply through the tunnel, \d+ ms", out)
     assert "Summary" in out
     # Every step of a just-in-time connection, timed, for the first JIT client.
-    assert re.search(r"^c1\s+g1 \(jit\)(\s+\d+ ms){5}$", out, re.M), out
+    assert re.search(r"^c1\s+g1 \(reinject\)(\s+\d+ ms){5}$", out, re.M), out
+    assert re.search(r"c1\s+g1: the data plane answered the client's handshake", out)
     assert re.search(r"c1\s+g1 evicted the peer \(idle\)", out)
-    assert "Provisioned just in time" in out
+    # The comparison: role inversion on g3, the gateway handshaking back.
+    assert re.search(r"^c4\s+g3 \(invert\)(\s+\d+ ms){5}$", out, re.M), out
+    assert re.search(r"c4\s+g3 installed the peer and handshakes back", out)
+    assert re.search(r"Provisioned just in time, re-injection: \d+ connection.*role "
+                     r"inversion: \d+ ms; pre-provisioned: \d+ ms", out), out
     assert_gone(prefix, before, set())
