@@ -10,7 +10,7 @@ import sys
 
 from appliance import config
 from appliance.config import Option
-from appliance.gateway.install import DEFAULT_INSTALL_MODE, INSTALL_MODES
+from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
 from appliance.gateway.failover import PROBE_EVERY
 from appliance.gateway.feed import FeedFollower
 from appliance.gateway.handshake import InitiationError, Responder
-from appliance.gateway.install import DEFAULT_INSTALL_MODE, TRIGGER_KEEPALIVE, Installer
+from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
 from appliance.gateway.metrics import GatewayMetrics, serve_http
+from appliance.gateway.modes import DEFAULT_INSTALL_MODE
 from appliance.gateway.pull import build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.reinject import Reinjector

@@ -37,8 +37,6 @@ NO_PRESHARED_KEY = "A" * 43 + "="
 # How long to wait for the handshake before installing afresh, and how often.
 RETRIGGER_AFTER = 0.3
 MAX_RETRIGGERS = 3
-INSTALL_MODES = ("reinject", "invert")
-DEFAULT_INSTALL_MODE = "reinject"
 # The data plane answers a re-injected initiation as fast as any other: the
 # client's first reply comes 2 RTT + the install after its first packet, like
 # a pre-provisioned one (bench/connect.py). The handshake check sees it on its

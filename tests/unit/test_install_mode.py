@@ -11,12 +11,8 @@ import pytest
 from appliance.cli import build_parser
 from appliance.config import ConfigError
 from appliance.gateway.cli import settings_from
-from appliance.gateway.install import (
-    DEFAULT_INSTALL_MODE,
-    REINJECT_DEADLINE,
-    TRIGGER_KEEPALIVE,
-    Installer,
-)
+from appliance.gateway.install import REINJECT_DEADLINE, TRIGGER_KEEPALIVE, Installer
+from appliance.gateway.modes import DEFAULT_INSTALL_MODE
 from appliance.gateway.pull import RegistryPeer
 from tests.unit.test_evict import FakeDevice, key
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lab import vm_image
@@ -57,7 +59,7 @@ def test_no_mirror_is_a_clear_error_and_env_wins(tmp_path, monkeypatch):
 
 
 def test_recipe_hash_follows_the_inputs(monkeypatch):
-    k = vm_image.DiskKernel("6.1.0-1-cloud-amd64", None, None)  # type: ignore[arg-type]
+    k = vm_image.Kernel("6.1.0-1-cloud-amd64", Path("/boot/vmlinuz-6.1.0-1-cloud-amd64"))
     h = vm_image.recipe_hash(k, "http://m/debian")
     assert h == vm_image.recipe_hash(k, "http://m/debian")
     assert h != vm_image.recipe_hash(k, "http://n/debian")
