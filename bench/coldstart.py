@@ -38,6 +38,7 @@ import requests  # noqa: E402
 from appliance.keys import encode_key  # noqa: E402
 from appliance.registry import cidr, db, model  # noqa: E402
 from appliance.secrets import read_secret  # noqa: E402
+from appliance.wg.uapi import open_uapi  # noqa: E402
 from bench.common import (  # noqa: E402
     Pinger,
     RunInfo,
@@ -55,6 +56,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from lab.netns import wg  # noqa: E402
+from lab.state import Gateway  # noqa: E402
 from lab.topology import Lab  # noqa: E402
 
 # Bulk peers live outside the lab's own tunnel addresses (198.18.0.0/16, fd00::/64).
@@ -128,6 +130,12 @@ def first_reply(pinger: Pinger, client: str) -> tuple[float, float]:
     return e.first_sent, e.first_reply or math.nan
 
 
+def device_peers(g: Gateway) -> int:
+    """Peers the gateway's wireguard-go holds now: after a round, what each model cost it
+    (JIT: the one client that spoke; push: everything registered)."""
+    return len(open_uapi(g.ifname, timeout=60).peers())
+
+
 def jit_round(lab: Lab, pinger: Pinger) -> dict:
     g, c = lab.gateway("g1"), lab.client("c1")
     reset_sessions(lab, [c])
@@ -135,7 +143,7 @@ def jit_round(lab: Lab, pinger: Pinger) -> dict:
     cpu = cpu_seconds(g.daemon_pid)  # its start-up, give or take the poll until ready
     sent, reply = first_reply(pinger, c.name)
     return {"cold_start": reply - spawned, "ready": ready - spawned, "connect": reply - sent,
-            "rss_mib": rss_mib(g.wg_pid), "cpu_s": cpu}
+            "rss_mib": rss_mib(g.wg_pid), "cpu_s": cpu, "device_peers": device_peers(g)}
 
 
 def push_round(lab: Lab, pinger: Pinger, conf: Path) -> dict:
@@ -149,7 +157,7 @@ def push_round(lab: Lab, pinger: Pinger, conf: Path) -> dict:
     cpu = cpu_seconds(g.wg_pid) - cpu
     sent, reply = first_reply(pinger, c.name)
     return {"cold_start": reply - t0, "ready": pushed - t0, "connect": reply - sent,
-            "rss_mib": rss_mib(g.wg_pid), "cpu_s": cpu}
+            "rss_mib": rss_mib(g.wg_pid), "cpu_s": cpu, "device_peers": device_peers(g)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -448,6 +448,7 @@ class Initiation:
     src: str
     dst: str
     from_gateway: bool  # the gateway initiating towards the client (role inversion)
+    dport: int = 0
 
 
 class InitiationCapture:
@@ -455,14 +456,18 @@ class InitiationCapture:
 
     `-Q in` sees each routed packet once (as it enters the router). The lab's
     clients sit in other subnets than the gateways, so every handshake crosses
-    the router. Timestamps are the kernel's, on the same clock as the Pinger's.
+    the router. With the RTT relay (lab/relay.py) in the router's namespace,
+    client initiations enter addressed to the relay's port, and the gateway's
+    to the relay's upstream socket of that client (Lab.relay_flows); so the
+    filter takes any port and an initiation's length (148 + 8 UDP bytes).
+    Timestamps are the kernel's, on the same clock as the Pinger's.
     """
 
     def __init__(self, lab: Lab, port: int = 51820) -> None:
         self.lab = lab
         self.log = Path(lab.state.dir) / "bench-initiations.log"
         ns = ns_name(lab.prefix, "net")
-        expr = f"ip and udp port {port} and udp[8] = 1"
+        expr = "ip and udp and udp[4:2] = 156 and udp[8] = 1"
         self.pid = procs.spawn(ns, ["tcpdump", "-i", "br0", "-Q", "in", "-n", "-tt", "-l",
                                     "-s", "64", "-B", "4096", expr], self.log)
         self.port = port
@@ -482,18 +487,26 @@ class InitiationCapture:
         for line in self.log.read_text(errors="replace").splitlines():
             m = _TCPDUMP_LINE.match(line)
             if m:
-                ts, src, sport, dst, _dport = m.groups()
-                out.append(Initiation(float(ts), src, dst, int(sport) == self.port))
+                ts, src, sport, dst, dport = m.groups()
+                out.append(Initiation(float(ts), src, dst, int(sport) == self.port,
+                                      int(dport)))
         return out
 
     def per_client(self, since: float = 0.0) -> dict[str, list[Initiation]]:
         """Initiations by client name (either direction), in time order."""
         by_addr = {c.underlay4: c.name for c in self.lab.state.clients}
+        # The relay's upstream "ip:port" -> the client's "ip:port" it stands for.
+        relayed = {up: client.rpartition(":")[0]
+                   for up, client in self.lab.relay_flows().items()}
         out: dict[str, list[Initiation]] = {}
         for i in self.initiations():
             if i.ts < since:
                 continue
-            name = by_addr.get(i.dst if i.from_gateway else i.src)
+            if i.from_gateway:
+                target = relayed.get(f"{i.dst}:{i.dport}", i.dst)
+                name = by_addr.get(target)
+            else:
+                name = by_addr.get(i.src)
             if name:
                 out.setdefault(name, []).append(i)
         return out

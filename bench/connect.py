@@ -1,25 +1,28 @@
-"""Connect latency, side by side: pre-provisioned vs JIT with and without role inversion.
+"""Connect latency at emulated round-trip times: pre-provisioned vs role inversion vs re-injection.
 
-    .venv/bin/python bench/connect.py [--clients 50] [--spacing 0.15] [--json PATH]
+    .venv/bin/python bench/connect.py [--clients 15] [--rtt 0 --rtt 20 ...] [--json PATH]
 
-One lab, three gateways, --clients fresh clients each (run as root):
-  g1 plain          the client's peer was set with `wg set` before it connects
-  g2 jit            `wgjit gateway run` (defaults): pulls the peer on the first
-                    initiation and installs it with the trigger keepalive, so the
-                    gateway handshakes back at once (role inversion)
-  g3 jit-noinvert   `wgjit gateway run --trigger-keepalive 0`: the peer is installed
-                    as a plain responder; the client's own retry after
-                    REKEY_TIMEOUT (5 s) completes the handshake
+For each round-trip time (default 0, 20, 100 and 250 ms) one lab with three
+gateways and --clients fresh clients each, every client reaching its gateway
+through the delaying relay (lab/relay.py; at 0 ms too, so every cell has the
+same path). Run as root.
+  g1 pre-provisioned  the client's peer was set with `wg set` before it connects
+  g2 role inversion   `wgjit gateway run --install-mode invert`: pulls the peer on the
+                      first initiation and installs it aimed at the client with a
+                      keepalive, so the gateway handshakes back (3 RTT + install)
+  g3 re-injection     `wgjit gateway run --install-mode reinject` (the default): installs
+                      the peer and hands the captured initiation back to the data
+                      plane, which answers the client's own handshake (2 RTT + install)
 Clients start one at a time, --spacing apart, in round robin over the three
 gateways, so every mode sees the same background load. Each client sends ICMP
 echo through its tunnel every 0.2 s until the first reply.
 
 Latency = first echo reply (kernel receive time) - first echo request (just
 before sendto); the echo is what makes the client's wireguard-go send its
-first initiation. A tcpdump on the lab router also sees every initiation:
-"from init" is first reply - the client's first initiation on the wire, and
-"inits" the client initiations per connect (1 = no retry was needed).
-Target: JIT p50 within 20 ms of pre-provisioned.
+first initiation. A tcpdump on the lab router sees every initiation: "inits"
+is the client's initiations per connect (1 = no retry was needed), "gw inits"
+the gateway's (role inversion: 1; re-injection and pre-provisioned: 0).
+Target: re-injection p50 within 10 ms of pre-provisioned at every RTT.
 """
 
 from __future__ import annotations
@@ -52,34 +55,27 @@ from bench.common import (  # noqa: E402
 
 MODES = {  # gateway -> (label, lab mode, extra daemon flags)
     "g1": ("pre-provisioned", "plain", []),
-    "g2": ("jit (role inversion)", "jit", []),
-    "g3": ("jit, no inversion", "jit", ["--trigger-keepalive", "0"]),
+    "g2": ("role inversion", "jit", ["--install-mode", "invert"]),
+    "g3": ("re-injection", "jit", ["--install-mode", "reinject"]),
 }
-TARGET_MS = 20.0
+RTTS = [0.0, 20.0, 100.0, 250.0]
+TARGET_MS = 10.0  # re-injection p50 - pre-provisioned p50, at every RTT
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=50, help="clients per mode (50)")
-    ap.add_argument("--spacing", type=float, default=0.15,
-                    help="seconds between client starts (0.15)")
-    ap.add_argument("--timeout", type=float, default=15.0, help="per client (15)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    args = ap.parse_args(argv)
-
-    info = RunInfo()
+def run_cell(rtt: float, clients: int, spacing: float, timeout: float) -> dict:
+    """One lab at one RTT: every mode side by side; results per gateway."""
     gws = list(MODES)
-    spec = spec_for(gateways=[MODES[g][1] for g in gws], clients=args.clients * len(gws),
-                    daemon_args={g: MODES[g][2] for g in gws if MODES[g][2]})
-    say(f"connect bench: {args.clients} clients x {len(gws)} gateways")
+    spec = spec_for(gateways=[MODES[g][1] for g in gws], clients=clients * len(gws),
+                    daemon_args={g: MODES[g][2] for g in gws if MODES[g][2]}, rtt=rtt)
+    say(f"RTT {rtt:g} ms: {clients} clients x {len(gws)} gateways")
     with lab_running(spec) as lab:
-        clients = lab.state.clients
-        with InitiationCapture(lab) as cap, Pinger(lab, clients) as pinger:
+        lab_clients = lab.state.clients
+        with InitiationCapture(lab) as cap, Pinger(lab, lab_clients) as pinger:
             t0 = time.time() + 0.5
-            starts = {c.name: t0 + i * args.spacing for i, c in enumerate(clients)}
-            say(f"  {len(clients)} clients connecting, {args.spacing:g} s apart "
-                f"(~{len(clients) * args.spacing + 5:.0f} s)")
-            echoes = pinger.run(starts, args.timeout)
+            starts = {c.name: t0 + i * spacing for i, c in enumerate(lab_clients)}
+            say(f"  {len(lab_clients)} clients connecting, {spacing:g} s apart "
+                f"(~{len(lab_clients) * spacing + 1:.0f} s)")
+            echoes = pinger.run(starts, timeout)
             time.sleep(0.3)  # let tcpdump write its last lines
             cap.stop()
             inits = cap.per_client(since=t0 - 1)
@@ -87,25 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         jit_metrics = {g: gateway_metrics(lab, lab.gateway(g)) for g in jit_gws}
         jit_steps = {g: pipeline(daemon_events(lab.gateway(g), t0 - 0.5), t0)
                      for g in jit_gws}
-    info.finish()
 
     results = {}
     for g in gws:
         mine = [e for e in echoes.values() if e.gateway == g]
         lat = [e.latency for e in mine]
-        from_init, n_inits, gw_inits = [], [], []
+        n_inits, gw_inits = [], []
         for e in mine:
-            seen = inits.get(e.client, [])
-            client_side = [i for i in seen if not i.from_gateway and i.ts <= (e.first_reply
-                                                                             or math.inf)]
-            n_inits.append(len(client_side))
-            gw_inits.append(sum(1 for i in seen if i.from_gateway
-                                and i.ts <= (e.first_reply or math.inf)))
-            if client_side and e.first_reply:
-                from_init.append(e.first_reply - client_side[0].ts)
+            seen = [i for i in inits.get(e.client, []) if i.ts <= (e.first_reply or math.inf)]
+            n_inits.append(sum(1 for i in seen if not i.from_gateway))
+            gw_inits.append(sum(1 for i in seen if i.from_gateway))
         results[g] = {
             "mode": MODES[g][0], "daemon_args": MODES[g][2],
-            "from_echo": summarise(lat), "from_initiation": summarise(from_init),
+            "from_echo": summarise(lat),
             "client_initiations_mean": sum(n_inits) / len(n_inits) if n_inits else math.nan,
             "gateway_initiations_mean": sum(gw_inits) / len(gw_inits) if gw_inits else math.nan,
             "latencies_ms": [round(x * 1000, 2) for x in lat],
@@ -115,39 +105,64 @@ def main(argv: list[str] | None = None) -> int:
             results[g]["daemon"] = {
                 "registry_calls": m.get("wgjit_gateway_registry_calls_total", 0),
                 "installs": m.get("wgjit_gateway_installs_total", 0),
-                "retriggers": m.get("wgjit_gateway_retriggers_total", 0),
+                "retriggers": m.get("wgjit_gateway_handshake_retriggers_total", 0),
+                "reinjections": labelled(m, "wgjit_gateway_reinjections_total"),
                 "drops": labelled(m, "wgjit_gateway_drops_total"),
                 "pipeline": jit_steps[g],
             }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=15, help="clients per mode and RTT (15)")
+    ap.add_argument("--rtt", type=float, action="append", metavar="MS",
+                    help="round-trip time to emulate (repeatable; default 0 20 100 250)")
+    ap.add_argument("--spacing", type=float, default=0.25,
+                    help="seconds between client starts (0.25: longer than an RTT of "
+                         "250 ms, so connects rarely overlap)")
+    ap.add_argument("--timeout", type=float, default=15.0, help="per client (15)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    rtts = args.rtt or RTTS
+
+    info = RunInfo()
+    cells = {f"{rtt:g}": run_cell(rtt, args.clients, args.spacing, args.timeout)
+             for rtt in rtts}
+    info.finish()
 
     rows = []
-    for g in gws:
-        r, s, i = results[g], results[g]["from_echo"], results[g]["from_initiation"]
-        rows.append([r["mode"], f"{s['ok']}/{s['n']}", ms(s["p50"]), ms(s["p90"]),
-                     ms(s["p99"]), ms(s["max"]), ms(i["p50"]), ms(i["p99"]),
-                     f"{r['client_initiations_mean']:.2f}",
-                     f"{r['gateway_initiations_mean']:.2f}"])
+    for rtt, results in cells.items():
+        for r in results.values():
+            s = r["from_echo"]
+            rows.append([rtt, r["mode"], f"{s['ok']}/{s['n']}", ms(s["p50"]), ms(s["p90"]),
+                         ms(s["p99"]), ms(s["max"]), f"{r['client_initiations_mean']:.2f}",
+                         f"{r['gateway_initiations_mean']:.2f}"])
     print(f"Connect latency, ms (first echo -> first reply), {args.clients} fresh clients "
-          "per gateway")
-    print(table(["gateway", "ok", "p50", "p90", "p99", "max", "init p50", "init p99",
-                 "inits", "gw inits"], rows))
-    for g in gws:
-        d = results[g].get("daemon")
-        if d:
-            p = d["pipeline"]
-            print(f"{results[g]['mode']}: registry calls {d['registry_calls']:.0f}, installs "
-                  f"{d['installs']:.0f}, retriggers {d['retriggers']:.0f}, drops {d['drops']}; "
-                  f"daemon ms from initiation seen: pulled p50 {ms(p['pulled']['p50'])} "
-                  f"p99 {ms(p['pulled']['p99'])}, installed p50 {ms(p['installed']['p50'])} "
-                  f"p99 {ms(p['installed']['p99'])}")
-    plain, jit = results["g1"]["from_echo"]["p50"], results["g2"]["from_echo"]["p50"]
-    gap = (jit - plain) * 1000
-    verdict = "met" if gap <= TARGET_MS else "NOT met"
-    print(f"JIT p50 - pre-provisioned p50 = {gap:.1f} ms (target <= {TARGET_MS:g} ms: "
-          f"{verdict})")
+          "per mode and RTT")
+    print(table(["RTT ms", "mode", "ok", "p50", "p90", "p99", "max", "inits", "gw inits"],
+                rows))
+
+    summary, side = {}, []
+    for rtt, results in cells.items():
+        p50 = {r["mode"]: r["from_echo"]["p50"] * 1000 for r in results.values()}
+        pre = p50["pre-provisioned"]
+        summary[rtt] = {"p50_ms": p50, "reinject_minus_pre_ms": p50["re-injection"] - pre,
+                        "invert_minus_pre_ms": p50["role inversion"] - pre}
+        side.append([rtt, f"{pre:.1f}", f"{p50['role inversion']:.1f}",
+                     f"{p50['re-injection']:.1f}", f"{p50['role inversion'] - pre:+.1f}",
+                     f"{p50['re-injection'] - pre:+.1f}"])
+    print("\np50 side by side, ms")
+    print(table(["RTT ms", "pre-provisioned", "role inversion", "re-injection",
+                 "inversion - pre", "re-injection - pre"], side))
+    worst = max(v["reinject_minus_pre_ms"] for v in summary.values())
+    verdict = "met" if worst <= TARGET_MS else "NOT met"
+    print(f"re-injection p50 - pre-provisioned p50, worst over RTTs: {worst:.1f} ms "
+          f"(target <= {TARGET_MS:g} ms: {verdict})")
     print(info.describe())
-    write_json(args.json, "connect", info, vars(args) | {"json": str(args.json)},
-               {"target_ms": TARGET_MS, "jit_minus_plain_p50_ms": gap, "gateways": results})
+    write_json(args.json, "connect", info, vars(args) | {"json": str(args.json), "rtt": rtts},
+               {"target_ms": TARGET_MS, "reinject_minus_pre_worst_ms": worst,
+                "summary": summary, "rtts": cells})
     return 0
 
 

@@ -7,5 +7,6 @@ metrics_listen = "127.0.0.1:9587"
 idle_timeout = 300
 evict_interval = 30
 handshake_grace = 15
+# install_mode = "invert"  # unset: the daemon's default, re-injection (README, "Install modes")
 # systemd MemoryMax: 50,000 installed peers measured ~110 MiB RSS (bench/evict.py).
 gateway_memory_max = "512M"

@@ -38,10 +38,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     gateways = modes * args.gateways if len(modes) == 1 else modes
     spec = topology.LabSpec(
         gateways=gateways, clients=args.clients, prefix=args.prefix,
-        registry="no" if args.no_registry else ("yes" if args.registry else "auto"),
+        registry="no" if args.no_registry else "yes",
         registries=args.registries,
         daemon=not args.no_daemon, psk=args.psk, endpoint_family=args.family,
-        idle_timeout=args.idle_timeout, evict_interval=args.evict_interval)
+        idle_timeout=args.idle_timeout, evict_interval=args.evict_interval,
+        rtt=args.rtt, client_rtt=dict(args.client_rtt or []),
+        daemon_args=_daemon_args(args.install_mode, len(gateways)))
     lab = topology.Lab.up(spec, progress=_progress(time.monotonic()), keep=not args.foreground)
     lab.close()
     if not args.foreground:
@@ -59,6 +61,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         problems = lab.down()
         print(f"lab {lab.prefix} removed" + "".join(f"\n  {p}" for p in problems), flush=True)
     return 0
+
+
+def _client_rtt(text: str) -> tuple[str, float]:
+    name, sep, ms = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use CLIENT=MS, e.g. c2=250") from None
+
+
+def _daemon_args(modes: list[str] | None, n: int) -> dict[str, list[str]]:
+    """--install-mode once for every gateway, or once per gateway."""
+    if not modes:
+        return {}
+    per = modes * n if len(modes) == 1 else modes
+    if len(per) != n:
+        raise LabError(f"--install-mode: once, or once per gateway ({n})")
+    return {f"g{i}": ["--install-mode", m] for i, m in enumerate(per, 1)}
 
 
 def _owner(prefix: str) -> int:
@@ -150,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", action="append", choices=["jit", "plain"],
                     help="gateway mode; once for all gateways, or once per gateway "
                          "(default plain: clients pre-provisioned with `wg set`)")
-    up.add_argument("--registry", action="store_true", help="fail if the registry cannot start")
-    up.add_argument("--no-registry", action="store_true")
+    up.add_argument("--no-registry", action="store_true",
+                    help="no registry host (plain gateways only)")
     up.add_argument("--registries", type=int, default=1, metavar="N",
                     help="registry servers over the one database; jit gateways fail over "
                          "between them (1)")
@@ -162,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="underlay family clients use to reach their gateway")
     up.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
     up.add_argument("--evict-interval", type=float, default=30.0, metavar="S")
+    up.add_argument("--rtt", type=float, metavar="MS",
+                    help="round-trip time between clients and gateways, added by a delaying "
+                         "UDP relay in the internet namespace (default: none, direct)")
+    up.add_argument("--client-rtt", action="append", type=_client_rtt, metavar="CLIENT=MS",
+                    help="the round-trip time of one client (repeatable; brings up the relay)")
+    up.add_argument("--install-mode", action="append", choices=["reinject", "invert"],
+                    help="jit gateways' install mode; once for all, or once per gateway "
+                         "(default: the daemon's, reinject)")
     up.add_argument("--foreground", action="store_true",
                     help="stay in the foreground and remove the lab on Ctrl-C/SIGTERM")
     up.set_defaults(func=cmd_up)

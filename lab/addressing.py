@@ -33,6 +33,14 @@ MAX_CLIENTS = 506
 REGISTRY_PORT = 8080
 # WireGuard's customary port; every gateway has its own namespace, so all use it.
 WG_PORT = 51820
+# With an emulated round-trip time, clients reach gateway gN through the relay
+# (lab/relay.py) in the internet namespace, on the router's server-side address.
+RELAY_PORT_BASE = 40000
+
+
+def relay_listen(n: int, family: int) -> tuple[str, int]:
+    """Where the relay stands in for gateway n: (address, port)."""
+    return (ROUTER4[0] if family == 4 else ROUTER6[0]), RELAY_PORT_BASE + n
 
 
 def registry_underlay(n: int = 1) -> tuple[str, str]:

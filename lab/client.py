@@ -19,7 +19,11 @@ PING_INTERVAL = 0.2
 
 
 def gateway_endpoint(c: Client, g: Gateway) -> str:
-    """The gateway's underlay address in the family this client uses to reach it."""
+    """The gateway's underlay address in the family this client uses to reach it,
+    or the relay standing in for it when the lab emulates a round-trip time."""
+    if c.rtt_ms is not None:
+        ip, port = addressing.relay_listen(int(g.name[1:]), c.endpoint_family)
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     if c.endpoint_family == 6:
         return f"[{g.underlay6}]:{g.listen_port}"
     return f"{g.underlay4}:{g.listen_port}"

@@ -1,12 +1,13 @@
 """`python -m lab demo`: just-in-time provisioning, told as a live timeline.
 
 The lab runs the real registry, a JIT gateway (g1: `wgjit gateway run` adopting an
-empty wireguard-go interface) and a pre-provisioned baseline gateway (g2: peers
-added with `wg set` ahead of time). Clients connect one by one; each line is
-printed as it happens, with milliseconds since the demo began.
+empty wireguard-go interface, re-injection), a pre-provisioned baseline gateway
+(g2: peers added with `wg set` ahead of time) and a JIT gateway in role inversion
+(g3: `--install-mode invert`) for comparison. Clients connect one by one; each
+line is printed as it happens, with milliseconds since the demo began. With
+`--rtt MS` every client reaches its gateway through the lab's delaying relay,
+which makes the round trip role inversion costs visible.
 
-Only `jit_story` depends on the daemon. Until `wgjit gateway run` is built,
-`registry_story` runs instead and says so.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from lab import gateway as lab_gateway
 from lab.netns import LabError
-from lab.timeline import EventFollower, PingFollower, Timeline
+from lab.timeline import EventFollower, PingFollower, Timeline, endpoint_host
 from lab.topology import Lab, LabSpec, signals_raise_interrupt
 
 POLL = 0.02
@@ -39,6 +39,10 @@ class Watcher:
         self.pings[client] = PingFollower(self.lab.client(client).ping_log)
 
     def poll(self) -> None:
+        if self.lab.state.relay_log:
+            # Behind the relay a gateway sees the relay's address: name the flow.
+            for upstream, client in self.lab.relay_flows().items():
+                self.tl.hosts.setdefault(upstream, self.tl.hosts.get(endpoint_host(client), "?"))
         for f in self.logs:
             for ev in f.events():
                 self.tl.feed(ev)
@@ -77,13 +81,22 @@ def _replied(tl: Timeline, client: str) -> Callable[[], bool]:
     return check
 
 
+def install_mode(g) -> str:
+    """plain, or the install mode the gateway's daemon runs with."""
+    if g.mode == "plain":
+        return "plain"
+    argv = list(g.daemon_argv)
+    modes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--install-mode"]
+    return modes[-1] if modes else "reinject"
+
+
 def connect(lab: Lab, w: Watcher, client: str, *, fresh: bool = False, note: str = "",
             timeout: float = 10.0) -> bool:
     c = lab.client(client)
     g = lab.gateway(c.gateway)
     lab.connect(client, fresh=fresh)
     w.watch_ping(client)
-    w.tl.connect(client, f"{g.name} ({g.mode})", note, ts=c.ping_started)
+    w.tl.connect(client, f"{g.name} ({install_mode(g)})", note, ts=c.ping_started)
     ok = w.until(_replied(w.tl, client), timeout)
     if not ok:
         w.tl.say(client, f"no reply within {timeout:g} s")
@@ -93,6 +106,13 @@ def connect(lab: Lab, w: Watcher, client: str, *, fresh: bool = False, note: str
 def baseline(lab: Lab, w: Watcher, client: str) -> None:
     w.tl.heading("Baseline: a client pre-provisioned on g2 with `wg set` (push model)")
     connect(lab, w, client)
+
+
+def inversion(lab: Lab, w: Watcher, client: str) -> None:
+    w.tl.heading("For comparison: g3 installs just in time by role inversion "
+                 "(--install-mode invert): the gateway handshakes back, one round trip more")
+    connect(lab, w, client)
+    w.idle(1.0)
 
 
 def jit_story(lab: Lab, w: Watcher, jit_clients: list[str], idle_timeout: float,
@@ -132,42 +152,30 @@ def jit_story(lab: Lab, w: Watcher, jit_clients: list[str], idle_timeout: float,
     w.idle(1.0)
 
 
-def registry_story(lab: Lab, w: Watcher, jit_clients: list[str]) -> None:
-    tl = w.tl
-    tl.heading("The registry: what a JIT gateway would pull on a first initiation")
-    rc = lab.registry() if lab.state.registry else None
-    if rc is None:
-        tl.say("lab", "no registry either (`wgjit registry serve` is not available)")
-    for name in jit_clients if rc else []:
-        c = lab.client(name)
-        t = time.time()
-        peer = rc.gateway_peer(c.public_key)
-        tl.say(name, f"GET /v1/gateway/peers/{c.public_key[:8]}… -> "
-               f"{', '.join(peer['allowed_ips']) if peer else 'not found'} "
-               f"in {(time.time() - t) * 1000:.1f} ms")
-    if jit_clients:
-        tl.heading(f"{jit_clients[0]} pings g1, which has no daemon to install it")
-        connect(lab, w, jit_clients[0], note="no daemon", timeout=3.0)
-    tl.heading("The JIT gateway daemon (`wgjit gateway run`) is not built yet: the demo stops "
-               "after the registry and the clients")
-
-
 def verdict(tl: Timeline) -> str:
     """One line an operator can quote: JIT first replies against the pre-provisioned one."""
     def first(a) -> float:
         return (a.marks["first_reply"] - a.started) * 1000
 
-    jit = [first(a) for a in tl.attempts
-           if "peer_installed" in a.marks and "first_reply" in a.marks]
-    base = [first(a) for a in tl.attempts
-            if "(plain)" in a.gateway and "first_reply" in a.marks]
-    if not jit:
+    def of(mode: str, installed: bool = True) -> list[float]:
+        return [first(a) for a in tl.attempts
+                if f"({mode})" in a.gateway and "first_reply" in a.marks
+                and ("peer_installed" in a.marks or not installed)]
+
+    jit, inverted, base = of("reinject"), of("invert"), of("plain", installed=False)
+    if not jit and not inverted:
         return "No client was provisioned just in time in this run."
-    text = (f"Provisioned just in time: {len(jit)} connection(s), first reply in "
-            f"{min(jit):.0f}-{max(jit):.0f} ms")
+    parts = []
+    if jit:
+        parts.append(f"re-injection: {len(jit)} connection(s), first reply in "
+                     f"{min(jit):.0f}-{max(jit):.0f} ms")
+    if inverted:
+        parts.append(f"role inversion: {inverted[0]:.0f} ms")
     if base:
-        text += f" (pre-provisioned: {base[0]:.0f} ms)"
-    return text + "; without role inversion a late install waits for the client's 5 s retry."
+        parts.append(f"pre-provisioned: {base[0]:.0f} ms")
+    return ("Provisioned just in time, " + "; ".join(parts) + ". Re-injection costs what "
+            "pre-provisioning does plus the install; role inversion one round trip more; "
+            "with neither a late install waits for the client's 5 s retry.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,35 +184,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=6.0, metavar="S",
                    help="short, to show eviction (production default: 300)")
     p.add_argument("--evict-interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--rtt", type=float, default=None, metavar="MS",
+                   help="round-trip time between clients and gateways (the lab's delaying "
+                        "relay), e.g. 100, to show what role inversion's extra trip costs")
     p.add_argument("--prefix", default=None)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    daemon = lab_gateway.gateway_available()
     tl = Timeline(time.time())
     n = max(1, args.clients)
     jit_clients = [f"c{i}" for i in range(1, n + 1)]
-    base = f"c{n + 1}"
+    base, inverted = f"c{n + 1}", f"c{n + 2}"
     tl.heading("wgjit demo: a gateway that learns its peers from their first packet")
-    tl.say("lab", "bringing up the lab: registry, g1 (JIT), g2 (pre-provisioned), "
-           f"{n + 1} clients")
+    tl.say("lab", "bringing up the lab: registry, g1 (JIT, re-injection), g2 "
+           f"(pre-provisioned), g3 (JIT, role inversion), {n + 2} clients"
+           + (f", {args.rtt:g} ms round-trip time" if args.rtt is not None else ""))
     lab = None
     try:
         with signals_raise_interrupt():
-            spec = LabSpec(gateways=["jit", "plain"], clients=n + 1,
-                           client_gateways=["g1"] * n + ["g2"], prefix=args.prefix,
-                           idle_timeout=args.idle_timeout, evict_interval=args.evict_interval)
+            spec = LabSpec(gateways=["jit", "plain", "jit"], clients=n + 2,
+                           client_gateways=["g1"] * n + ["g2", "g3"], prefix=args.prefix,
+                           idle_timeout=args.idle_timeout, evict_interval=args.evict_interval,
+                           daemon_args={"g3": ["--install-mode", "invert"]}, rtt=args.rtt)
             lab = Lab.up(spec, progress=lambda m: tl.say("lab", m))
             tl.names = {c.public_key: c.name for c in lab.state.clients}
             tl.hosts = {a: c.name for c in lab.state.clients for a in (c.underlay4, c.underlay6)}
             w = Watcher(lab, tl)
             w.poll()
             baseline(lab, w, base)
-            if daemon:
-                jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
-            else:
-                registry_story(lab, w, jit_clients)
+            jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
+            inversion(lab, w, inverted)
             tl.heading("Summary: ms from a client's first ping to each step")
             print(tl.summary(), flush=True)
             print(verdict(tl), flush=True)

@@ -8,7 +8,6 @@ by hand before any traffic, or the daemon on the first initiation.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -21,17 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab import addressing, procs
 from lab.netns import LabError, sh, wg
 from lab.nsexec import NetnsWorker
-from lab.registry import _help, wgjit_argv
+from lab.registry import wgjit_argv
 from lab.state import Client, Gateway, Registry
 
 MODES = ("jit", "plain")
 METRICS_LISTEN = "127.0.0.1:9586"
-
-
-@functools.cache
-def gateway_available() -> bool:
-    """True once `wgjit gateway run` is the daemon rather than the placeholder."""
-    return "--interface" in _help("gateway", "run")
 
 
 def configure_interface(g: Gateway) -> None:

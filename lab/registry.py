@@ -7,7 +7,6 @@ bridge namespace (see nsexec), like any gateway or operator on that network woul
 from __future__ import annotations
 
 import dataclasses
-import functools
 import subprocess
 import sys
 import time
@@ -30,22 +29,6 @@ HTTP_TIMEOUT = 5.0
 def wgjit_argv() -> list[str]:
     """The appliance's CLI, from the same interpreter (and venv) as the lab."""
     return [sys.executable, "-m", "appliance"]
-
-
-def _help(*words: str) -> str:
-    try:
-        p = subprocess.run([*wgjit_argv(), *words, "--help"], capture_output=True, text=True,
-                           timeout=60)
-    except subprocess.TimeoutExpired:
-        return ""
-    return p.stdout if p.returncode == 0 else ""
-
-
-@functools.cache
-def registry_available() -> bool:
-    """True once `wgjit registry serve` and `wgjit token create` are built."""
-    serve = _help("registry", "serve")
-    return "--db" in serve and "--listen" in serve and "--scope" in _help("token", "create")
 
 
 def create_token(db: str, scope: str, tenant: str | None = None) -> str:

@@ -95,6 +95,8 @@ class Client:
     ping_pid: int = 0
     ping_log: str = ""
     ping_started: float = 0.0  # unix time the current ping began
+    # Round-trip time added by the relay (lab/relay.py), ms; None: no relay, direct.
+    rtt_ms: float | None = None
 
 
 @dataclass
@@ -109,6 +111,8 @@ class LabState:
     clients: list[Client] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ready: bool = False
+    relay_pid: int = 0  # the delaying relay in the internet namespace, if any
+    relay_log: str = ""
     # The process whose exit ends the lab (tests, the demo); 0: it outlives its maker.
     owner_pid: int = 0
 

@@ -69,6 +69,7 @@ def collect(lab: Lab) -> dict[str, Any]:
             "wireguard_go": procs.alive(c.wg_pid), "connected": lab.connected(c.name),
             "gateway_handshake": handshakes.get(c.public_key, 0),
             "installed_on_gateway": c.public_key in handshakes,
+            "rtt_ms": c.rtt_ms,
         })
     return out
 
@@ -101,7 +102,8 @@ def render(s: dict[str, Any]) -> str:
         inst = (f"on {c['gateway']}: handshake {_ago(c['gateway_handshake'], now)}"
                 if c["installed_on_gateway"] else f"not installed on {c['gateway']}")
         reg = "registered" if c["registered"] else "not registered"
+        rtt = f"  rtt {c['rtt_ms']:g} ms (relay)" if c.get("rtt_ms") is not None else ""
         lines.append(f"  {c['name']}  -> {c['gateway']}  {c['ifname']}  {c['underlay']}  "
-                     f"tunnel {c['tunnel'][0]}  {reg}  {conn}  {inst}")
+                     f"tunnel {c['tunnel'][0]}  {reg}  {conn}  {inst}{rtt}")
     lines += [f"  note: {n}" for n in s["notes"]]
     return "\n".join(lines)

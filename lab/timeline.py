@@ -12,7 +12,10 @@ is used, which blurs milliseconds. Events the timeline understands, and their fi
     identity_recovered   endpoint, public_key        the initiator's static key decrypted
     peer_pulled          public_key, source, [ms]    config fetched; source registry|cache|stale
     peer_unknown         public_key, [reason]        the registry does not know it (or revoked)
-    peer_installed       public_key, endpoint        on the device, handshaking back
+    peer_installed       public_key, endpoint, mode  on the device (mode reinject|invert)
+    initiation_reinjected  public_key                the captured initiation handed back
+    reinjection_answered public_key                  the data plane answered the client
+    reinjection_fallback public_key, reason          unanswered: role inversion instead
     handshake_completed  public_key                  session up (trigger keepalive cleared)
     peer_evicted         public_key, reason          reason idle|never_handshaken|revoked
     peer_adopted         public_key                  found on the device at start
@@ -126,7 +129,7 @@ def short_key(key: str) -> str:
     return key[:8] + "…" if key else "?"
 
 
-def _host(endpoint: str) -> str:
+def endpoint_host(endpoint: str) -> str:
     """'198.51.100.2:41000' or '[2001:db8::2]:41000' -> the address."""
     if endpoint.startswith("["):
         return endpoint[1:].split("]")[0]
@@ -174,8 +177,10 @@ class Timeline:
         if key and key in self.names:
             return self.names[key]
         ep = ev.get("endpoint")
-        if ep and _host(ep) in self.hosts:
-            return self.hosts[_host(ep)]
+        if ep and ep in self.hosts:  # behind the RTT relay: its upstream "ip:port"
+            return self.hosts[ep]
+        if ep and endpoint_host(ep) in self.hosts:
+            return self.hosts[endpoint_host(ep)]
         return short_key(key) if key else "?"
 
     def _open_attempt(self, client: str) -> Attempt | None:
@@ -214,7 +219,15 @@ class Timeline:
                            + (f" in {ev.get('ms'):.0f} ms"
                               if isinstance(ev.get("ms"), (int, float)) else ""),
             "peer_unknown": f"{gw}: not in the registry ({ev.get('reason', 'unknown')}), ignored",
-            "peer_installed": f"{gw} installed the peer and handshakes back to {ep}",
+            "peer_installed": (f"{gw} installed the peer and handshakes back to {ep}"
+                               if ev.get("mode", "invert") == "invert" else
+                               f"{gw} installed the peer (responder, no endpoint)"),
+            "initiation_reinjected": f"{gw} handed the client's own initiation back to its "
+                                     "data plane",
+            "reinjection_answered": f"{gw}: the data plane answered the client's handshake "
+                                    "(the client stays the initiator)",
+            "reinjection_fallback": f"{gw}: re-injection {ev.get('reason', 'failed')}; "
+                                    "handshaking back instead (role inversion)",
             "handshake_completed": f"{gw}: session established",
             "peer_evicted": f"{gw} evicted the peer ({ev.get('reason', 'idle')})",
             "peer_adopted": f"{gw} adopted the peer already on its device",

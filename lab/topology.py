@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,13 +39,7 @@ from lab import addressing, client, gateway, procs
 from lab.addressing import UNDERLAY_IF, WG_PORT
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.nsexec import NetnsWorker
-from lab.registry import (
-    RegistryClient,
-    another_server,
-    registry_available,
-    serve,
-    start_registry,
-)
+from lab.registry import RegistryClient, another_server, serve, start_registry
 from lab.state import (
     Client,
     Gateway,
@@ -80,16 +76,21 @@ class LabSpec:
     # Gateway name per client ("g1", ...); default: round robin.
     client_gateways: list[str] | None = None
     prefix: str | None = None
-    registry: str = "auto"  # "auto": start it if `wgjit registry serve` exists; "yes"; "no"
+    registry: str = "yes"  # "yes" or "no"
     # Registry servers over the one database; jit gateways are given them all, in order.
     registries: int = 1
-    daemon: bool = True  # in jit mode, start `wgjit gateway run` if it exists
+    daemon: bool = True  # in jit mode, start `wgjit gateway run`
     psk: bool = False
     endpoint_family: str = "4"  # how clients reach gateways: "4", "6" or "mixed"
     idle_timeout: float = 300.0
     evict_interval: float = 30.0
     # More `wgjit gateway run` flags per gateway name, e.g. {"g2": ["--trigger-keepalive", "0"]}.
     daemon_args: dict[str, list[str]] = field(default_factory=dict)
+    # Emulated round-trip time, ms, between clients and gateways (lab/relay.py in the
+    # internet namespace); None: clients reach gateways directly. client_rtt sets it
+    # per client name ({"c1": 250}) and also brings up the relay.
+    rtt: float | None = None
+    client_rtt: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         if not 1 <= len(self.gateways) <= addressing.MAX_GATEWAYS:
@@ -101,8 +102,8 @@ class LabSpec:
             raise LabError(f"clients: 0..{addressing.MAX_CLIENTS}")
         if self.client_gateways is not None and len(self.client_gateways) != self.clients:
             raise LabError("client_gateways needs one gateway name per client")
-        if self.registry not in ("auto", "yes", "no"):
-            raise LabError("registry: auto, yes or no")
+        if self.registry not in ("yes", "no"):
+            raise LabError("registry: yes or no")
         if not 1 <= self.registries <= addressing.MAX_REGISTRIES:
             raise LabError(f"registries: 1..{addressing.MAX_REGISTRIES}")
         if self.registries > 1 and self.registry == "no":
@@ -112,6 +113,19 @@ class LabSpec:
         for name in self.daemon_args:
             if not re.fullmatch(r"g\d+", name) or int(name[1:]) > len(self.gateways):
                 raise LabError(f"daemon_args: no gateway {name!r}")
+        if self.rtt is not None and not 0 <= self.rtt <= 10_000:
+            raise LabError("rtt: 0..10000 ms")
+        for name, ms in self.client_rtt.items():
+            if not re.fullmatch(r"c\d+", name) or not 1 <= int(name[1:]) <= self.clients:
+                raise LabError(f"client_rtt: no client {name!r}")
+            if not 0 <= ms <= 10_000:
+                raise LabError(f"client_rtt {name}: 0..10000 ms")
+
+    def client_rtt_ms(self, name: str) -> float | None:
+        """The round-trip time the relay gives this client; None: no relay at all."""
+        if self.rtt is None and not self.client_rtt:
+            return None
+        return self.client_rtt.get(name, self.rtt or 0.0)
 
 
 # --- names -----------------------------------------------------------------------
@@ -328,10 +342,7 @@ class Lab:
                   f"{n_cl} client(s)")
         self._make_internet()
 
-        want_registry = spec.registry == "yes" or (spec.registry == "auto"
-                                                   and registry_available())
-        if spec.registry == "yes" and not registry_available():
-            raise LabError("registry requested but `wgjit registry serve` is not available")
+        want_registry = spec.registry == "yes"
         # (host, address4, address6, router4, router6) for every leg into the internet
         legs: list[tuple[str, str, str, str, str]] = []
         if want_registry:
@@ -361,7 +372,7 @@ class Lab:
             fam = {"4": 4, "6": 6}.get(spec.endpoint_family, 4 if i % 2 else 6)
             c = Client(name=f"c{i}", ns=ns_name(st.prefix, f"c{i}"), ifname=f"{st.prefix}c{i}",
                        gateway=gw_name, underlay4=u4, underlay6=u6, tunnel4=t4, tunnel6=t6,
-                       endpoint_family=fam)
+                       endpoint_family=fam, rtt_ms=spec.client_rtt_ms(f"c{i}"))
             legs.append((c.name, u4, u6, r4, r6))
             priv, c.public_key = generate_keypair()
             c.private_key_file = str(write_secret(keys / f"{c.name}.key", priv))
@@ -373,6 +384,8 @@ class Lab:
         st.save()
         _parallel(lambda leg: self._make_host(*leg), legs)
         st.save()
+        if any(c.rtt_ms is not None for c in st.clients):
+            self._start_relay(spec)
 
         self._say(f"starting {n_gw + n_cl} wireguard-go interface(s)")
         self._start_wireguard_go([*st.gateways, *st.clients])
@@ -385,8 +398,7 @@ class Lab:
         if want_registry:
             self._start_registry(spec)
         else:
-            note = ("registry not started: `wgjit registry serve` is not available"
-                    if spec.registry == "auto" else "registry not started (--no-registry)")
+            note = "registry not started (--no-registry)"
             st.notes.append(note)
             self._say(note)
 
@@ -398,11 +410,6 @@ class Lab:
                 self._say(f"{g.name} plain: {len(mine)} peer(s) pre-provisioned with `wg set`")
             elif not spec.daemon:
                 self._say(f"{g.name} jit: daemon not requested; the interface starts empty")
-            elif not gateway.gateway_available():
-                note = (f"{g.name} jit: `wgjit gateway run` is not built yet; "
-                        "the interface starts empty and nothing installs peers")
-                st.notes.append(note)
-                self._say(note)
             elif st.registry is None:
                 raise LabError(f"{g.name} jit: the daemon needs the registry")
             else:
@@ -447,6 +454,48 @@ class Lab:
             f"route add default via {router4}",
             f"route add default via {router6}",
         ])
+
+    def _start_relay(self, spec: LabSpec) -> None:
+        """The delaying relay in the internet namespace: one route per gateway and family."""
+        st = self.state
+        routes = []
+        for i, g in enumerate(st.gateways, 1):
+            for fam, gw_ip, source in ((4, g.underlay4, addressing.ROUTER4[0]),
+                                       (6, g.underlay6, addressing.ROUTER6[0])):
+                routes.append({"listen": list(addressing.relay_listen(i, fam)),
+                               "gateway": [gw_ip, g.listen_port], "source": source})
+        by_ip = {ip: c.rtt_ms for c in st.clients if c.rtt_ms is not None
+                 for ip in (c.underlay4, c.underlay6)}
+        cfg = Path(st.dir) / "relay.json"
+        cfg.write_text(json.dumps({"routes": routes, "rtt_ms": spec.rtt or 0.0,
+                                   "client_rtt_ms": by_ip}, indent=2))
+        st.relay_log = str(Path(st.dir) / "relay.log")
+        st.relay_pid = procs.spawn(ns_name(st.prefix, "net"),
+                                   [sys.executable, str(Path(__file__).with_name("relay.py")),
+                                    "--config", str(cfg)], st.relay_log)
+        st.save()
+        deadline = time.monotonic() + WG_START_TIMEOUT
+        while '"listening"' not in Path(st.relay_log).read_text(errors="replace"):
+            if not procs.alive(st.relay_pid):
+                raise LabError(f"relay exited: {procs.tail(st.relay_log)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"relay: not listening after {WG_START_TIMEOUT:g} s")
+            time.sleep(0.01)
+        rtts = sorted({c.rtt_ms for c in st.clients if c.rtt_ms is not None})
+        self._say(f"relay in {ns_name(st.prefix, 'net')}: clients reach gateways with "
+                  f"{'/'.join(f'{r:g}' for r in rtts)} ms round-trip time added")
+
+    def relay_flows(self) -> dict[str, str]:
+        """The relay's upstream address (as the gateways see it) -> client address."""
+        out: dict[str, str] = {}
+        if not self.state.relay_log:
+            return out
+        for line in Path(self.state.relay_log).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict) and "upstream" in doc:
+                    out[doc["upstream"]] = doc["client"]
+        return out
 
     def _start_wireguard_go(self, hosts: list[Gateway | Client]) -> None:
         for h in hosts:

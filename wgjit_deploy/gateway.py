@@ -50,7 +50,10 @@ def gateway_role(release: str) -> None:
         listen_port=data.get("wg_listen_port", 51820), metrics_listen=metrics,
         idle_timeout=data.get("idle_timeout", 300), evict_interval=data.get("evict_interval", 30),
         handshake_grace=data.get("handshake_grace", 15),
-        capture_interfaces=data.get("capture_interfaces", []))
+        capture_interfaces=data.get("capture_interfaces", []),
+        # Unset: the daemon's own default (reinject). Re-injection needs no
+        # sysctl: the packet is looped back locally and never meets rp_filter.
+        install_mode=data.get("install_mode"))
     wg_unit = files.template(
         name=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", src=str(paths.TEMPLATES / f"{WG_UNIT}.j2"),
         dest=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", user="root", group="root", mode="644",

@@ -10,12 +10,17 @@ import sys
 
 from appliance import config
 from appliance.config import Option
+from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
 
 log = logging.getLogger(__name__)
 
 
 def _backend(value: str) -> str | None:
     return None if value in ("auto", "netlink", "uapi") else "must be auto, netlink or uapi"
+
+
+def _install_mode(value: str) -> str | None:
+    return None if value in INSTALL_MODES else f"must be {' or '.join(INSTALL_MODES)}"
 
 
 def _port(value: int) -> str | None:
@@ -50,6 +55,7 @@ OPTIONS = [
     Option("registry-timeout", float, 3.0, check=config.positive),
     Option("workers", int, 8, check=config.positive),
     Option("trigger-keepalive", int, 25, check=_non_negative),
+    Option("install-mode", default=DEFAULT_INSTALL_MODE, check=_install_mode),
     Option("log-format", default="json",
            check=lambda v: None if v in ("json", "text") else "must be json or text"),
 ]
@@ -135,5 +141,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a("--trigger-keepalive", type=int, metavar="SECONDS",
       help="keepalive that makes the device handshake towards a new peer at once, "
            "cleared after the handshake; 0 disables role inversion (25)")
+    a("--install-mode", metavar="|".join(INSTALL_MODES),
+      help="how a new peer's first handshake completes: reinject hands the client's "
+           "captured initiation back to the data plane (the client stays the initiator; "
+           "falls back to invert if unanswered); invert makes the gateway handshake "
+           f"towards the client, one round trip slower ({DEFAULT_INSTALL_MODE})")
     a("--log-format", metavar="json|text", help="event log format (json)")
     run.set_defaults(func=cmd_run)

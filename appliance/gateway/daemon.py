@@ -34,8 +34,10 @@ from appliance.gateway.feed import FeedFollower
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
 from appliance.gateway.metrics import GatewayMetrics, serve_http
+from appliance.gateway.modes import DEFAULT_INSTALL_MODE
 from appliance.gateway.pull import build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
+from appliance.gateway.reinject import Reinjector
 from appliance.gateway.replay import ReplayGuard
 from appliance.gateway.schedule import Jobs
 from appliance.gateway.state import GatewayState
@@ -81,6 +83,7 @@ class GatewaySettings:
     registry_timeout: float = 3.0
     workers: int = 8
     trigger_keepalive: int = TRIGGER_KEEPALIVE
+    install_mode: str = DEFAULT_INSTALL_MODE
 
 
 def underlay_interfaces(exclude: str) -> list[str]:
@@ -108,13 +111,17 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.replay = ReplayGuard()
         self._stop = threading.Event()
-        self._pending: set[str] = set()
+        # Keys being looked up or installed -> the latest verified initiation of
+        # each: a retry that arrives meanwhile replaces the one to re-inject (the
+        # client accepts a response to its latest initiation only).
+        self._pending: dict[str, Datagram] = {}
         self._pending_lock = threading.Lock()
         # Whole-device reads, one at a time: each holds every peer in memory
         # (~40 MB at 50,000), and two at once would double the daemon's peak.
         self._device_read = threading.Lock()
         self.device: WgDevice | None = None
         self.capture: Capture | None = None
+        self.reinjector: Reinjector | None = None
         self._threads: list[threading.Thread] = []
         self._http = None
         self.scheduler: BackgroundScheduler | None = None
@@ -147,6 +154,8 @@ class Gateway:
         if not underlay:
             raise WgError("no Ethernet interface to capture on; give --capture-interface")
         self.capture = Capture(underlay, port=port)
+        if s.install_mode == "reinject":
+            self.reinjector = Reinjector()
 
         self.installer = Installer(self.device, s.trigger_keepalive)
         adopted = self.installer.adopt()
@@ -173,7 +182,7 @@ class Gateway:
         self.metrics.installed.set(len(self.installer))
         events.emit("gateway_ready", interface=s.interface, public_key=encode_key(
             self.responder.public_key), listen_port=port, capture=underlay,
-            peers=len(self.installer), backend=self.device.backend)
+            peers=len(self.installer), backend=self.device.backend, install_mode=s.install_mode)
 
     def _start_scheduler(self) -> None:
         s = self.settings
@@ -202,6 +211,8 @@ class Gateway:
             self._http.server_close()
         if self.capture is not None:
             self.capture.close()
+        if self.reinjector is not None:
+            self.reinjector.close()
         for closable in ("cache", "state"):
             if hasattr(self, closable):
                 getattr(self, closable).close()
@@ -224,7 +235,8 @@ class Gateway:
         return 0
 
     def apply(self, settings: GatewaySettings) -> None:
-        """Take new tunables without a restart (SIGHUP). Interface and registry stay."""
+        """Take new tunables without a restart (SIGHUP). Interface, registry servers and
+        install mode stay (the raw sockets of re-injection are opened at start)."""
         if settings.registries != self.settings.registries:
             log.warning("reload: registry servers changed to %s; still using %s until a "
                         "restart", settings.registries, self.settings.registries)
@@ -292,15 +304,17 @@ class Gateway:
         self.metrics.verified.inc()
         with self._pending_lock:
             if key in self._pending:
+                self._pending[key] = d
                 self.metrics.drops.labels("pending").inc()
                 return
             if len(self._pending) >= MAX_PENDING:
                 self.metrics.drops.labels("queue_full").inc()
                 return
-            self._pending.add(key)
+            self._pending[key] = d
         events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
         events.emit("identity_recovered", public_key=key, endpoint=d.endpoint)
-        self.pool.submit(self._pull_and_install, key, d.endpoint, seen_at)
+        # d goes along: only this verified, fresh initiation may be re-injected.
+        self.pool.submit(self._pull_and_install, key, d, seen_at)
 
     def _fetch(self, key: str):
         try:
@@ -317,7 +331,9 @@ class Gateway:
         finally:
             self.metrics.registry_calls.inc()
 
-    def _pull_and_install(self, key: str, endpoint: str, seen_at: float) -> None:
+    def _pull_and_install(self, key: str, d: Datagram, seen_at: float) -> None:
+        endpoint = d.endpoint
+        reinject = self.reinjector is not None
         try:
             lookup = self.cache.lookup(key)
             self.metrics.lookups.labels(lookup.outcome.value).inc()
@@ -326,8 +342,11 @@ class Gateway:
                 return
             events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
                         ms=round(1000 * (time.time() - seen_at), 2))
+            with self._pending_lock:  # the client's latest initiation (a slow pull)
+                d = self._pending.get(key, d)
+                endpoint = d.endpoint
             try:
-                installed = self.installer.install(lookup.peer, endpoint)
+                installed = self.installer.install(lookup.peer, endpoint, reinject=reinject)
             except WgError as e:
                 self.metrics.install_errors.inc()
                 log.error("install of %s failed: %s", key, e)
@@ -347,12 +366,31 @@ class Gateway:
                 self.evictor.note_install(key)
                 events.emit("peer_installed", public_key=key, endpoint=endpoint,
                             allowed_ips=list(lookup.peer.allowed_ips),
-                            ms=round(1000 * elapsed, 2))
+                            ms=round(1000 * elapsed, 2),
+                            mode=("reinject" if reinject else "invert"
+                                  if self.installer.role_inversion else "responder"))
+                if reinject:
+                    self._reinject(key, d, seen_at)
         except Exception:
             log.exception("pull/install of %s failed", key)
         finally:
             with self._pending_lock:
-                self._pending.discard(key)
+                self._pending.pop(key, None)
+
+    def _reinject(self, key: str, d: Datagram, seen_at: float) -> None:
+        assert self.reinjector is not None
+        try:
+            self.reinjector.send(d)
+        except OSError as e:
+            self.metrics.reinjections.labels("failed").inc()
+            log.error("re-injecting the initiation of %s failed: %s", key, e)
+            if self.installer.fall_back(key):
+                events.emit("reinjection_fallback", level=logging.WARNING, public_key=key,
+                            endpoint=d.endpoint, reason="send_failed")
+            return
+        self.metrics.reinjections.labels("sent").inc()
+        events.emit("initiation_reinjected", public_key=key, endpoint=d.endpoint,
+                    ms=round(1000 * (time.time() - seen_at), 2))
 
     # -- housekeeping -------------------------------------------------------------
 
@@ -386,8 +424,26 @@ class Gateway:
         for p in peers:
             if p.public_key not in wanted:
                 continue
+            if (p.last_handshake is not None or p.rx_bytes) and \
+                    self.installer.is_reinjected(p.public_key):
+                # The data plane consumed the re-injected initiation (it counts
+                # handshake messages in rx_bytes: 148 after one initiation with
+                # wireguard-go; the kernel's receive.c calls update_rx_stats after
+                # consuming a handshake message) and answered the
+                # client; the handshake completes with the client's first data
+                # packet, one round trip later (or already did, at a short RTT).
+                self.installer.reinjection_answered(p.public_key)
+                self.metrics.reinjections.labels("answered").inc()
+                events.emit("reinjection_answered", public_key=p.public_key)
             if p.last_handshake is not None:
                 done.append(p.public_key)
+            elif self.installer.reinjection_overdue(p.public_key, now):
+                # Dropped on the way (a firewall), refused (a cookie demanded
+                # under load), or not ours to answer: the gateway initiates.
+                self.metrics.reinjections.labels("unanswered").inc()
+                if self.installer.fall_back(p.public_key):
+                    events.emit("reinjection_fallback", level=logging.WARNING,
+                                public_key=p.public_key, reason="unanswered")
             elif self.installer.retrigger_due(p.public_key, now) and \
                     self.installer.retrigger(p.public_key):
                 self.metrics.retriggers.inc()

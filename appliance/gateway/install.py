@@ -1,4 +1,11 @@
-"""Install a pulled peer in the initiator role, and end the trigger once it worked.
+"""Install a pulled peer so that its first handshake completes at once.
+
+Two install modes (--install-mode):
+- reinject (default): install the peer as a responder and hand the client's
+  captured initiation back to the data plane (reinject.py); the client stays
+  the initiator and connects as fast as a pre-provisioned client. If the data
+  plane has not answered it by REINJECT_DEADLINE, fall back to role inversion.
+- invert: role inversion, described below; one round trip slower for the client.
 
 Role inversion: the client's first initiation arrived before the peer existed,
 so nobody answered it, and the client would retry only after REKEY_TIMEOUT
@@ -30,6 +37,12 @@ NO_PRESHARED_KEY = "A" * 43 + "="
 # How long to wait for the handshake before installing afresh, and how often.
 RETRIGGER_AFTER = 0.3
 MAX_RETRIGGERS = 3
+# The data plane answers a re-injected initiation as fast as any other: the
+# client's first reply comes 2 RTT + the install after its first packet, like
+# a pre-provisioned one (bench/connect.py). The handshake check sees it on its
+# next tick (every 0.1 s on a small gateway); half a second leaves room for a
+# loaded host and keeps a failed re-injection well under the client's 5 s retry.
+REINJECT_DEADLINE = 0.5
 
 
 @dataclass(slots=True)  # one per installed peer: tens of thousands
@@ -37,13 +50,15 @@ class Installed:
     public_key: str
     installed_at: float  # time.time()
     endpoint: str | None
-    trigger_pending: bool = True
+    trigger_pending: bool = True  # watched until its first handshake
     adopted: bool = False
     tenant: str = ""
     allowed_ips: tuple[str, ...] | None = field(default_factory=tuple)  # None: unknown
     preshared_key: str | None = field(default=None, repr=False)
     triggered_at: float = 0.0  # time.monotonic() of the latest (re)install
     retriggers: int = 0
+    trigger_keepalive: bool = True  # role inversion: a keepalive to clear after the handshake
+    reinjected: bool = False  # its initiation was re-injected and not yet answered
 
 
 class Installer:
@@ -88,15 +103,20 @@ class Installer:
                 if p.public_key in self._peers:
                     continue
                 # A peer that never handshook gets the full grace period from now.
+                leftover = p.persistent_keepalive > 0
                 self._peers[p.public_key] = Installed(
-                    p.public_key, now, None, trigger_pending=p.persistent_keepalive > 0,
-                    adopted=True, allowed_ips=None)
+                    p.public_key, now, None, trigger_pending=leftover,
+                    trigger_keepalive=leftover, adopted=True, allowed_ips=None)
                 adopted.append(p.public_key)
         return adopted
 
-    def install(self, peer: RegistryPeer, endpoint: str) -> bool:
-        """Put the peer on the device aimed at `endpoint`; False if it already was.
+    def install(self, peer: RegistryPeer, endpoint: str, *, reinject: bool = False) -> bool:
+        """Put the peer on the device; False if it already was.
 
+        reinject=False: aimed at `endpoint` with the trigger keepalive (role
+        inversion). reinject=True: as a responder with no endpoint, for the
+        caller to re-inject the initiation; the data plane takes the endpoint
+        from it. Either way the peer is watched until its first handshake.
         An installed peer is never re-aimed here: the packet that asked for it is
         unauthenticated as far as the data plane is concerned, and WireGuard's
         own roaming moves a live peer's endpoint on authenticated packets.
@@ -104,9 +124,11 @@ class Installer:
         with self._lock:
             if peer.public_key in self._peers:
                 return False
+            invert = self.role_inversion and not reinject
             entry = Installed(peer.public_key, time.time(), endpoint, tenant=peer.tenant,
                               allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
-                              trigger_pending=self.role_inversion)
+                              trigger_pending=invert or reinject, trigger_keepalive=invert,
+                              reinjected=reinject)
             self._put(entry)
             self._peers[peer.public_key] = entry
         return True
@@ -116,23 +138,58 @@ class Installer:
         return self.trigger_keepalive > 0
 
     def _put(self, entry: Installed) -> None:
-        # Without role inversion (trigger keepalive 0) the peer is installed as a
-        # plain responder: the client's retry after REKEY_TIMEOUT completes the
-        # handshake. Kept as the baseline the benchmarks compare against.
+        # Without role inversion (trigger keepalive 0) and without re-injection the
+        # peer is installed as a plain responder: the client's retry after
+        # REKEY_TIMEOUT completes the handshake. Kept as the baseline the
+        # benchmarks compare against. A re-injected peer gets no endpoint either.
+        invert = entry.trigger_keepalive
         self.device.set_peer(PeerConfig(
             entry.public_key,
             allowed_ips=entry.allowed_ips,
             preshared_key=entry.preshared_key or NO_PRESHARED_KEY,
-            endpoint=entry.endpoint if self.role_inversion else None,
-            persistent_keepalive=self.trigger_keepalive if self.role_inversion else None,
+            endpoint=entry.endpoint if invert else None,
+            persistent_keepalive=self.trigger_keepalive if invert else None,
         ))
         entry.triggered_at = time.monotonic()
 
     def retrigger_due(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
-        return (entry is not None and entry.trigger_pending and not entry.adopted
-                and entry.retriggers < MAX_RETRIGGERS
+        return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
+                and not entry.adopted and entry.retriggers < MAX_RETRIGGERS
                 and now - entry.triggered_at > RETRIGGER_AFTER)
+
+    def reinjection_overdue(self, public_key: str, now: float) -> bool:
+        entry = self._peers.get(public_key)
+        return (entry is not None and entry.reinjected
+                and now - entry.triggered_at > REINJECT_DEADLINE)
+
+    def is_reinjected(self, public_key: str) -> bool:
+        """Its initiation was re-injected and the data plane has not answered yet."""
+        entry = self._peers.get(public_key)
+        return entry is not None and entry.reinjected
+
+    def reinjection_answered(self, public_key: str) -> None:
+        with self._lock:
+            if (entry := self._peers.get(public_key)) is not None:
+                entry.reinjected = False
+
+    def fall_back(self, public_key: str) -> bool:
+        """The re-injection went unanswered: aim the peer at the client, trigger keepalive on.
+
+        False if there is nothing to do (peer gone, answered meanwhile, or role
+        inversion disabled with --trigger-keepalive 0: the client's retry then
+        completes the handshake).
+        """
+        with self._lock:
+            entry = self._peers.get(public_key)
+            if entry is None or not entry.reinjected:
+                return False
+            entry.reinjected = False
+            if not self.role_inversion or entry.endpoint is None:
+                return False
+            entry.trigger_keepalive = True
+            self._put(entry)
+        return True
 
     def retrigger(self, public_key: str) -> bool:
         """Install a peer afresh to break a crossed handshake (see the module doc)."""
@@ -163,14 +220,15 @@ class Installer:
             return [k for k, p in self._peers.items() if p.trigger_pending]
 
     def handshake_done(self, public_keys: list[str]) -> None:
-        """Turn off the trigger keepalive of peers that completed a handshake."""
+        """Stop watching peers that completed a handshake; turn off trigger keepalives."""
         for key in public_keys:
             with self._lock:
                 entry = self._peers.get(key)
                 if entry is None or not entry.trigger_pending:
                     continue
-                self.device.clear_keepalive(key)
-                entry.trigger_pending = False
+                if entry.trigger_keepalive:
+                    self.device.clear_keepalive(key)
+                entry.trigger_pending = entry.trigger_keepalive = entry.reinjected = False
 
     def remove(self, public_keys: list[str]) -> list[str]:
         """Remove peers from the device (batched); returns those we had."""

@@ -67,6 +67,11 @@ class GatewayMetrics:
         self.retriggers = Counter(
             "wgjit_gateway_handshake_retriggers_total",
             "Peers installed afresh because their handshake had not completed", registry=r)
+        self.reinjections = Counter(
+            "wgjit_gateway_reinjections_total",
+            "Captured initiations handed back to the data plane, by outcome (sent, "
+            "answered, unanswered: fell back to role inversion, failed: the send failed)",
+            ["outcome"], registry=r)
         self.installed = Gauge("wgjit_gateway_installed_peers", "Peers on the device now",
                                registry=r)
         self.evictions = Counter("wgjit_gateway_evictions_total", "Peers removed, by reason",

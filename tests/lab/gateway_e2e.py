@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import pytest
 
-from appliance.gateway.capture import Capture, Datagram
+from appliance.gateway.capture import Capture, Datagram, FrameError, parse_frame
 from appliance.gateway.handshake import Responder
 from appliance.keys import decode_key, encode_key
 from appliance.secrets import read_secret
@@ -130,3 +130,49 @@ class InitiationTap:
 
     def close(self) -> None:
         self.worker.call(self.capture.close)
+
+
+class WireTap:
+    """Every WireGuard handshake message (types 1-3) crossing a host's underlay, both
+    directions, as (direction, message type, datagram): "out" = sent by that host.
+
+    A plain packet socket without the capture's filter (which keeps only incoming
+    initiations); it shows which side of a session initiated it: a gateway whose
+    data plane answered the client's own initiation sends a type 2, never a type 1.
+    """
+
+    def __init__(self, lab: Lab, host: str, port: int = 51820) -> None:
+        self.port = port
+        self.sock = lab.worker(host).call(self._open)
+        self.seen: list[tuple[str, int, Datagram]] = []
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s.bind((UNDERLAY_IF, 0))
+        s.setblocking(False)
+        return s
+
+    def read(self) -> list[tuple[str, int, Datagram]]:
+        while True:
+            try:
+                frame, addr = self.sock.recvfrom(256)
+            except BlockingIOError:
+                return self.seen
+            try:
+                d = parse_frame(frame, UNDERLAY_IF)
+            except FrameError:
+                continue
+            if self.port not in (d.src_port, d.dst_port) or not d.payload \
+                    or d.payload[0] not in (1, 2, 3):
+                continue
+            direction = "out" if addr[2] == socket.PACKET_OUTGOING else "in"
+            self.seen.append((direction, d.payload[0], d))
+
+    def messages(self, peer_ip: str) -> list[tuple[str, int]]:
+        """(direction, type) of the handshake messages to or from peer_ip, in order."""
+        return [(direction, kind) for direction, kind, d in self.read()
+                if peer_ip in (d.src_ip, d.dst_ip)]
+
+    def close(self) -> None:
+        self.sock.close()

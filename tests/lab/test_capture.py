@@ -45,10 +45,10 @@ from appliance.gateway.handshake import (
     MESSAGE_TRANSPORT_TYPE,
     Responder,
 )
-from appliance.gateway.handshake_testing import build_initiation
 from appliance.keys import encode_key, generate_private_key, public_key
 from lab.netns import Cleanup, create_netns, sh, start_wireguard_go, veth, wg
 from lab.nsexec import NetnsWorker
+from tests.initiations import build_initiation
 
 pytestmark = pytest.mark.lab
 

@@ -1,5 +1,9 @@
 """The gateway daemon end to end: who gets in just in time, and who does not.
 
+This module runs the daemon with `--install-mode invert` (role inversion); the
+default, re-injection, has the same checks in test_reinject.py. What happens
+before the install (identity, forgeries, garbage) is the same in both modes.
+
 One lab for the module: a jit gateway (wireguard-go + `wgjit gateway run`), the
 real registry under gunicorn, six wireguard-go clients configured with `wg` only,
 odd ones reaching the gateway over IPv4, even ones over IPv6. Each test uses its
@@ -23,13 +27,13 @@ from pathlib import Path
 import pytest
 
 from appliance.gateway.handshake import tai64n
-from appliance.gateway.handshake_testing import build_initiation
 from appliance.keys import decode_key, generate_keypair, generate_private_key
 from appliance.secrets import write_secret
 from lab import gateway as lab_gateway
 from lab import procs
 from lab.netns import wg
 from lab.topology import Lab
+from tests.initiations import build_initiation
 from tests.lab.gateway_e2e import (
     JIT_CONNECT_LIMIT,
     InitiationTap,
@@ -47,7 +51,8 @@ pytestmark = [pytest.mark.lab]
 LAB_SPEC = {"gateways": ["jit"], "clients": 6, "endpoint_family": "mixed",
             # Nobody goes idle within the module; passes often, so a peer removed by
             # hand is noticed quickly (the replay test).
-            "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes"}
+            "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes",
+            "daemon_args": {"g1": ["--install-mode", "invert"]}}
 GW = "g1"
 
 
@@ -199,6 +204,21 @@ def test_forged_initiation_installs_nothing(lab: Lab) -> None:
     # The real owner of the key is not locked out.
     lab.connect("c4", fresh=True)
     assert first_reply_after_start(lab, "c4") < JIT_CONNECT_LIMIT
+
+
+def test_initiation_with_a_low_order_static_key_is_dropped_as_static(lab: Lab) -> None:
+    """A static field that opens (the sender knows our public key) to a point whose
+    shared secret is all zeros: dropped under its own label, nothing looked up."""
+    g = lab.gateway(GW)
+    bad = [build_initiation(generate_private_key(), decode_key(g.public_key),
+                            claimed_static=bytes(32)) for _ in range(2)]
+    counters = Counters(lab)
+    send_udp(lab, "c3", g.underlay4, g.listen_port, bad)
+    wait_for(lambda: drops(counters, "static") >= 2, 10, "2 static drops")
+    assert drops(counters, "static") == 2
+    assert counters.delta("wgjit_gateway_initiations_verified_total") == 0
+    assert counters.delta("wgjit_gateway_registry_calls_total") == 0
+    assert counters.delta("wgjit_gateway_installs_total") == 0
 
 
 def test_replayed_initiation_from_elsewhere_installs_nothing(lab: Lab) -> None:

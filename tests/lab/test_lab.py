@@ -17,6 +17,7 @@ import pytest
 from lab import client as lab_client
 from lab import gateway as lab_gateway
 from lab import procs
+from lab import registry as lab_registry
 from lab.netns import LabError, list_netns, wg
 from lab.state import state_dir
 from lab.topology import Lab, LabSpec, destroy, lab_namespaces, lab_sockets, random_prefix
@@ -114,8 +115,6 @@ def test_clients_are_registered_through_the_api(lab: Lab) -> None:
 
 
 def test_jit_gateway_daemon_adopts_the_lab_interface(lab_factory) -> None:
-    if not lab_gateway.gateway_available():
-        pytest.fail("`wgjit gateway run` is built; jit mode must start it")
     lab = lab_factory(gateways=["jit"], clients=1, idle_timeout=30, evict_interval=1)
     g, c = lab.gateway("g1"), lab.client("c1")
     assert procs.alive(g.daemon_pid) and procs.in_netns(g.daemon_pid, g.ns)
@@ -187,6 +186,19 @@ def test_a_failure_while_building_removes_everything(monkeypatch: pytest.MonkeyP
         Lab.up(LabSpec(prefix=prefix, gateways=["plain"], clients=2, registry="no"))
     assert len(seen) == 3  # wireguard-go for g1, c1, c2 were running
     assert_gone(prefix, before, seen)
+
+
+@pytest.mark.parametrize("part", ["registry", "gateway"])
+def test_a_broken_cli_fails_the_lab_loudly(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No "not built yet" fallback: a CLI that cannot start is an error naming what failed.
+    before = snapshot()
+    prefix = random_prefix()
+    broken = [sys.executable, "-c", "import sys; sys.exit('wgjit broken on purpose')"]
+    monkeypatch.setattr(lab_registry if part == "registry" else lab_gateway, "wgjit_argv",
+                        lambda: broken)
+    with pytest.raises(LabError, match="broken on purpose"):
+        Lab.up(LabSpec(prefix=prefix, gateways=["jit"], clients=1))
+    assert_gone(prefix, before, set())
 
 
 def run_lab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -328,11 +340,13 @@ def test_demo_runs_and_tells_the_story() -> None:
     prefix = re.search(r"lab (\w+): building", out).group(1)
     assert re.search(r"\[\+\s+\d+ ms\] c3\s+first reply through the tunnel, \d+ ms", out)
     assert "Summary" in out
-    if lab_gateway.gateway_available():
-        # Every step of a just-in-time connection, timed, for the first JIT client.
-        assert re.search(r"^c1\s+g1 \(jit\)(\s+\d+ ms){5}$", out, re.M), out
-        assert re.search(r"c1\s+g1 evicted the peer \(idle\)", out)
-        assert "Provisioned just in time" in out
-    else:
-        assert "not built yet" in out
+    # Every step of a just-in-time connection, timed, for the first JIT client.
+    assert re.search(r"^c1\s+g1 \(reinject\)(\s+\d+ ms){5}$", out, re.M), out
+    assert re.search(r"c1\s+g1: the data plane answered the client's handshake", out)
+    assert re.search(r"c1\s+g1 evicted the peer \(idle\)", out)
+    # The comparison: role inversion on g3, the gateway handshaking back.
+    assert re.search(r"^c4\s+g3 \(invert\)(\s+\d+ ms){5}$", out, re.M), out
+    assert re.search(r"c4\s+g3 installed the peer and handshakes back", out)
+    assert re.search(r"Provisioned just in time, re-injection: \d+ connection.*role "
+                     r"inversion: \d+ ms; pre-provisioned: \d+ ms", out), out
     assert_gone(prefix, before, set())

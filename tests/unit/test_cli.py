@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +51,14 @@ def test_contract_flags(path, flags):
     known = {s for a in parsers[path]._actions for s in a.option_strings}
     assert set(flags) <= known, set(flags) - known
     assert "--config" in known
+
+
+def test_building_the_parser_leaves_prometheus_unimported():
+    # `wgjit registry serve` sets PROMETHEUS_MULTIPROC_DIR before prometheus_client
+    # is imported; imported earlier (once, by a gateway module pulled in through the
+    # parser), every worker kept its own counters and /metrics lost the requests.
+    code = ("import sys; from appliance.cli import build_parser; build_parser(); "
+            "print('prometheus_client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_interface_unit_and_gateway_config_render():
         "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
         token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
-        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"]))
+        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"],
+        install_mode=None))
     from appliance import config
     from appliance.gateway.cli import OPTIONS
 
@@ -77,6 +79,14 @@ def test_interface_unit_and_gateway_config_render():
     s = config.resolve(OPTIONS, {}, conf, "gateway", environ={})
     assert s["backend"] == "netlink" and s["capture_interface"] == ["eth0"]
     assert "private_key_file" not in conf["gateway"]  # the interface unit holds the key
+    assert s["install_mode"] == "reinject" and "install_mode" not in conf["gateway"]
+    conf = tomllib.loads(_render(
+        "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
+        token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
+        listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
+        evict_interval=30, handshake_grace=15, capture_interfaces=[],
+        install_mode="invert"))
+    assert config.resolve(OPTIONS, {}, conf, "gateway", environ={})["install_mode"] == "invert"
 
 
 def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatch):
@@ -98,7 +108,8 @@ def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatc
 
 
 def test_example_inventory_groups():
-    p = subprocess.run([str(ROOT / ".venv/bin/pyinfra"), "inventory/example.py",
+    # The pyinfra of the interpreter running the tests, wherever its venv is.
+    p = subprocess.run([sys.executable, "-m", "pyinfra", "inventory/example.py",
                         "debug-inventory"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr

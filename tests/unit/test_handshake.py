@@ -30,9 +30,9 @@ from appliance.gateway.handshake import (
     tai64n,
     tai64n_to_unix,
 )
-from appliance.gateway.handshake_testing import build_initiation, with_mac1
 from appliance.gateway.replay import ReplayGuard
 from appliance.keys import decode_key, generate_private_key, public_key
+from tests.initiations import build_initiation, with_mac1
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DUMMY_PSK = bytes(32)  # noiseprotocol insists on one; the first message never uses it
@@ -154,7 +154,10 @@ def test_malformed_table(keys):
         "static_aead": with_mac1(flip(good, OFFSET_STATIC + 3), R),
         "timestamp_aead": with_mac1(flip(good, OFFSET_TIMESTAMP + 3), R),
         "ephemeral": with_mac1(good[:OFFSET_EPHEMERAL] + bytes(32) + good[OFFSET_STATIC:], R),
+        # A static field that opens to a low-order point (here 0): ss would be all zeros.
+        "static": build_initiation(keys["i"], R, claimed_static=bytes(32)),
     }
+    assert set(cases) == set(REASONS), "every drop reason has a packet that earns it"
     for want, packet in cases.items():
         assert reason(resp, packet) == want, want
     # Someone else's key in the static field: it opens, but the timestamp was keyed

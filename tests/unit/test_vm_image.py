@@ -71,9 +71,3 @@ def test_image_carries_every_package_the_deploy_installs():
     from wgjit_deploy import packages
 
     assert set(packages.all_roles()) <= set(vm_image.image_packages())
-
-
-def test_a_kernel_with_wireguard_is_found_on_this_machine():
-    k = vm_image.find_disk_kernel()
-    assert k.image.is_file()
-    assert vm_image.module_files(k.version, ["wireguard"])

@@ -4,7 +4,8 @@ One VM lab for the module (registry VM + gateway VM; WGJIT_VM_COMBINED=1 puts bo
 roles on one VM for small machines), deployed once; then a namespace client
 connects just in time through the gateway VM's kernel WireGuard and is evicted, a
 second run changes nothing, and a run with a wrong token fails loudly while the
-running gateway carries on.
+running gateway carries on. The last test takes the lab down and checks that
+nothing is left; a teardown problem fails the run.
 
 Slow by nature (qemu TCG): the image is cached under /var/cache/wgjit-lab.
 """
@@ -24,8 +25,9 @@ import pytest
 
 from appliance.registry import tokens
 from appliance.secrets import read_secret
-from lab import addressing
+from lab import addressing, procs
 from lab import client as lab_client
+from lab.netns import list_netns, uapi_socket
 from lab.vm_lab import GATEWAY_IFNAME, VMLab
 
 # The first test carries the module's setup: image (cached), two boots, first deploy.
@@ -62,6 +64,42 @@ def _errors(doc: dict) -> dict[str, list[str]]:
     return {op["name"]: op["error"] for op in doc["results"]["operations"] if op["error"]}
 
 
+def _leftovers(vmlab: VMLab) -> list[str]:
+    """Whatever the lab made that is still on the machine: namespaces, qemu and
+    wireguard-go processes, tap and veth devices, UAPI sockets, state and disks."""
+    st, prefix = vmlab.state, vmlab.prefix
+    left = [f"netns {ns}" for ns in list_netns() if ns.startswith(f"{prefix}-")]
+
+    def running(pid: int, word: str) -> bool:  # alive and still that program (pids recycle)
+        try:
+            return procs.alive(pid) and word in Path(f"/proc/{pid}/cmdline").read_text(
+                errors="replace")
+        except OSError:
+            return False
+    left += [f"{v.name}: qemu pid {v.pid} alive" for v in st.vms
+             if v.pid and running(v.pid, "qemu")]
+    left += [f"{c.name}: wireguard-go pid {c.wg_pid} alive" for c in st.clients
+             if c.wg_pid and running(c.wg_pid, c.ifname)]
+    # Any process still naming the lab's disks or state (a qemu not in the state file).
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(d and d in text for d in (st.dir, st.disk_dir)):
+            left.append(f"process {cmdline.parent.name}: {text[:200]}")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    left += [f"link {line.split(':')[1].strip()}" for line in links.splitlines()
+             if line.split(":")[1].strip().split("@")[0].startswith(prefix)]
+    left += [f"socket {uapi_socket(c.ifname)}" for c in st.clients
+             if uapi_socket(c.ifname).exists()]
+    left += [f"directory {d}" for d in (st.dir, st.disk_dir) if d and Path(d).exists()]
+    return left
+
+
 @pytest.fixture(scope="module")
 def lab():
     t0 = time.monotonic()
@@ -71,18 +109,15 @@ def lab():
     try:
         yield vmlab
     finally:
+        # test_lab_teardown_is_clean has normally taken the lab down already; a second
+        # down() is a no-op. Either way a problem fails the session, not just a line
+        # in the log: a VM that had to be killed did not shut down cleanly.
         t0 = time.monotonic()
         problems = vmlab.down()
-        TIMINGS["poweroff"] = time.monotonic() - t0
+        TIMINGS["poweroff"] = TIMINGS.get("poweroff", 0.0) + time.monotonic() - t0
         _say(f"timings: {', '.join(f'{k} {v:.0f}s' for k, v in TIMINGS.items())}")
-        # Everything is gone whichever way the VMs stopped; a VM that had to be
-        # killed is worth a look but no reason to fail the deploy tests.
-        assert not Path(vmlab.state.dir).exists() and not Path(vmlab.state.disk_dir).exists()
-        assert vmlab.net not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                               text=True).stdout
-        assert all(not Path(f"/proc/{v.pid}").exists() for v in vmlab.state.vms)
-        if problems:
-            _say(f"teardown: {problems}")
+        assert problems == [], f"VM lab teardown: {problems}"
+        assert _leftovers(vmlab) == []
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +197,18 @@ def _gateway_peers(lab: VMLab) -> list[str]:
     return out.stdout.split()
 
 
-def test_client_connects_just_in_time_and_is_evicted(lab, first_run):
-    gw = _gateway_name(lab)
-    c = lab.add_client(1, gw)
+@pytest.fixture(scope="module")
+def jit_client(lab, first_run):
+    """Namespace client c1 of the gateway VM, registered; made once for the module, by
+    whichever test asks first."""
+    c = lab.add_client(1, _gateway_name(lab))
     _register(lab, c)
+    return c
+
+
+def test_client_connects_just_in_time_and_is_evicted(lab, first_run, jit_client):
+    gw = _gateway_name(lab)
+    c = jit_client
     assert _gateway_peers(lab) == [], "a JIT gateway holds no peer before the first packet"
     g = lab.gateway(gw)
     t0 = time.monotonic()
@@ -262,7 +305,7 @@ def test_second_run_changes_nothing(lab, first_run):
     assert hosts == {v.name for v in lab.state.vms}
 
 
-def test_wrong_token_fails_loudly_and_leaves_the_gateway_running(lab, first_run):
+def test_wrong_token_fails_loudly_and_leaves_the_gateway_running(lab, first_run, jit_client):
     gw = _gateway_name(lab)
 
     def main_pid() -> str:
@@ -283,14 +326,9 @@ def test_wrong_token_fails_loudly_and_leaves_the_gateway_running(lab, first_run)
     assert main_pid() == pid
     assert token_sum() == before
     assert lab.ssh(gw, ["test", "-e", "/etc/wgjit/gateway.token.new"]).returncode == 1
-    c = lab.client("c1")
-    assert lab_client.ping_once(c, lab.gateway(gw), count=30, wait=30)
-
-
-def test_lab_teardown_is_clean(lab):
-    # Checked in the fixture (down() reports problems); here: the state is where
-    # `python -m lab vm status` finds it while the lab runs.
-    assert Path(lab.state.dir, "vmlab.json").is_file()
+    # The running gateway still serves a client (pulled just in time if it was evicted).
+    lab_client.reset_session(jit_client, lab.gateway(gw))
+    assert lab_client.ping_once(jit_client, lab.gateway(gw), count=30, wait=30)
 
 
 # `systemd-analyze security` exposure (0 safest .. 10): the gateway keeps two
@@ -314,3 +352,16 @@ def test_units_are_hardened(lab, first_run, unit):
     score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out).group(1))
     _say(f"{unit}: systemd-analyze security exposure {score}")
     assert score <= EXPOSURE_BOUND[unit], out[-3000:]
+
+
+def test_lab_teardown_is_clean(lab):
+    # Last in the module: the lab goes down here, so what is left can be checked
+    # against what it made. While it runs, `python -m lab vm status` finds its state.
+    assert Path(lab.state.dir, "vmlab.json").is_file()
+    assert lab.net in list_netns()
+    assert all(v.pid and procs.alive(v.pid) for v in lab.state.vms)
+    t0 = time.monotonic()
+    problems = lab.down()
+    TIMINGS["poweroff"] = time.monotonic() - t0
+    assert problems == []  # every VM powered off by itself, every namespace deleted
+    assert _leftovers(lab) == []

@@ -1,11 +1,12 @@
 """Build handshake initiations as a WireGuard initiator would: for tests and benches.
 
-Not used by the gateway (the data plane writes real initiations). It lives in the
-package rather than under tests/ so that unit tests, lab tests and bench/ import
-it the same way, and because it shares the whitepaper primitives with
-handshake.py: a builder written separately from the reader would be checked only
-against itself. Both are cross-checked against `noiseprotocol` and against
-initiations captured from a real wireguard-go client (tests/unit/test_handshake.py).
+Not used by the gateway (the data plane writes real initiations), so it is not
+part of the `appliance` package and not in its wheel (tests/unit/test_wheel.py
+checks): gateways get no code that forges initiations. Unit tests, lab tests and
+bench/ import it from the checkout. It uses the whitepaper primitives of
+appliance/gateway/handshake.py rather than copies of them; the builder and the
+reader are cross-checked against `noiseprotocol` and against initiations
+captured from a real wireguard-go client (tests/unit/test_handshake.py).
 It holds no keys of its own; callers pass throwaway test keys.
 """
 

@@ -1,4 +1,7 @@
-"""The Vagrant lab and the VM lab describe the same fleet, and the Vagrantfile is valid."""
+"""The Vagrant lab and the VM lab describe the same fleet, and the Vagrantfile is valid.
+
+VM tier: these run the machine's ruby (to read the Vagrantfile) and vagrant.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import pytest
 
 from lab import addressing, fleet
 from lab.vm_lab import VMHost, VMLabState, inventory_groups
+
+pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parents[2]
 # Loads the Vagrantfile with a do-nothing Vagrant.configure and prints its FLEET.

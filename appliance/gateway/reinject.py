@@ -1,0 +1,94 @@
+"""Hand a captured initiation back to the local data plane, as the client sent it.
+
+Why: the client's first initiation reached the gateway before its peer existed,
+so the data plane dropped it. Role inversion answers with the gateway's own
+handshake, which costs the client a round trip (it must wait, as responder, for
+the gateway's first data packet): 3 RTT + install against 2 RTT pre-provisioned.
+Re-injection keeps the client the initiator: once the peer is installed, the
+captured datagram is delivered again, byte for byte, with the client's address
+and port as its source, to the address and port it was sent to. The data plane
+answers the client's own handshake: 2 RTT + install (bench/connect.py).
+
+Why the data plane accepts it: a peer just installed has no previous handshake
+timestamp (wireguard-go and the kernel both compare the TAI64N timestamp with
+the latest one *that peer* accepted, and a fresh peer has none) and no recent
+initiation to rate-limit against, so the same bytes that were dropped for want
+of a peer are now a valid first initiation. It is re-injected only after the
+daemon verified it (mac1, the Noise first leg, the timestamp decrypting) and
+found its timestamp newer than any it saw for that key (replay.py): a forged or
+replayed initiation never gets here. When the data plane is under load it may
+demand a cookie (mac2) instead of answering; that, or any other refusal, shows
+as no handshake by the deadline, and the daemon falls back to role inversion.
+
+Why reverse-path filtering does not drop it: the packet is generated locally
+(raw socket, header included) and addressed to one of this host's own
+addresses, so it is routed through the loopback device and arrives with the
+output route it already has. The input route lookup, where rp_filter runs, is
+skipped for such packets (IPv4 and IPv6 alike). Checked in the lab with
+net.ipv4.conf.{all,lo,<underlay>}.rp_filter=1 (tests/lab/test_reinject.py).
+The packet never leaves the host, and the capture (bound to the underlay
+interfaces, never lo) does not see it again.
+
+Needs CAP_NET_RAW, like the capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+
+from appliance.gateway.capture import Datagram
+from appliance.gateway.udp_packet import udp_packet
+
+IPV6_HDRINCL = 36  # linux/in6.h; implied by IPPROTO_RAW, set anyway for older kernels
+
+
+class Reinjector:
+    """Raw sockets, one per family, that send whole IP packets as written."""
+
+    def __init__(self) -> None:
+        self._v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            self._v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except OSError:
+            self._v4.close()
+            raise
+        # Kernels before 4.5 lack the option and imply it for IPPROTO_RAW.
+        with contextlib.suppress(OSError):
+            self._v6.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+
+    def send(self, d: Datagram) -> None:
+        """Deliver `d` (a captured datagram) to where it was addressed, from its source.
+
+        Raises OSError if the destination is not an address of this host (the
+        capture also sees datagrams this host only forwards; re-injecting one
+        would put a packet with the client's source address on the network)
+        or if the kernel refuses the send.
+        """
+        six = ":" in d.dst_ip
+        scope = socket.if_nametoindex(d.ifname) if six and d.dst_ip.lower().startswith(
+            "fe80:") and d.ifname else 0
+        if not _is_local(d.dst_ip, scope):
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f"{d.dst_ip} is not an address of this host: not re-injected")
+        packet = udp_packet(d.src_ip, d.src_port, d.dst_ip, d.dst_port, d.payload)
+        if six:
+            self._v6.sendto(packet, (d.dst_ip, 0, 0, scope))
+        else:
+            self._v4.sendto(packet, (d.dst_ip, 0))
+
+    def close(self) -> None:
+        self._v4.close()
+        self._v6.close()
+
+
+def _is_local(ip: str, scope: int = 0) -> bool:
+    """Can a socket bind to `ip`? True only for this host's own addresses (10-30 us)."""
+    six = ":" in ip
+    with socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, 0, 0, scope) if six else (ip, 0))
+        except OSError:
+            return False
+    return True
