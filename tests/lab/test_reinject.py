@@ -23,13 +23,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from appliance.gateway.handshake_testing import build_initiation
 
 from appliance.gateway.handshake import tai64n
 from appliance.keys import decode_key, generate_private_key
 from lab import gateway as lab_gateway
 from lab.netns import sh, wg
 from lab.topology import Lab
+from tests.initiations import build_initiation
 from tests.lab.gateway_e2e import (
     JIT_CONNECT_LIMIT,
     InitiationTap,
