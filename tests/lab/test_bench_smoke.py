@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 from bench import coldstart, connect, herd
-from lab.state import list_labs
+from lab.state import list_labs, load_state
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
+def _labs_of_this_process() -> set[str]:
+    # Only labs this process made: other labs may come and go on a shared machine.
+    return {p for p in list_labs()
+            if (st := load_state(p)) is not None and st.owner_pid == os.getpid()}
+
+
 def run(main, argv: list[str], tmp_path: Path) -> dict:
-    before = set(list_labs())
+    before = _labs_of_this_process()
     out = tmp_path / "out.json"
     assert main([*argv, "--json", str(out)]) == 0
-    assert set(list_labs()) <= before, "the benchmark left its lab behind"
+    assert _labs_of_this_process() <= before, "the benchmark left its lab behind"
     return json.loads(out.read_text())
 
 
