@@ -34,11 +34,11 @@ def set_peer(c: Client, g: Gateway, endpoint: str) -> None:
             "allowed-ips", f"{g.tunnel4_ip}/32,{g.tunnel6_ip}/128"]
     if c.psk_file:
         args += ["preshared-key", c.psk_file]
-    wg(args)
+    wg(args, ns=c.ns)
 
 
 def configure_interface(c: Client, g: Gateway, endpoint: str) -> None:
-    wg(["set", c.ifname, "private-key", c.private_key_file])
+    wg(["set", c.ifname, "private-key", c.private_key_file], ns=c.ns)
     set_peer(c, g, endpoint)
     batch = "\n".join([
         f"address add {c.tunnel4} dev {c.ifname}",
@@ -51,7 +51,7 @@ def configure_interface(c: Client, g: Gateway, endpoint: str) -> None:
 
 
 def current_endpoint(c: Client, g: Gateway) -> str:
-    for line in wg(["show", c.ifname, "endpoints"]).splitlines():
+    for line in wg(["show", c.ifname, "endpoints"], ns=c.ns).splitlines():
         key, _, ep = line.partition("\t")
         if key == g.public_key and ep and ep != "(none)":
             return ep
@@ -61,13 +61,13 @@ def current_endpoint(c: Client, g: Gateway) -> str:
 def reset_session(c: Client, g: Gateway) -> None:
     """Forget the session, as a client that restarts does: its next packet initiates."""
     endpoint = current_endpoint(c, g)
-    wg(["set", c.ifname, "peer", g.public_key, "remove"])
+    wg(["set", c.ifname, "peer", g.public_key, "remove"], ns=c.ns)
     set_peer(c, g, endpoint)
 
 
 def switch_gateway(c: Client, old: Gateway, new: Gateway) -> None:
     """Drop the peer for `old` and add `new` (its key, endpoint, tunnel address)."""
-    wg(["set", c.ifname, "peer", old.public_key, "remove"])
+    wg(["set", c.ifname, "peer", old.public_key, "remove"], ns=c.ns)
     set_peer(c, new, gateway_endpoint(c, new))
     c.gateway = new.name
 

@@ -28,7 +28,8 @@ METRICS_LISTEN = "127.0.0.1:9586"
 
 
 def configure_interface(g: Gateway) -> None:
-    wg(["set", g.ifname, "private-key", g.private_key_file, "listen-port", str(g.listen_port)])
+    wg(["set", g.ifname, "private-key", g.private_key_file, "listen-port", str(g.listen_port)],
+       ns=g.ns)
     batch = "\n".join([
         f"address add {g.tunnel4} dev {g.ifname}",
         f"address add {g.tunnel6} dev {g.ifname} nodad",
@@ -42,11 +43,11 @@ def provision(g: Gateway, c: Client) -> None:
     args = ["set", g.ifname, "peer", c.public_key, "allowed-ips", f"{c.tunnel4},{c.tunnel6}"]
     if c.psk_file:
         args += ["preshared-key", c.psk_file]
-    wg(args)
+    wg(args, ns=g.ns)
 
 
 def remove_peer(g: Gateway, public_key: str) -> None:
-    wg(["set", g.ifname, "peer", public_key, "remove"])
+    wg(["set", g.ifname, "peer", public_key, "remove"], ns=g.ns)
 
 
 @dataclass
@@ -60,9 +61,9 @@ class PeerInfo:
     persistent_keepalive: int
 
 
-def peers(ifname: str) -> list[PeerInfo]:
+def peers(ifname: str, ns: str | None = None) -> list[PeerInfo]:
     """The interface's peers from `wg show dump`, without the private or preshared keys."""
-    lines = wg(["show", ifname, "dump"]).splitlines()
+    lines = wg(["show", ifname, "dump"], ns=ns).splitlines()
     out = []
     for line in lines[1:]:  # the first line is the interface, with its private key
         f = line.split("\t")

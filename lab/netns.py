@@ -167,6 +167,8 @@ def start_wireguard_go(ns: Netns, ifname: str, cleanup: Cleanup | None = None) -
     return wg
 
 
-def wg(args: Sequence[str], *, input: str | None = None) -> str:
-    """Run wg(8); it reaches wireguard-go through the UAPI socket from any namespace."""
-    return sh(["wg", *args], input=input).stdout
+def wg(args: Sequence[str], *, input: str | None = None, ns: str | None = None) -> str:
+    """Run wg(8). It reaches wireguard-go through the UAPI socket from any namespace;
+    a kernel interface only from its own, `ns`."""
+    cmd = ["wg", *args] if ns is None else ["ip", "netns", "exec", ns, "wg", *args]
+    return sh(cmd, input=input).stdout

@@ -44,7 +44,7 @@ def collect(lab: Lab) -> dict[str, Any]:
     out["gateways"] = []
     for g in st.gateways:
         try:
-            peers = gateway.peers(g.ifname)
+            peers = gateway.peers(g.ifname, g.ns)
         except LabError:
             peers = []
         for p in peers:

@@ -61,6 +61,9 @@ BUILD_THREADS = 8
 T = TypeVar("T")
 
 
+DATAPLANES = ("wireguard-go", "kernel")
+
+
 def random_prefix() -> str:
     return "wj" + secrets.token_hex(2)
 
@@ -91,6 +94,12 @@ class LabSpec:
     # per client name ({"c1": 250}) and also brings up the relay.
     rtt: float | None = None
     client_rtt: dict[str, float] = field(default_factory=dict)
+    # Whose WireGuard the hosts run: "wireguard-go" (userspace; the host kernel has no
+    # module) or "kernel" (kernel WireGuard, e.g. the lab built inside a quick VM).
+    dataplane: str = "wireguard-go"
+    # Seconds for a daemon to answer /healthz; Python under emulation (a lab inside
+    # a VM) needs minutes where the host takes under one.
+    daemon_start_timeout: float = 20.0
 
     def check(self) -> None:
         if not 1 <= len(self.gateways) <= addressing.MAX_GATEWAYS:
@@ -110,6 +119,8 @@ class LabSpec:
             raise LabError("registries > 1 needs the registry")
         if self.endpoint_family not in ("4", "6", "mixed"):
             raise LabError("endpoint_family: 4, 6 or mixed")
+        if self.dataplane not in DATAPLANES:
+            raise LabError(f"dataplane: {' or '.join(DATAPLANES)}")
         for name in self.daemon_args:
             if not re.fullmatch(r"g\d+", name) or int(name[1:]) > len(self.gateways):
                 raise LabError(f"daemon_args: no gateway {name!r}")
@@ -387,8 +398,13 @@ class Lab:
         if any(c.rtt_ms is not None for c in st.clients):
             self._start_relay(spec)
 
-        self._say(f"starting {n_gw + n_cl} wireguard-go interface(s)")
-        self._start_wireguard_go([*st.gateways, *st.clients])
+        if spec.dataplane == "kernel":
+            self._say(f"making {n_gw + n_cl} kernel WireGuard interface(s)")
+            for h in [*st.gateways, *st.clients]:
+                sh(["ip", "-n", h.ns, "link", "add", h.ifname, "type", "wireguard"])
+        else:
+            self._say(f"starting {n_gw + n_cl} wireguard-go interface(s)")
+            self._start_wireguard_go([*st.gateways, *st.clients])
         _parallel(gateway.configure_interface, st.gateways)
         _parallel(lambda c: client.configure_interface(
             c, st.gateway(c.gateway), client.gateway_endpoint(c, st.gateway(c.gateway))),
@@ -413,10 +429,12 @@ class Lab:
             elif st.registry is None:
                 raise LabError(f"{g.name} jit: the daemon needs the registry")
             else:
+                backend = ["--backend", "netlink"] if spec.dataplane == "kernel" else []
                 gateway.start_daemon(g, st.registries, st.dir, spec.idle_timeout,
-                                     spec.evict_interval, spec.daemon_args.get(g.name, ()))
+                                     spec.evict_interval,
+                                     [*backend, *spec.daemon_args.get(g.name, ())])
                 st.save()
-                secs = gateway.wait_daemon(g)
+                secs = gateway.wait_daemon(g, spec.daemon_start_timeout)
                 self._say(f"{g.name} jit: `wgjit gateway run` adopted {g.ifname} "
                           f"(healthy after {secs * 1000:.0f} ms)")
         st.ready = True
@@ -646,7 +664,8 @@ class Lab:
         return self.state.client(name)
 
     def peers(self, gateway_name: str) -> list[gateway.PeerInfo]:
-        return gateway.peers(self.gateway(gateway_name).ifname)
+        g = self.gateway(gateway_name)
+        return gateway.peers(g.ifname, g.ns)
 
     def provision(self, client_name: str, gateway_name: str | None = None) -> None:
         c = self.client(client_name)
