@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.keys import encode_key  # noqa: E402
-from appliance.registry import db, model, tokens  # noqa: E402
+from appliance.registry import tokens  # noqa: E402
+from appliance.registry.store.sqlite import SqliteStore  # noqa: E402
 from tests.conftest import WGJIT, RegistryProcess  # noqa: E402
 
 TENANTS = 8
@@ -49,16 +50,16 @@ def write_import(path: Path, keys: list[str], tenant_no: int) -> None:
 
 def seed(path: Path, n: int) -> tuple[float, list[str]]:
     """Seeding time is the wall time of the import commands, startup included."""
-    db.init_db(path)
-    conn = db.connect(path)
+    store = SqliteStore(str(path))
+    store.migrate()
     per = -(-n // TENANTS)
     keys = [encode_key(os.urandom(32)) for _ in range(n)]
     files = []
     for t in range(TENANTS):
-        model.create_tenant(conn, f"bench-{t}")
+        store.create_tenant(f"bench-{t}")
         files.append(path.with_name(f"bench-{t}.jsonl"))
         write_import(files[-1], keys[t * per:(t + 1) * per], t)
-    conn.close()
+    store.close()
     started = time.perf_counter()
     for t, src in enumerate(files):
         subprocess.run([*WGJIT, "registry", "import", "--db", str(path), "--tenant",
@@ -66,9 +67,9 @@ def seed(path: Path, n: int) -> tuple[float, list[str]]:
     elapsed = time.perf_counter() - started
     for src in files:
         src.unlink()
-    conn = db.connect(path)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
+    store = SqliteStore(str(path))
+    store.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
     return elapsed, keys
 
 
@@ -192,9 +193,9 @@ def main() -> int:
         print(f"seeding {args.peers:,} peers ...", flush=True)
         seed_s, keys = seed(path, args.peers)
         size = sum(f.stat().st_size for f in Path(tmp).glob("registry.db*"))
-        conn = db.connect(path)
-        token = tokens.create(conn, "gateway")
-        conn.close()
+        store = SqliteStore(str(path))
+        token = tokens.create(store, "gateway")
+        store.close()
         srv = RegistryProcess(path, workers=args.workers).start()
         try:
             load(srv.port, token, keys, 2, 2.0)  # warm the page cache and the workers
