@@ -8,6 +8,7 @@ any client.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -56,15 +57,34 @@ def _client(args: argparse.Namespace):
 
 
 def _open_store(s: dict, **options):
-    """The store for the resolved --db/--db-password-file; exits 2 with the reason."""
-    from appliance.registry.store import DatabaseURLError, open_store
-    from appliance.secrets import SecretFileError
+    """The store for the resolved --db/--db-password-file."""
+    from appliance.registry.store import open_store
 
-    try:
-        return open_store(s["db"], s["db_password_file"], **options)
-    except (DatabaseURLError, SecretFileError) as e:
-        print(f"wgjit: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return open_store(s["db"], s["db_password_file"], **options)
+
+
+def _with_db_errors(func):
+    """A bad --db or password file exits 2, a database that fails exits 1; both
+    with one line naming the problem, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from appliance.registry.store import DatabaseURLError, database_errors
+        from appliance.secrets import SecretFileError
+
+        try:
+            return func(args) or 0
+        except (DatabaseURLError, SecretFileError) as e:
+            print(f"wgjit: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            if not isinstance(e, database_errors()):
+                raise
+            detail = " ".join(str(e).split())
+            print(f"wgjit: database: {detail}", file=sys.stderr)
+            return 1
+
+    return wrapper
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
@@ -104,16 +124,18 @@ def _with_api_errors(func):
 
 # registry
 
+@_with_db_errors
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.registry.serve import serve
 
     s = _settings(args, SERVE_OPTIONS, "registry")
-    _open_store(s).close()  # a bad --db is refused before gunicorn starts
+    _open_store(s).close()  # a bad --db or password file is refused before gunicorn starts
     serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"],
           s["db_password_file"])
     return 0
 
 
+@_with_db_errors
 def cmd_migrate(args: argparse.Namespace) -> int:
     store = _open_store(_settings(args, DB_OPTIONS, "registry"))
     try:
@@ -123,6 +145,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_import(args: argparse.Namespace) -> int:
     import time
 
@@ -167,6 +190,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # tokens
 
+@_with_db_errors
 def cmd_token_create(args: argparse.Namespace) -> int:
     from appliance.registry import tokens
 
@@ -199,6 +223,7 @@ def cmd_token_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_token_import(args: argparse.Namespace) -> int:
     from appliance.registry import tokens
     from appliance.secrets import SecretFileError
@@ -224,6 +249,7 @@ def cmd_token_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_token_list(args: argparse.Namespace) -> int:
     from appliance.registry import tokens
 
@@ -241,6 +267,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from appliance.registry import tokens
 

@@ -212,6 +212,15 @@ def open_store(db: str | os.PathLike[str], password_file: str | None = None,
     return SqliteStore(str(db), **options)
 
 
+def database_errors() -> tuple[type[BaseException], ...]:
+    """What either engine raises when its database fails (for one-line CLI errors)."""
+    import sqlite3
+
+    from appliance.registry.store.postgres import PostgresStore
+
+    return (sqlite3.Error, *PostgresStore.errors)
+
+
 def current() -> Store:
     """The store of the Flask app handling this request."""
     from flask import current_app

@@ -1,0 +1,70 @@
+"""The --db verbs on both engines, and how the PostgreSQL password reaches them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import WGJIT
+
+
+def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*WGJIT, *args], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def test_migrate_and_tokens(db):
+    r = wgjit("registry", "migrate", "--db", db)
+    assert r.returncode == 0 and r.stdout.strip() == "schema version 3", r.stderr
+    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == "schema version 3"
+    token = wgjit("token", "create", "--db", db, "--scope", "gateway", "--name", "gw1").stdout
+    token_id = token.strip().split("_")[1]
+    listed = wgjit("token", "list", "--db", db).stdout
+    assert token_id in listed and "gateway" in listed and "active" in listed
+    assert token.strip() not in listed  # never the secret
+    r = wgjit("token", "revoke", "--db", db, token_id)
+    assert r.returncode == 0 and f"revoked {token_id}" in r.stdout
+    assert "revoked" in wgjit("token", "list", "--db", db).stdout
+    assert wgjit("token", "revoke", "--db", db, token_id).returncode == 1
+    r = wgjit("token", "create", "--db", db, "--scope", "admin", "--tenant", "nope")
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_password_in_the_url_is_refused(tmp_path):
+    url = "postgresql://wgjit:hunter2@127.0.0.1:5432/registry"
+    for argv in (["registry", "serve", "--db", url], ["registry", "migrate", "--db", url],
+                 ["token", "list", "--db", url]):
+        r = wgjit(*argv)
+        assert r.returncode == 2, argv
+        assert "--db-password-file" in r.stderr and "hunter2" not in r.stderr
+        assert "Traceback" not in r.stderr
+    r = wgjit("token", "list", "--db", "postgresql://127.0.0.1/registry?password=hunter2")
+    assert r.returncode == 2 and "hunter2" not in r.stderr
+    r = wgjit("token", "list", "--db", str(tmp_path / "r.db"), "--db-password-file", "x")
+    assert r.returncode == 2 and "PostgreSQL" in r.stderr
+
+
+def test_password_file_must_be_private_and_is_used(pg_server, tmp_path):
+    url = pg_server.create_database()
+    # Nothing from the session's PGPASSFILE: only the file given on the command line.
+    env = dict(os.environ, PGPASSFILE=str(tmp_path / "none"))
+    loose = tmp_path / "loose"
+    loose.write_text(pg_server.password + "\n")
+    loose.chmod(0o644)
+    r = wgjit("registry", "migrate", "--db", url, "--db-password-file", str(loose), env=env)
+    assert r.returncode == 2 and "chmod 600" in r.stderr
+    assert pg_server.password not in r.stdout + r.stderr
+    r = wgjit("registry", "migrate", "--db", url, env=env)  # no password at all
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    r = wgjit("registry", "migrate", "--db", url, "--db-password-file",
+              str(pg_server.password_file), env=env)
+    assert r.returncode == 0 and "schema version 3" in r.stdout, r.stderr
+    pg_server.drop_database(url)
+
+
+@pytest.mark.parametrize("bad", ["postgresql://127.0.0.1:1/nothing"])
+def test_unreachable_database_is_a_clear_error(bad):
+    r = wgjit("registry", "migrate", "--db", bad)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "wgjit:" in r.stderr
