@@ -410,6 +410,16 @@ class PostgresStore(Store):
         """Rows go in with COPY; the database checks overlaps with one query per chunk."""
         if self.tenant_id(tenant) is None:
             raise LookupError(tenant)
+        try:
+            return self._bulk(tenant, peers, batch, progress)
+        finally:
+            # Fresh statistics, so the API's overlap checks plan with the index
+            # at once instead of after autovacuum gets round to it.
+            with self._read() as cur:
+                cur.execute("ANALYZE peers, allowed_ips")
+
+    def _bulk(self, tenant: str, peers: Iterable[NewPeer], batch: int | None,
+              progress: Callable[[int], None] | None) -> int:
         count = 0
         with self._pool().connection() as conn:
             if batch is None:  # one transaction, all or nothing
@@ -442,6 +452,20 @@ class PostgresStore(Store):
                    for pid, peer in zip(ids, chunk, strict=True)
                    for position, net in enumerate(peer.allowed_ips)]
         check_chunk_overlaps(ip_rows)
+        # Against the stored networks: one statement, each new network probing
+        # the GiST index. Statistics lag behind a bulk load, and with a table
+        # the planner believes empty it scans it per network instead: 50,000
+        # peers took 490 s that way.
+        cur.execute("SET LOCAL enable_seqscan = off")
+        clash = cur.execute(
+            "SELECT n.i, o.cidr FROM unnest(%s::text[]) WITH ORDINALITY AS n(cidr, i)"
+            " CROSS JOIN LATERAL (SELECT cidr FROM allowed_ips WHERE net && n.cidr::cidr"
+            " AND tenant_id = %s LIMIT 1) o LIMIT 1",
+            ([r[3] for r in ip_rows], tid)).fetchone()
+        if clash is not None:
+            pid, _tid, _pos, text, *_ = ip_rows[clash["i"] - 1]
+            key = chunk[ids.index(pid)].public_key
+            raise Conflict("allowed_ip_overlap", f"{key}: {text} overlaps {clash['cidr']}")
         try:
             # A savepoint: on a duplicate, the transaction lives on to find which key.
             with conn.transaction(), cur.copy(
@@ -457,17 +481,6 @@ class PostgresStore(Store):
                       " FROM STDIN") as copy:
             for pid, _tid, position, text, *_ in ip_rows:
                 copy.write_row((pid, tid, position, text, text))
-        # Networks within the chunk were checked above; against the stored ones
-        # in one statement, each new network probing the GiST index.
-        clash = cur.execute(
-            "SELECT p.public_key, n.cidr, o.cidr AS clash FROM allowed_ips n"
-            " JOIN allowed_ips o ON o.net && n.net AND o.tenant_id = n.tenant_id"
-            " AND o.peer_id <> n.peer_id JOIN peers p ON p.id = n.peer_id"
-            " WHERE n.peer_id = ANY(%s) AND NOT o.peer_id = ANY(%s) LIMIT 1",
-            (ids, ids)).fetchone()
-        if clash is not None:
-            raise Conflict("allowed_ip_overlap",
-                           f"{clash['public_key']}: {clash['cidr']} overlaps {clash['clash']}")
         last = _take_cursors(cur, len(chunk))
         with cur.copy("COPY changes (cursor, op, public_key, tenant, at) FROM STDIN") as copy:
             for cursor, peer in enumerate(chunk, last - len(chunk) + 1):
