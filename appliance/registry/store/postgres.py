@@ -38,6 +38,7 @@ import psycopg_pool
 from psycopg import errors as pgerrors
 from psycopg.rows import dict_row
 
+from appliance.registry import cidr
 from appliance.registry.cidr import Net
 from appliance.registry.store import BULK_CHUNK, UNSET, Conflict, NewPeer, Store, utcnow
 from appliance.registry.store.shared import (
@@ -426,8 +427,9 @@ class PostgresStore(Store):
                 with conn.transaction():
                     cur = conn.cursor()
                     tid = self._lock_tenant(cur, tenant)
+                    top = _stored_top(cur, tid)
                     for chunk in chunks(peers, BULK_CHUNK):
-                        self._copy_chunk(conn, cur, tid, tenant, chunk)
+                        self._copy_chunk(conn, cur, tid, tenant, chunk, top)
                         count += len(chunk)
                 if progress is not None:
                     progress(count)
@@ -436,14 +438,16 @@ class PostgresStore(Store):
                 with conn.transaction():
                     cur = conn.cursor()
                     tid = self._lock_tenant(cur, tenant)
-                    self._copy_chunk(conn, cur, tid, tenant, chunk)
+                    self._copy_chunk(conn, cur, tid, tenant, chunk, _stored_top(cur, tid))
                 count += len(chunk)
                 if progress is not None:
                     progress(count)
         return count
 
     def _copy_chunk(self, conn: psycopg.Connection, cur: psycopg.Cursor, tid: int, tenant: str,
-                    chunk: list[NewPeer]) -> None:
+                    chunk: list[NewPeer], top: dict[int, bytes | None]) -> None:
+        """`top` is the last address of the stored networks per family, kept up to
+        date here (the tenant lock keeps other writers out)."""
         now = utcnow()
         ids = [r["id"] for r in cur.execute(
             "SELECT nextval(pg_get_serial_sequence('peers', 'id')) AS id"
@@ -452,20 +456,28 @@ class PostgresStore(Store):
                    for pid, peer in zip(ids, chunk, strict=True)
                    for position, net in enumerate(peer.allowed_ips)]
         check_chunk_overlaps(ip_rows)
-        # Against the stored networks: one statement, each new network probing
-        # the GiST index. Statistics lag behind a bulk load, and with a table
-        # the planner believes empty it scans it per network instead: 50,000
-        # peers took 490 s that way.
-        cur.execute("SET LOCAL enable_seqscan = off")
-        clash = cur.execute(
-            "SELECT n.i, o.cidr FROM unnest(%s::text[]) WITH ORDINALITY AS n(cidr, i)"
-            " CROSS JOIN LATERAL (SELECT cidr FROM allowed_ips WHERE net && n.cidr::cidr"
-            " AND tenant_id = %s LIMIT 1) o LIMIT 1",
-            ([r[3] for r in ip_rows], tid)).fetchone()
-        if clash is not None:
-            pid, _tid, _pos, text, *_ = ip_rows[clash["i"] - 1]
-            key = chunk[ids.index(pid)].public_key
-            raise Conflict("allowed_ip_overlap", f"{key}: {text} overlaps {clash['cidr']}")
+        # Against the stored networks: as on SQLite, a network starting past every
+        # stored one of its family cannot overlap (address plans are mostly
+        # allocated in order: 13.2 -> 6.7 s for 50,000 peers); the rest probe the
+        # GiST index, all in one statement. Statistics lag behind a bulk load,
+        # and believing the table empty the planner scans it per network
+        # instead: 50,000 peers took 490 s that way.
+        probe = [r for r in ip_rows if top[r[4]] is not None and r[5] <= top[r[4]]]
+        if probe:
+            cur.execute("SET LOCAL enable_seqscan = off")
+            clash = cur.execute(
+                "SELECT n.i, o.cidr FROM unnest(%s::text[]) WITH ORDINALITY AS n(cidr, i)"
+                " CROSS JOIN LATERAL (SELECT cidr FROM allowed_ips WHERE net && n.cidr::cidr"
+                " AND tenant_id = %s LIMIT 1) o LIMIT 1",
+                ([r[3] for r in probe], tid)).fetchone()
+            if clash is not None:
+                pid, _tid, _pos, text, *_ = probe[clash["i"] - 1]
+                key = chunk[ids.index(pid)].public_key
+                raise Conflict("allowed_ip_overlap", f"{key}: {text} overlaps {clash['cidr']}")
+        for family in (4, 6):
+            ends = [r[6] for r in ip_rows if r[4] == family]
+            if ends:
+                top[family] = max(ends) if top[family] is None else max(top[family], *ends)
         try:
             # A savepoint: on a duplicate, the transaction lives on to find which key.
             with conn.transaction(), cur.copy(
@@ -582,6 +594,18 @@ def _overlap(cur: psycopg.Cursor, tenant_id: int, net: Net) -> str | None:
     row = cur.execute("SELECT cidr FROM allowed_ips WHERE net && %s::cidr AND tenant_id = %s"
                       " LIMIT 1", (net.cidr, tenant_id)).fetchone()
     return row["cidr"] if row else None
+
+
+def _stored_top(cur: psycopg.Cursor, tenant_id: int) -> dict[int, bytes | None]:
+    """The last address of this tenant's networks per family (4 or 16 bytes).
+    Stored networks never overlap, so the greatest one also ends last."""
+    top: dict[int, bytes | None] = {}
+    for family in (4, 6):
+        row = cur.execute("SELECT max(net)::text AS net FROM allowed_ips"
+                          " WHERE tenant_id = %s AND family(net) = %s",
+                          (tenant_id, family)).fetchone()
+        top[family] = None if row["net"] is None else cidr.parse(row["net"]).hi
+    return top
 
 
 def _take_cursors(cur: psycopg.Cursor, n: int) -> int:
