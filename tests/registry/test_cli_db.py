@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
+import requests
 
-from tests.conftest import WGJIT
+from tests.conftest import WGJIT, free_port, wait_http
 
 
 def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -68,3 +70,26 @@ def test_password_file_must_be_private_and_is_used(pg_server, tmp_path):
 def test_unreachable_database_is_a_clear_error(bad):
     r = wgjit("registry", "migrate", "--db", bad)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "wgjit:" in r.stderr
+
+
+def test_serve_workers_get_the_password_file(pg_server, tmp_path):
+    """gunicorn's workers open their own pools after the fork, with the password
+    read from --db-password-file (no PGPASSFILE to fall back on)."""
+    url = pg_server.create_database()
+    port = free_port()
+    env = dict(os.environ, PGPASSFILE=str(tmp_path / "none"))
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*WGJIT, "registry", "serve", "--db", url, "--db-password-file",
+             str(pg_server.password_file), "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        for _ in range(4):  # reach both workers
+            health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+            assert health == {"status": "ok", "schema_version": 3}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert pg_server.password not in (tmp_path / "serve.log").read_text()
+    pg_server.drop_database(url)
