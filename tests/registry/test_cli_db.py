@@ -93,3 +93,20 @@ def test_serve_workers_get_the_password_file(pg_server, tmp_path):
         proc.wait(20)
     assert pg_server.password not in (tmp_path / "serve.log").read_text()
     pg_server.drop_database(url)
+
+
+def test_healthz_reports_an_unreachable_database(monkeypatch, tmp_path, engine):
+    from appliance.registry import create_app
+    from appliance.registry.store import postgres
+
+    monkeypatch.setattr(postgres, "POOL_TIMEOUT", 1.0)
+    if engine == "sqlite":
+        db = str(tmp_path / "missing" / "registry.db")  # a directory that is not there
+    else:
+        db = "postgresql://wgjit@127.0.0.1:1/nothing"
+    app = create_app({"DATABASE": db, "SKIP_MIGRATE": True})
+    try:
+        r = app.test_client().get("/healthz")
+    finally:
+        app.extensions["wgjit_store"].close()
+    assert r.status_code == 503 and r.json["error"] == "database_unavailable"
