@@ -83,8 +83,8 @@ def bulk_import(lab: Lab, start: int, stop: int) -> float:
         t0 = time.perf_counter()
         store.bulk_create_peers(lab.state.registry.tenant, (
             NewPeer(encode_key(os.urandom(32)),
-                          [cidr.from_network(ipaddress.ip_network((int(BULK_NET4[1]) + i, 32))),
-                           cidr.from_network(ipaddress.ip_network((int(BULK_NET6[1]) + i, 128)))])
+                    [cidr.from_network(ipaddress.ip_network((int(BULK_NET4[1]) + i, 32))),
+                     cidr.from_network(ipaddress.ip_network((int(BULK_NET6[1]) + i, 128)))])
             for i in range(start, stop)))
         return time.perf_counter() - t0
     finally:
