@@ -34,6 +34,18 @@ def test_migrate_and_tokens(db):
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
+
+def test_token_import(db, tmp_path):
+    held = tmp_path / "deploy.token"
+    assert wgjit("token", "generate", "--output", str(held)).returncode == 0
+    args = ["token", "import", "--db", db, "--scope", "gateway", "--token-file", str(held)]
+    first, again = wgjit(*args), wgjit(*args)
+    assert first.returncode == 0 and "imported gateway token" in first.stdout, first.stderr
+    assert again.returncode == 0 and "already present" in again.stdout
+    r = wgjit("token", "import", "--db", db, "--scope", "admin", "--token-file", str(held))
+    assert r.returncode == 2 and "taken" in r.stderr
+
+
 def test_password_in_the_url_is_refused(tmp_path):
     url = "postgresql://wgjit:hunter2@127.0.0.1:5432/registry"
     for argv in (["registry", "serve", "--db", url], ["registry", "migrate", "--db", url],
