@@ -411,13 +411,12 @@ class PostgresStore(Store):
         """Rows go in with COPY; the database checks overlaps with one query per chunk."""
         if self.tenant_id(tenant) is None:
             raise LookupError(tenant)
-        try:
-            return self._bulk(tenant, peers, batch, progress)
-        finally:
-            # Fresh statistics, so the API's overlap checks plan with the index
-            # at once instead of after autovacuum gets round to it.
-            with self._read() as cur:
-                cur.execute("ANALYZE peers, allowed_ips")
+        count = self._bulk(tenant, peers, batch, progress)
+        # Fresh statistics, so the API's queries plan for the new size at once
+        # instead of after autovacuum gets round to it.
+        with self._read() as cur:
+            cur.execute("ANALYZE peers, allowed_ips")
+        return count
 
     def _bulk(self, tenant: str, peers: Iterable[NewPeer], batch: int | None,
               progress: Callable[[int], None] | None) -> int:
