@@ -4,7 +4,7 @@
 
 One lab (run as root): a registry, two empty wireguard-go gateways, one client each.
 For each N (ascending), N extra peers are bulk-imported into the lab registry's
-SQLite database with `appliance.registry.model.bulk_create_peers` (the registry
+SQLite database with `Store.bulk_create_peers` (the registry
 keeps running; SQLite's WAL takes the writer), then --repeat rounds of:
 
   jit    g1 is emptied (no daemon, no peers, no cache), then `wgjit gateway run`
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 
 from appliance.keys import encode_key  # noqa: E402
-from appliance.registry import cidr, db, model  # noqa: E402
+from appliance.registry import cidr  # noqa: E402
+from appliance.registry.store import NewPeer, open_store  # noqa: E402
 from appliance.secrets import read_secret  # noqa: E402
 from appliance.wg.uapi import open_uapi  # noqa: E402
 from bench.common import (  # noqa: E402
@@ -79,17 +80,17 @@ def peer_counts(text: str) -> list[int]:
 def bulk_import(lab: Lab, start: int, stop: int) -> float:
     """Peers number start..stop-1 into the registry database; returns seconds taken."""
     assert lab.state.registry is not None
-    conn = db.connect(lab.state.registry.db)
+    store = open_store(lab.state.registry.db)
     try:
         t0 = time.perf_counter()
-        model.bulk_create_peers(conn, lab.state.registry.tenant, (
-            model.NewPeer(encode_key(os.urandom(32)),
-                          [cidr.from_network(ipaddress.ip_network((int(BULK_NET4[1]) + i, 32))),
-                           cidr.from_network(ipaddress.ip_network((int(BULK_NET6[1]) + i, 128)))])
+        store.bulk_create_peers(lab.state.registry.tenant, (
+            NewPeer(encode_key(os.urandom(32)),
+                    [cidr.from_network(ipaddress.ip_network((int(BULK_NET4[1]) + i, 32))),
+                     cidr.from_network(ipaddress.ip_network((int(BULK_NET6[1]) + i, 128)))])
             for i in range(start, stop)))
         return time.perf_counter() - t0
     finally:
-        conn.close()
+        store.close()
 
 
 def fetch_all(lab: Lab) -> tuple[float, list[dict]]:

@@ -1,10 +1,17 @@
-"""Registry benchmark: seed N peers, then gateway lookups through gunicorn.
+"""Registry benchmark: the same N peers on SQLite and PostgreSQL, then gateway
+lookups through gunicorn on each.
 
-    .venv/bin/python bench/registry.py [--peers 1000000] [--json out.json]
+    .venv/bin/python bench/registry.py [--peers 1000000] [--engines sqlite,postgresql]
+                                       [--json out.json]
 
-Prints seeding time and database size, then the lookup throughput at full
-load and the latency at half that load (open loop, so a slow server cannot
-slow the clock down and hide its own latency).
+Seeding is `wgjit registry import` (executemany on SQLite, COPY on PostgreSQL,
+on a private PostgreSQL server this script starts, fsync on). Lookups draw
+keys uniformly from every registered peer. Full load: wrk (C) with as many
+connections as --clients, falling back to Python clients without it. Half
+load: Python clients sending on a fixed schedule at half the full-load rate
+(open loop): latency counts from each request's scheduled send time, and
+every scheduled request is sent, so a slow server cannot slow the clock down
+and hide its own latency.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.keys import encode_key  # noqa: E402
-from appliance.registry import db, model, tokens  # noqa: E402
+from appliance.registry import tokens  # noqa: E402
+from appliance.registry.store import open_store  # noqa: E402
+from appliance.registry.store.sqlite import SqliteStore  # noqa: E402
+from lab.postgres import PostgresServer  # noqa: E402
 from tests.conftest import WGJIT, RegistryProcess  # noqa: E402
 
 TENANTS = 8
@@ -47,29 +57,42 @@ def write_import(path: Path, keys: list[str], tenant_no: int) -> None:
                     f' ["{v4}/32", "fd00::{tenant_no:x}:{i >> 16:x}:{i & 0xffff:x}/128"]}}\n')
 
 
-def seed(path: Path, n: int) -> tuple[float, list[str]]:
-    """Seeding time is the wall time of the import commands, startup included."""
-    db.init_db(path)
-    conn = db.connect(path)
+def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
     per = -(-n // TENANTS)
     keys = [encode_key(os.urandom(32)) for _ in range(n)]
     files = []
     for t in range(TENANTS):
-        model.create_tenant(conn, f"bench-{t}")
-        files.append(path.with_name(f"bench-{t}.jsonl"))
+        files.append(tmp / f"bench-{t}.jsonl")
         write_import(files[-1], keys[t * per:(t + 1) * per], t)
-    conn.close()
+    return keys, files
+
+
+def seed(db: str, files: list[Path]) -> tuple[float, str]:
+    """Seeding time is the wall time of the import commands, startup included.
+    Returns it and a gateway token."""
+    store = open_store(db)
+    store.migrate()
+    for t in range(len(files)):
+        store.create_tenant(f"bench-{t}")
+    token = tokens.create(store, "gateway")
+    store.close()
     started = time.perf_counter()
     for t, src in enumerate(files):
-        subprocess.run([*WGJIT, "registry", "import", "--db", str(path), "--tenant",
-                        f"bench-{t}", str(src)], check=True, stdout=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - started
-    for src in files:
-        src.unlink()
-    conn = db.connect(path)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    return elapsed, keys
+        subprocess.run([*WGJIT, "registry", "import", "--db", db, "--tenant", f"bench-{t}",
+                        str(src)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started, token
+
+
+def db_bytes(db: str) -> int:
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    store = SqliteStore(db)
+    store.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    return sum(f.stat().st_size for f in Path(db).parent.glob(Path(db).name + "*"))
 
 
 def _worker(port: int, token: str, keys: list[str], duration: float, rate: float | None,
@@ -86,10 +109,14 @@ def _worker(port: int, token: str, keys: list[str], duration: float, rate: float
     errors = 0
     start = time.perf_counter()
     interval = 1 / rate if rate else 0
+    scheduled_total = int(duration * rate) if rate else None
     i = 0
     while True:
         now = time.perf_counter()
-        if now - start >= duration:
+        if scheduled_total is not None:
+            if i >= scheduled_total:  # every scheduled request is sent, late or not
+                break
+        elif now - start >= duration:
             break
         scheduled = start + i * interval if rate else now
         if rate and scheduled > now:
@@ -107,38 +134,42 @@ def _worker(port: int, token: str, keys: list[str], duration: float, rate: float
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         lat.append(time.perf_counter() - scheduled)
         i += 1
-    out.put((lat, errors))
+    out.put((lat, errors, time.perf_counter() - start))
 
 
 def load(port: int, token: str, keys: list[str], clients: int, duration: float,
          total_rate: float | None = None) -> dict:
     q: mp.Queue = mp.Queue()
-    sample = random.sample(keys, min(len(keys), 20_000))
     per_rate = total_rate / clients if total_rate else None
-    procs = [mp.Process(target=_worker, args=(port, token, sample, duration, per_rate, q))
+    procs = [mp.Process(target=_worker, args=(port, token, keys, duration, per_rate, q))
              for _ in range(clients)]
     for p in procs:
         p.start()
     lat: list[float] = []
     errors = 0
+    elapsed = duration
     for _ in procs:
-        part, err = q.get()
+        part, err, took = q.get()
         lat += part
         errors += err
+        elapsed = max(elapsed, took)  # late requests stretch an open-loop run
     for p in procs:
         p.join()
     lat.sort()
     return {
         "requests": len(lat),
         "errors": errors,
-        "rate": len(lat) / duration,
+        "rate": len(lat) / elapsed,
+        "offered_rate": total_rate,
+        "tool": "python open loop" if total_rate else "python",
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
     }
 
 
 WRK_SCRIPT = """
-local keys = {%s}
+local keys = {}
+for line in io.lines("%s") do keys[#keys + 1] = line end
 request = function()
   local k = keys[math.random(#keys)]
   return wrk.format("GET", "/v1/gateway/peers/" .. k, {["Authorization"] = "Bearer %s"})
@@ -151,21 +182,15 @@ def _wrk_ms(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if not unit.endswith("ms") else value
 
 
-def load_wrk(port: int, token: str, keys: list[str], connections: int,
-             duration: float, rate: float | None = None) -> dict | None:
+def load_wrk(port: int, token: str, keys_file: Path, connections: int,
+             duration: float) -> dict | None:
     """Throughput and latency with wrk (C, two threads): a Python load generator
-    on the same two cores would measure itself as much as the server. With
-    `rate`, each connection pauses between requests so that all of them together
-    offer about that rate (wrk has no fixed-rate mode; the pause is not counted
-    in the latency)."""
+    on the same two cores would measure itself as much as the server. Keys come
+    from `keys_file` (every registered peer, percent-encoded, one a line)."""
     if not shutil.which("wrk"):
         return None
-    sample = random.sample(keys, min(len(keys), 20_000))
-    quoted = ",".join('"{}"'.format(urllib.parse.quote(k, safe="")) for k in sample)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT % (quoted, token))
-        if rate:
-            f.write(f"delay = function() return {1000 * connections / rate:.3f} end\n")
+        f.write(WRK_SCRIPT % (keys_file, token))
     try:
         out = subprocess.run(
             ["wrk", "-t2", f"-c{connections}", f"-d{int(duration)}s", "--latency", "-s", f.name,
@@ -179,53 +204,77 @@ def load_wrk(port: int, token: str, keys: list[str], connections: int,
             "errors": int(non2xx.group(1)) if non2xx else 0, "tool": "wrk"}
 
 
+def run_engine(engine: str, db: str, files: list[Path], keys: list[str], keys_file: Path,
+               args: argparse.Namespace, tmp: Path) -> dict:
+    print(f"{engine}: seeding {args.peers:,} peers ...", flush=True)
+    seed_s, token = seed(db, files)
+    size = db_bytes(db)
+    srv = RegistryProcess(db, workers=args.workers, log=tmp / f"{engine}.log").start()
+    try:
+        load(srv.port, token, keys, 2, 2.0)  # warm the caches and the workers
+        full = load_wrk(srv.port, token, keys_file, args.clients, args.duration) or \
+            load(srv.port, token, keys, args.clients, args.duration)
+        half = load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
+    finally:
+        srv.stop()
+    return {"engine": engine, "peers": args.peers, "seed_seconds": seed_s,
+            "seed_rate": args.peers / seed_s, "db_bytes": size, "full_load": full,
+            "half_load": half}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, default=1_000_000)
+    ap.add_argument("--engines", default="sqlite,postgresql",
+                    help="comma-separated: sqlite, postgresql")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as tmp:
-        path = Path(tmp) / "registry.db"
-        print(f"seeding {args.peers:,} peers ...", flush=True)
-        seed_s, keys = seed(path, args.peers)
-        size = sum(f.stat().st_size for f in Path(tmp).glob("registry.db*"))
-        conn = db.connect(path)
-        token = tokens.create(conn, "gateway")
-        conn.close()
-        srv = RegistryProcess(path, workers=args.workers).start()
-        try:
-            load(srv.port, token, keys, 2, 2.0)  # warm the page cache and the workers
-            full = load_wrk(srv.port, token, keys, args.clients, args.duration) or \
-                load(srv.port, token, keys, args.clients, args.duration)
-            half = load_wrk(srv.port, token, keys, args.clients, args.duration,
-                            full["rate"] / 2) if full.get("tool") == "wrk" else \
-                load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
-        finally:
-            srv.stop()
-    result = {
-        "peers": args.peers, "seed_seconds": seed_s, "seed_rate": args.peers / seed_s,
-        "db_bytes": size, "workers": args.workers, "clients": args.clients,
-        "full_load": full, "half_load": half,
-    }
-    rows = [
-        ("peers seeded", f"{args.peers:,}"),
-        ("seeding time", f"{seed_s:.1f} s ({args.peers / seed_s:,.0f} peers/s)"),
-        ("database size", f"{size / 2**20:,.0f} MiB"),
-        (f"lookups, full load ({args.clients} conns, {full.get('tool', 'python')})",
-         f"{full['rate']:,.0f}/s  p50 {full['p50_ms']:.2f} ms  p99 {full['p99_ms']:.2f} ms"
-         f"  errors {full['errors']}"),
-        (f"lookups, half load ({half['rate']:,.0f}/s)",
-         f"p50 {half['p50_ms']:.2f} ms  p99 {half['p99_ms']:.2f} ms  errors {half['errors']}"),
+    engines = args.engines.split(",")
+    if not set(engines) <= {"sqlite", "postgresql"}:
+        ap.error("--engines: sqlite and/or postgresql")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        keys, files = write_imports(tmp, args.peers)
+        keys_file = tmp / "keys.txt"
+        keys_file.write_text("".join(urllib.parse.quote(k, safe="") + "\n" for k in keys))
+        for engine in engines:
+            if engine == "sqlite":
+                results.append(run_engine(engine, str(tmp / "registry.db"), files, keys,
+                                          keys_file, args, tmp))
+                continue
+            pg = PostgresServer(durable=True).start()
+            os.environ["PGPASSFILE"] = str(pg.pgpass)  # the CLI and gunicorn inherit it
+            try:
+                results.append(run_engine(engine, pg.create_database("bench"), files, keys,
+                                          keys_file, args, tmp))
+            finally:
+                pg.stop()
+    print(f"\nregistry benchmark ({args.peers:,} peers, gunicorn {args.workers} workers x 4"
+          f" threads, loopback, {args.clients} connections)")
+    header = ["", *engines]
+    table = [
+        ("seeding", [f"{r['seed_seconds']:.1f} s ({r['seed_rate']:,.0f}/s)" for r in results]),
+        ("database size", [f"{r['db_bytes'] / 2**20:,.0f} MiB" for r in results]),
+        ("full load", [f"{r['full_load']['rate']:,.0f}/s p50 {r['full_load']['p50_ms']:.2f}"
+                       f" p99 {r['full_load']['p99_ms']:.2f} ms" for r in results]),
+        ("half load (open loop)",
+         [f"{r['half_load']['rate']:,.0f}/s p50 {r['half_load']['p50_ms']:.2f}"
+          f" p99 {r['half_load']['p99_ms']:.2f} ms" for r in results]),
+        ("errors (full/half)", [f"{r['full_load']['errors']}/{r['half_load']['errors']}"
+                                for r in results]),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"\nregistry benchmark (gunicorn {args.workers} workers x 4 threads, loopback)")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+    widths = [max(len(str(c)) for c in col)
+              for col in zip(header, *[[k, *v] for k, v in table], strict=True)]
+    for row in [header, *[[k, *v] for k, v in table]]:
+        print("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"peers": args.peers, "workers": args.workers, "clients": args.clients,
+             "duration": args.duration, "results": results}, indent=2))
     return 0
 
 

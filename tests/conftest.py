@@ -40,13 +40,15 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
 class RegistryProcess:
     """A real `wgjit registry serve` (gunicorn) on loopback."""
 
-    def __init__(self, db: Path, workers: int = 2, port: int | None = None) -> None:
+    def __init__(self, db: str | Path, workers: int = 2, port: int | None = None,
+                 log: Path | None = None) -> None:
+        """`db` is a SQLite path or a postgresql:// URL (its password from PGPASSFILE)."""
         self.db = db
         self.workers = workers
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log = db.with_suffix(".log")
+        self.log = log or Path(db).with_suffix(".log")
 
     def start(self) -> RegistryProcess:
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
@@ -80,24 +82,25 @@ class RegistryProcess:
             self._logf.close()
 
 
-def make_token(db: Path, scope: str, tenant: str | None = None) -> str:
-    from appliance.registry import db as regdb
+def make_token(db: str | Path, scope: str, tenant: str | None = None) -> str:
     from appliance.registry import tokens
+    from appliance.registry.store import open_store
 
-    regdb.init_db(db)
-    conn = regdb.connect(db)
+    store = open_store(db)
     try:
-        return tokens.create(conn, scope, tenant)
+        store.migrate()
+        return tokens.create(store, scope, tenant)
     finally:
-        conn.close()
+        store.close()
 
 
 @pytest.fixture
 def registry_server(tmp_path):
     servers: list[RegistryProcess] = []
 
-    def start(db: Path | None = None, workers: int = 2) -> RegistryProcess:
-        srv = RegistryProcess(db or tmp_path / "registry.db", workers).start()
+    def start(db: str | Path | None = None, workers: int = 2) -> RegistryProcess:
+        log = tmp_path / f"registry-{len(servers)}.log"
+        srv = RegistryProcess(db or tmp_path / "registry.db", workers, log=log).start()
         servers.append(srv)
         return srv
 

@@ -1,4 +1,4 @@
-"""The peer registry: a Flask app over SQLite that holds every peer ever made."""
+"""The peer registry: a Flask app over SQLite or PostgreSQL that holds every peer ever made."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """App factory. `config["DATABASE"]` is the SQLite path (required)."""
+    """App factory. `config["DATABASE"]` is the --db value (required): a SQLite path or
+    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file."""
     from flask import Flask
     from werkzeug.routing import BaseConverter
 
-    from appliance.registry import db, errors, gateway, metrics, peers, service, tenants
+    from appliance.registry import errors, gateway, metrics, peers, service, tenants
     from appliance.registry.fastpath import GatewayLookupFastPath
+    from appliance.registry.store import open_store
 
     class WireGuardKeyConverter(BaseConverter):
         """A key in a path: standard base64 may hold '/' anywhere, even first,
@@ -31,10 +33,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
     app.config.update(config or {})
     if not app.config.get("DATABASE"):
-        raise ValueError("create_app: DATABASE (the SQLite path) is required")
+        raise ValueError("create_app: DATABASE (a SQLite path or postgresql:// URL) is required")
+    store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"))
     if not app.config.get("SKIP_MIGRATE"):
-        db.init_db(app.config["DATABASE"])
-    app.teardown_appcontext(db.close_db)
+        store.migrate()
+    app.extensions["wgjit_store"] = store
+    app.teardown_appcontext(lambda _exc: store.end_request())
     errors.register(app)
     metrics.init_app(app)
     app.url_map.strict_slashes = False
@@ -44,5 +48,5 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.url_map.merge_slashes = False
     for bp in (service.bp, tenants.bp, peers.bp, gateway.bp):
         app.register_blueprint(bp)
-    app.wsgi_app = GatewayLookupFastPath(app.wsgi_app, app.config["DATABASE"])
+    app.wsgi_app = GatewayLookupFastPath(app.wsgi_app, store)
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from typing import Any
 
 from flask import g, request
 
-from appliance.registry import db, tokens
+from appliance.registry import store, tokens
 from appliance.registry.errors import APIError
 
 # Verified tokens are remembered per worker for a few seconds: a gateway's
@@ -24,13 +23,13 @@ _verified: dict[str, tuple[tokens.Token, float]] = {}
 _verified_lock = threading.Lock()
 
 
-def verify_cached(conn: sqlite3.Connection, value: str) -> tokens.Token | None:
+def verify_cached(db: store.Store, value: str) -> tokens.Token | None:
     now = time.monotonic()
     with _verified_lock:
         hit = _verified.get(value)
     if hit is not None and hit[1] > now:
         return hit[0]
-    token = tokens.verify(conn, value)
+    token = tokens.verify(db, value)
     if token is not None:
         with _verified_lock:
             if len(_verified) >= VERIFIED_MAX:
@@ -44,7 +43,7 @@ def _authenticate() -> tokens.Token:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise APIError(401, "unauthorized", "missing bearer token")
-    token = verify_cached(db.get_db(), value.strip())
+    token = verify_cached(store.current(), value.strip())
     if token is None:
         raise APIError(401, "unauthorized", "invalid or revoked token")
     return token

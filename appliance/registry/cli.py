@@ -1,12 +1,14 @@
 """`wgjit registry|token|tenant|peer ...`: serve the registry and talk to it.
 
-`registry serve` and `token ...` work on the database file directly (they run
-on the registry host); `tenant` and `peer` talk to the HTTP API like any client.
+`registry serve` and `token ...` work on the database directly (a SQLite file on
+the registry host, or PostgreSQL); `tenant` and `peer` talk to the HTTP API like
+any client.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -14,14 +16,14 @@ from appliance import config
 from appliance.config import Option
 from appliance.secrets import read_secret, write_secret
 
+DB_OPTIONS = [Option("db", required=True), Option("db-password-file")]
 SERVE_OPTIONS = [
-    Option("db", required=True),
+    *DB_OPTIONS,
     Option("listen", default="127.0.0.1:8080", check=config.host_port),
     Option("workers", int, 2, check=config.positive),
     Option("threads", int, 4, check=config.positive),
     Option("access-log"),
 ]
-DB_OPTIONS = [Option("db", required=True)]
 IMPORT_CACHE_KIB = 512 * 1024
 CLIENT_OPTIONS = [
     Option("registry", required=True),
@@ -54,6 +56,45 @@ def _client(args: argparse.Namespace):
     return RegistryClient(s["registry"], token, timeout=s["timeout"])
 
 
+def _open_store(s: dict, **options):
+    """The store for the resolved --db/--db-password-file."""
+    from appliance.registry.store import open_store
+
+    return open_store(s["db"], s["db_password_file"], **options)
+
+
+def _with_db_errors(func):
+    """A bad --db or password file exits 2, a database that fails exits 1; both
+    with one line naming the problem, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from appliance.registry.store import DatabaseURLError, database_errors
+        from appliance.secrets import SecretFileError
+
+        try:
+            return func(args) or 0
+        except (DatabaseURLError, SecretFileError) as e:
+            print(f"wgjit: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            if not isinstance(e, database_errors()):
+                raise
+            detail = " ".join(str(e).split())
+            print(f"wgjit: database: {detail}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--db", metavar="PATH|URL",
+                   help="SQLite file (created if missing) or postgresql://[USER@]HOST[:PORT]/DB")
+    p.add_argument("--db-password-file", metavar="FILE",
+                   help="0600 file holding the PostgreSQL password (else PGPASSFILE)")
+
+
 def _print(args: argparse.Namespace, obj: object, text: str) -> None:
     print(json.dumps(obj, indent=2) if args.json else text)
 
@@ -83,42 +124,46 @@ def _with_api_errors(func):
 
 # registry
 
+@_with_db_errors
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.registry.serve import serve
 
     s = _settings(args, SERVE_OPTIONS, "registry")
-    serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"])
+    _open_store(s).close()  # a bad --db or password file is refused before gunicorn starts
+    serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"],
+          s["db_password_file"])
     return 0
 
 
+@_with_db_errors
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from appliance.registry import db
-
-    s = _settings(args, DB_OPTIONS, "registry")
-    conn = db.connect(s["db"])
+    store = _open_store(_settings(args, DB_OPTIONS, "registry"))
     try:
-        version = db.migrate(conn)
+        version = store.migrate()
     except RuntimeError as e:  # a schema newer than this wgjit: leave it alone
         print(f"wgjit: registry migrate: {e}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     print(f"schema version {version}")
     return 0
 
 
+@_with_db_errors
 def cmd_import(args: argparse.Namespace) -> int:
     import time
 
-    from appliance.registry import db, importer, model
+    from appliance.registry import importer
+    from appliance.registry.store import Conflict, is_postgres
 
     s = _settings(args, DB_OPTIONS, "registry")
     if args.batch is not None and args.batch < 1:
         print("wgjit: import: --batch must be at least 1", file=sys.stderr)
         return 2
-    db.init_db(s["db"])
-    conn = db.connect(s["db"])
-    # A million peers' key index outgrows the serving cache; this connection
-    # is short-lived, so it may hold more of it.
-    conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
+    # A million peers' key index outgrows SQLite's serving cache; this
+    # connection is short-lived, so it may hold more of it.
+    store = _open_store(s, **({} if is_postgres(s["db"]) else {"cache_kib": IMPORT_CACHE_KIB}))
+    store.migrate()
     committed = 0
 
     def note(count: int) -> None:
@@ -128,12 +173,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with sys.stdin if args.file == "-" else open(args.file, encoding="utf-8") as f:
-            count = model.bulk_create_peers(conn, args.tenant, importer.parse_lines(f),
+            count = store.bulk_create_peers(args.tenant, importer.parse_lines(f),
                                             batch=args.batch, progress=note)
     except OSError as e:
         print(f"wgjit: import: {e}", file=sys.stderr)
         return 2
-    except (importer.ImportError_, model.Conflict, LookupError) as e:
+    except (importer.ImportError_, Conflict, LookupError) as e:
         problem = f"no tenant {args.tenant!r}" if isinstance(e, LookupError) else \
             getattr(e, "message", str(e))
         kept = f"{committed} peers were committed before it" if args.batch else \
@@ -141,7 +186,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"wgjit: import: {problem}; {kept}", file=sys.stderr)
         return 1
     finally:
-        conn.close()
+        store.close()
     elapsed = time.monotonic() - started
     print(f"imported {count} peers into tenant {args.tenant} in {elapsed:.1f} s")
     return 0
@@ -149,16 +194,19 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # tokens
 
+@_with_db_errors
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from appliance.registry import db, tokens
+    from appliance.registry import tokens
 
-    s = _settings(args, DB_OPTIONS, "registry")
-    db.init_db(s["db"])
+    store = _open_store(_settings(args, DB_OPTIONS, "registry"))
     try:
-        token = tokens.create(db.connect(s["db"]), args.scope, args.tenant, args.name)
+        store.migrate()
+        token = tokens.create(store, args.scope, args.tenant, args.name)
     except ValueError as e:
         print(f"wgjit: token create: {e}", file=sys.stderr)
         return 2
+    finally:
+        store.close()
     if args.output:
         write_secret(args.output, token)
         print(f"token written to {args.output} (mode 0600)")
@@ -179,8 +227,9 @@ def cmd_token_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_token_import(args: argparse.Namespace) -> int:
-    from appliance.registry import db, tokens
+    from appliance.registry import tokens
     from appliance.secrets import SecretFileError
 
     s = _settings(args, DB_OPTIONS, "registry")
@@ -189,23 +238,30 @@ def cmd_token_import(args: argparse.Namespace) -> int:
     except SecretFileError as e:
         print(f"wgjit: token import: {e}", file=sys.stderr)
         return 2
-    db.init_db(s["db"])
+    store = _open_store(s)
     try:
-        added = tokens.import_token(db.connect(s["db"]), token, args.scope, args.name)
+        store.migrate()
+        added = tokens.import_token(store, token, args.scope, args.name)
     except ValueError as e:
         print(f"wgjit: token import: {e}", file=sys.stderr)
         return 2
+    finally:
+        store.close()
     token_id = token.split("_", 2)[1]
     print(f"imported {args.scope} token {token_id}" if added
           else f"{args.scope} token {token_id} already present")
     return 0
 
 
+@_with_db_errors
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from appliance.registry import db, tokens
+    from appliance.registry import tokens
 
-    s = _settings(args, DB_OPTIONS, "registry")
-    rows = tokens.list_tokens(db.connect(s["db"]))
+    store = _open_store(_settings(args, DB_OPTIONS, "registry"))
+    try:
+        rows = tokens.list_tokens(store)
+    finally:
+        store.close()
     text = "\n".join(
         f"{r['id']}  {r['scope']}  {r['tenant'] or '-'}  "
         f"{'revoked' if r['revoked_at'] else 'active'}  {r['name'] or ''}".rstrip()
@@ -215,11 +271,16 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_db_errors
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from appliance.registry import db, tokens
+    from appliance.registry import tokens
 
-    s = _settings(args, DB_OPTIONS, "registry")
-    if not tokens.revoke(db.connect(s["db"]), args.id):
+    store = _open_store(_settings(args, DB_OPTIONS, "registry"))
+    try:
+        revoked = tokens.revoke(store, args.id)
+    finally:
+        store.close()
+    if not revoked:
         print(f"wgjit: no active token {args.id}", file=sys.stderr)
         return 1
     print(f"revoked {args.id}")
@@ -313,23 +374,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     reg = sub.add_parser("registry", help="the peer registry service")
     rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
     p = rsub.add_parser("serve", help="serve the registry API under gunicorn")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH", help="SQLite database (created if missing)")
+    _add_db(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     p.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (2)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per worker (4)")
     p.add_argument("--access-log", metavar="FILE", help="access log ('-' for stderr)")
     p.set_defaults(func=cmd_serve)
     p = rsub.add_parser("migrate", help="create or upgrade the database schema")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.set_defaults(func=cmd_migrate)
     p = rsub.add_parser(
         "import", help="add peers from JSON Lines (one POST /v1/peers body per line)",
         description="Add peers from a JSON Lines file straight into the database, with the"
         " API's checks. All or nothing unless --batch is given.")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.add_argument("--tenant", required=True, help="the tenant every peer goes into")
     p.add_argument("--batch", type=int, metavar="N",
                    help="commit every N peers (other writers get turns; a failure keeps"
@@ -340,8 +398,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tok = sub.add_parser("token", help="API tokens (on the registry host)")
     tsub = tok.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     p = tsub.add_parser("create", help="create a token and print it (only its hash is kept)")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.add_argument("--scope", required=True, choices=["admin", "gateway"])
     p.add_argument("--tenant", help="limit an admin token to one tenant")
     p.add_argument("--name", help="a label to recognise the token by")
@@ -351,21 +408,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="FILE", help="write the token to a 0600 file instead")
     p.set_defaults(func=cmd_token_generate)
     p = tsub.add_parser("import", help="store a token made elsewhere (its hash only)")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.add_argument("--scope", required=True, choices=["admin", "gateway"])
     p.add_argument("--token-file", required=True, metavar="FILE",
                    help="0600 file holding the token")
     p.add_argument("--name", help="a label to recognise the token by")
     p.set_defaults(func=cmd_token_import)
     p = tsub.add_parser("list", help="list tokens (never their secrets)")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_token_list)
     p = tsub.add_parser("revoke", help="revoke a token by its id")
-    _add_config(p)
-    p.add_argument("--db", metavar="PATH")
+    _add_db(p)
     p.add_argument("id")
     p.set_defaults(func=cmd_token_revoke)
 

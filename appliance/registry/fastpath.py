@@ -5,7 +5,7 @@ Measured in-process, Flask's request machinery (context, routing, response
 objects, hooks) costs ~430 µs of such a request while the SQL costs ~45 µs, so
 on two cores the registry could not reach its lookup target. This WSGI layer
 answers only the successful lookup itself, with the same functions that decide
-it in the blueprint (`auth.verify_cached`, `gateway.lookup`), and hands every
+it in the blueprint (`auth.verify_cached`, `Store.gateway_lookup`), and hands every
 other request, and every request it would answer with an error, to Flask
 unchanged: errors keep their one JSON shape from `errors.py`.
 """
@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from appliance.keys import KeyError_, normalize_key
-from appliance.registry import auth, db, gateway, metrics
+from appliance.registry import auth, metrics
+from appliance.registry.store import Store
 
 PREFIX = "/v1/gateway/peers/"
 RULE = "/v1/gateway/peers/<wgkey:key>"  # the blueprint's rule, as metrics label it
@@ -25,9 +26,9 @@ SCOPES = ("gateway", "admin")
 
 
 class GatewayLookupFastPath:
-    def __init__(self, wsgi_app: Callable, database: str) -> None:
+    def __init__(self, wsgi_app: Callable, store: Store) -> None:
         self.next = wsgi_app
-        self.database = database
+        self.store = store
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -45,15 +46,14 @@ class GatewayLookupFastPath:
         scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             return None
-        conn = db.thread_conn(self.database)
-        token = auth.verify_cached(conn, value.strip())
+        token = auth.verify_cached(self.store, value.strip())
         if token is None or token.scope not in SCOPES:
             return None
         try:
             key = normalize_key(raw_key)
         except KeyError_:
             return None
-        found = gateway.lookup(conn, key, token.tenant_id)
+        found = self.store.gateway_lookup(key, token.tenant_id)
         if found is None:
             return None
         body = json.dumps(found).encode()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from appliance.registry import validate
 from appliance.registry.errors import APIError
-from appliance.registry.model import NewPeer
+from appliance.registry.store import NewPeer
 
 FIELDS = {"public_key", "allowed_ips", "name", "preshared_key"}
 

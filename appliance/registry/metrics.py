@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from appliance.registry import db
+from appliance.registry.store import Store
 
 REQUESTS = Counter(
     "wgjit_registry_requests_total", "API requests by route and status",
@@ -39,26 +39,18 @@ LATENCY = Histogram(
 class DataCollector:
     """Gauges computed from the database when scraped."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, db: Store) -> None:
+        self.db = db
 
     def collect(self):
-        conn = db.connect(self.path)
-        try:
-            active, revoked = conn.execute(
-                "SELECT total(revoked_at IS NULL), total(revoked_at IS NOT NULL) FROM peers"
-            ).fetchone()
-            tenants = conn.execute("SELECT count(*) FROM tenants").fetchone()[0]
-            latest = conn.execute("SELECT coalesce(max(cursor), 0) FROM changes").fetchone()[0]
-        finally:
-            conn.close()
+        stats = self.db.stats()
         peers = GaugeMetricFamily("wgjit_registry_peers", "Peers by state", labels=["state"])
-        peers.add_metric(["active"], active)
-        peers.add_metric(["revoked"], revoked)
+        peers.add_metric(["active"], stats["active"])
+        peers.add_metric(["revoked"], stats["revoked"])
         yield peers
-        yield GaugeMetricFamily("wgjit_registry_tenants", "Tenants", value=tenants)
+        yield GaugeMetricFamily("wgjit_registry_tenants", "Tenants", value=stats["tenants"])
         yield GaugeMetricFamily("wgjit_registry_change_cursor", "Latest change-feed cursor",
-                                value=latest)
+                                value=stats["latest"])
 
 
 def init_app(app: Flask) -> None:
@@ -81,7 +73,7 @@ def init_app(app: Flask) -> None:
             MultiProcessCollector(registry)
         else:
             registry = _single_process_registry(registry)
-        registry.register(DataCollector(app.config["DATABASE"]))
+        registry.register(DataCollector(app.extensions["wgjit_store"]))
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from appliance.registry import auth, db, model, validate
+from appliance.registry import auth, store, validate
 from appliance.registry.errors import APIError, invalid
 
 bp = Blueprint("peers", __name__, url_prefix="/v1/peers")
@@ -31,7 +31,7 @@ def _public(peer: dict) -> dict:
 
 
 def _load(key: str) -> dict:
-    peer = model.get_peer(db.get_db(), key)
+    peer = store.current().get_peer(key)
     if peer is None:
         raise _not_found(key)
     auth.check_tenant(peer["tenant_id"])
@@ -53,18 +53,18 @@ def create():
     nets = validate.allowed_ips(body.get("allowed_ips"))
     name = validate.name(body.get("name"))
     psk = _optional_psk(body)
-    conn = db.get_db()
-    tid = model.tenant_id(conn, tenant)
+    db = store.current()
+    tid = db.tenant_id(tenant)
     limit = auth.tenant_limit()
     if tid is None or (limit is not None and limit != tid):
         raise invalid("tenant", f"no tenant {tenant!r}")
     try:
-        model.create_peer(conn, tenant, key, nets, name, psk)
-    except model.Conflict as e:
+        db.create_peer(tenant, key, nets, name, psk)
+    except store.Conflict as e:
         raise APIError(409, e.error, e.message) from e
     except LookupError as e:  # the tenant vanished between the check and the write
         raise invalid("tenant", f"no tenant {tenant!r}") from e
-    peer = _public(model.get_peer(conn, key))
+    peer = _public(db.get_peer(key))
     resp = jsonify(peer)
     resp.status_code = 201
     resp.headers["Location"] = url_for("peers.show", key=key.replace("/", "_").replace("+", "-"))
@@ -75,35 +75,25 @@ def create():
 @auth.require("admin")
 def list_():
     """Keyset pagination: `after` is the opaque cursor from the previous page."""
-    conn = db.get_db()
+    db = store.current()
     limit = validate.int_arg("limit", 100, 1, MAX_PAGE)
     after = validate.int_arg("after", 0, 0, 2**62)
-    where, params = ["p.id > ?"], [after]
+    tenant_ids = []
     tenant = request.args.get("tenant")
     if tenant is not None:
-        tid = model.tenant_id(conn, tenant)
+        tid = db.tenant_id(tenant)
         if tid is None:
             raise invalid("tenant", f"no tenant {tenant!r}")
-        where.append("p.tenant_id = ?")
-        params.append(tid)
+        tenant_ids.append(tid)
     if auth.tenant_limit() is not None:
-        where.append("p.tenant_id = ?")
-        params.append(auth.tenant_limit())
+        tenant_ids.append(auth.tenant_limit())
     revoked = request.args.get("revoked")
-    if revoked is not None:
-        if revoked not in ("true", "false"):
-            raise invalid("revoked", "must be true or false")
-        where.append("p.revoked_at IS NOT NULL" if revoked == "true" else "p.revoked_at IS NULL")
-    rows = conn.execute(
-        "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id = p.tenant_id"
-        f" WHERE {' AND '.join(where)} ORDER BY p.id LIMIT ?",
-        (*params, limit + 1),
-    ).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    ips = model.peer_ips(conn, [r["id"] for r in rows])
-    peers = [_public(model.peer_dict(r, ips[r["id"]])) for r in rows]
-    return jsonify(peers=peers, next=str(rows[-1]["id"]) if more else None)
+    if revoked is not None and revoked not in ("true", "false"):
+        raise invalid("revoked", "must be true or false")
+    rows, next_after = db.list_peers(after, limit, tenant_ids,
+                                     None if revoked is None else revoked == "true")
+    return jsonify(peers=[_public(r) for r in rows],
+                   next=None if next_after is None else str(next_after))
 
 
 @bp.get("/<wgkey:key>")
@@ -128,24 +118,24 @@ def update(key: str):
         kwargs["name"] = validate.name(body["name"])
     if "preshared_key" in body:
         kwargs["preshared_key"] = _optional_psk(body)
-    conn = db.get_db()
+    db = store.current()
     try:
-        model.update_peer(conn, key, expect_tenant=peer["tenant_id"], **kwargs)
-    except model.Conflict as e:
+        db.update_peer(key, expect_tenant=peer["tenant_id"], **kwargs)
+    except store.Conflict as e:
         raise APIError(409, e.error, e.message) from e
     except LookupError as e:
         raise _not_found(key) from e
-    return jsonify(_public(model.get_peer(conn, key)))
+    return jsonify(_public(db.get_peer(key)))
 
 
 def _set_revoked(key: str, revoked: bool):
     key = path_key(key)
     peer = _load(key)
     try:
-        model.set_revoked(db.get_db(), key, revoked, expect_tenant=peer["tenant_id"])
+        store.current().set_revoked(key, revoked, expect_tenant=peer["tenant_id"])
     except LookupError as e:
         raise _not_found(key) from e
-    return jsonify(_public(model.get_peer(db.get_db(), key)))
+    return jsonify(_public(store.current().get_peer(key)))
 
 
 @bp.post("/<wgkey:key>/revoke")
@@ -166,7 +156,7 @@ def delete(key: str):
     key = path_key(key)
     peer = _load(key)
     try:
-        model.delete_peer(db.get_db(), key, expect_tenant=peer["tenant_id"])
+        store.current().delete_peer(key, expect_tenant=peer["tenant_id"])
     except LookupError as e:
         raise _not_found(key) from e
     return "", 204

@@ -9,7 +9,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from appliance.registry import create_app, db
+from appliance.registry import create_app
+from appliance.registry.store import open_store
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
@@ -19,9 +20,10 @@ def _child_exit(_server: Any, worker: Any) -> None:
 
 
 class RegistryServer(BaseApplication):
-    def __init__(self, db_path: str, listen: str, workers: int = 2, threads: int = 4,
-                 access_log: str | None = None) -> None:
-        self.db_path = db_path
+    def __init__(self, db: str, listen: str, workers: int = 2, threads: int = 4,
+                 access_log: str | None = None, password_file: str | None = None) -> None:
+        self.db = db
+        self.password_file = password_file
         self.options = {
             "bind": listen,
             "workers": workers,
@@ -48,18 +50,25 @@ class RegistryServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        return create_app({"DATABASE": self.db_path, "SKIP_MIGRATE": True})
+        # Each worker opens its own store after the fork: connections and pools
+        # must not be shared across processes.
+        return create_app({"DATABASE": self.db, "DB_PASSWORD_FILE": self.password_file,
+                           "SKIP_MIGRATE": True})
 
 
-def serve(db_path: str, listen: str, workers: int = 2, threads: int = 4,
-          access_log: str | None = None) -> None:
+def serve(db: str, listen: str, workers: int = 2, threads: int = 4,
+          access_log: str | None = None, password_file: str | None = None) -> None:
     # Migrate once in the master, before any worker can see the database.
-    db.init_db(db_path)
+    store = open_store(db, password_file)
+    try:
+        store.migrate()
+    finally:
+        store.close()
     # Per-worker metric files must start empty: stale files from a previous run
     # would be summed into this one's counters.
     metrics_dir = tempfile.mkdtemp(prefix="wgjit-registry-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        RegistryServer(db_path, listen, workers, threads, access_log).run()
+        RegistryServer(db, listen, workers, threads, access_log, password_file).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

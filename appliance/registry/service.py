@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from flask import Blueprint, jsonify
 
-from appliance.registry import db, openapi
+from appliance.registry import openapi, store
 
 bp = Blueprint("service", __name__)
 
 
 @bp.get("/healthz")
 def healthz():
+    db = store.current()
     try:
-        version = db.schema_version(db.get_db())
-    except sqlite3.Error as e:
+        version = db.schema_version()
+    except db.errors as e:
         return jsonify(status="error", error="database_unavailable", message=str(e)), 503
     return jsonify(status="ok", schema_version=version)
 

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from appliance.registry import auth, db, model, validate
+from appliance.registry import auth, store, validate
 from appliance.registry.errors import APIError
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1/tenants")
 
 
-def _tenant(row) -> dict:
+def _tenant(row: dict) -> dict:
     return {"name": row["name"], "created_at": row["created_at"], "peers": row["peers"]}
-
-
-_SELECT = (
-    "SELECT t.id, t.name, t.created_at,"
-    " (SELECT count(*) FROM peers p WHERE p.tenant_id = t.id) AS peers FROM tenants t"
-)
 
 
 @bp.post("")
@@ -29,8 +23,8 @@ def create():
     validate.reject_unknown(body, {"name"})
     name = validate.name(body.get("name"), "name", required=True)
     try:
-        tenant = model.create_tenant(db.get_db(), name)
-    except model.Conflict as e:
+        tenant = store.current().create_tenant(name)
+    except store.Conflict as e:
         raise APIError(409, e.error, e.message) from e
     return jsonify(tenant), 201
 
@@ -38,17 +32,11 @@ def create():
 @bp.get("")
 @auth.require("admin")
 def list_():
-    conn = db.get_db()
-    limit = auth.tenant_limit()
-    if limit is None:
-        rows = conn.execute(_SELECT + " ORDER BY t.name").fetchall()
-    else:
-        rows = conn.execute(_SELECT + " WHERE t.id = ?", (limit,)).fetchall()
-    return jsonify(tenants=[_tenant(r) for r in rows])
+    return jsonify(tenants=[_tenant(r) for r in store.current().list_tenants(auth.tenant_limit())])
 
 
-def _get(name: str):
-    row = db.get_db().execute(_SELECT + " WHERE t.name = ?", (name,)).fetchone()
+def _get(name: str) -> dict:
+    row = store.current().get_tenant(name)
     if row is None:
         raise APIError(404, "not_found", f"no tenant {name!r}")
     auth.check_tenant(row["id"])
@@ -64,14 +52,11 @@ def show(name: str):
 @bp.delete("/<name>")
 @auth.require("admin")
 def delete(name: str):
-    row = _get(name)
-    if row["peers"]:
-        raise APIError(409, "tenant_not_empty",
-                       f"tenant {name!r} still has {row['peers']} peers; delete them first")
-    conn = db.get_db()
-    with db.write(conn):
-        if conn.execute("SELECT 1 FROM tokens WHERE tenant_id = ?", (row["id"],)).fetchone():
-            raise APIError(409, "tenant_has_tokens",
-                           f"tenant {name!r} still has tokens limited to it")
-        conn.execute("DELETE FROM tenants WHERE id = ?", (row["id"],))
+    _get(name)
+    try:
+        store.current().delete_tenant(name)
+    except store.Conflict as e:
+        raise APIError(409, e.error, e.message) from e
+    except LookupError as e:
+        raise APIError(404, "not_found", f"no tenant {name!r}") from e
     return "", 204

@@ -9,10 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
-from appliance.registry import db
+from appliance.registry.store import Conflict, Store
 
 PREFIX = "wgj"
 SCOPES = ("admin", "gateway")
@@ -30,8 +29,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def create(conn: sqlite3.Connection, scope: str, tenant: str | None = None,
-           name: str | None = None) -> str:
+def create(db: Store, scope: str, tenant: str | None = None, name: str | None = None) -> str:
     """Create a token and return it; only its hash is kept."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
@@ -39,18 +37,7 @@ def create(conn: sqlite3.Connection, scope: str, tenant: str | None = None,
         raise ValueError("only admin tokens can be limited to a tenant")
     token_id = secrets.token_hex(6)
     token = f"{PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
-    with db.write(conn):
-        tenant_id = None
-        if tenant is not None:
-            row = conn.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()
-            if row is None:
-                raise ValueError(f"tenant {tenant!r} does not exist")
-            tenant_id = row["id"]
-        conn.execute(
-            "INSERT INTO tokens (id, hash, scope, tenant_id, name, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (token_id, _digest(token), scope, tenant_id, name, db.utcnow()),
-        )
+    db.add_token(token_id, _digest(token), scope, tenant, name)
     return token
 
 
@@ -60,8 +47,7 @@ def generate() -> str:
     return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
 
 
-def import_token(conn: sqlite3.Connection, token: str, scope: str,
-                 name: str | None = None) -> bool:
+def import_token(db: Store, token: str, scope: str, name: str | None = None) -> bool:
     """Store a token made elsewhere (only its hash). False if it is already there.
 
     Raises ValueError for a malformed token, a bad scope, or an id already taken by
@@ -72,34 +58,29 @@ def import_token(conn: sqlite3.Connection, token: str, scope: str,
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or len(parts[2]) < 32:
         raise ValueError(f"not a token of the form {PREFIX}_<id>_<secret of 32+ characters>")
-    with db.write(conn):
-        row = conn.execute("SELECT hash, scope, revoked_at FROM tokens WHERE id = ?",
-                           (parts[1],)).fetchone()
-        if row is not None:
-            if not hmac.compare_digest(row["hash"], _digest(token)) or row["scope"] != scope:
-                raise ValueError(f"token id {parts[1]} is taken by another token")
-            if row["revoked_at"] is not None:
-                raise ValueError(f"token {parts[1]} was revoked")
-            return False
-        conn.execute(
-            "INSERT INTO tokens (id, hash, scope, tenant_id, name, created_at)"
-            " VALUES (?, ?, ?, NULL, ?, ?)",
-            (parts[1], _digest(token), scope, name, db.utcnow()),
-        )
-    return True
+    # Insert first and look only on a clash: two deploys importing the same
+    # token at once both end up with "present", never with an error.
+    try:
+        db.add_token(parts[1], _digest(token), scope, None, name)
+        return True
+    except Conflict:
+        pass
+    row = db.get_token(parts[1])
+    if row is None or not hmac.compare_digest(bytes(row["hash"]), _digest(token)) \
+            or row["scope"] != scope:
+        raise ValueError(f"token id {parts[1]} is taken by another token")
+    if row["revoked_at"] is not None:
+        raise ValueError(f"token {parts[1]} was revoked")
+    return False
 
 
-def verify(conn: sqlite3.Connection, token: str) -> Token | None:
+def verify(db: Store, token: str) -> Token | None:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != PREFIX:
         return None
-    row = conn.execute(
-        "SELECT t.id, t.hash, t.scope, t.tenant_id, t.revoked_at, n.name AS tenant"
-        " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id WHERE t.id = ?",
-        (parts[1],),
-    ).fetchone()
+    row = db.get_token(parts[1])
     # Compare even when the row is missing so both paths cost the same.
-    expected = row["hash"] if row is not None else b"\0" * 32
+    expected = bytes(row["hash"]) if row is not None else b"\0" * 32
     if not hmac.compare_digest(expected, _digest(token)) or row is None:
         return None
     if row["revoked_at"] is not None:
@@ -107,18 +88,9 @@ def verify(conn: sqlite3.Connection, token: str) -> Token | None:
     return Token(row["id"], row["scope"], row["tenant_id"], row["tenant"])
 
 
-def revoke(conn: sqlite3.Connection, token_id: str) -> bool:
-    with db.write(conn):
-        cur = conn.execute(
-            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (db.utcnow(), token_id),
-        )
-    return cur.rowcount == 1
+def revoke(db: Store, token_id: str) -> bool:
+    return db.revoke_token(token_id)
 
 
-def list_tokens(conn: sqlite3.Connection) -> list[dict]:
-    rows = conn.execute(
-        "SELECT t.id, t.scope, n.name AS tenant, t.name, t.created_at, t.revoked_at"
-        " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id ORDER BY t.created_at"
-    ).fetchall()
-    return [dict(r) for r in rows]
+def list_tokens(db: Store) -> list[dict]:
+    return db.list_tokens()

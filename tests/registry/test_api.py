@@ -1,4 +1,5 @@
-"""The registry API through Flask's test client over a real SQLite file."""
+"""The registry API through Flask's test client, over a real SQLite file and a real
+PostgreSQL database (the `db` fixture runs each test on both)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import urllib.parse
 import pytest
 from prometheus_client import REGISTRY
 
-from appliance.registry import db as regdb
 from appliance.registry import tokens
+from appliance.registry.store import open_store
 from tests.conftest import make_token
 from tests.registry.conftest import new_key
 
@@ -177,12 +178,10 @@ def test_404_405_are_json(client, admin):
 
 
 def test_500_is_json(app, client, admin, monkeypatch):
-    from appliance.registry import model
-
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(model, "create_tenant", boom)
+    monkeypatch.setattr(app.extensions["wgjit_store"], "create_tenant", boom)
     r = client.post("/v1/tenants", json={"name": "x"}, headers=admin)
     assert r.status_code == 500 and r.json == {"error": "internal_error",
                                                "message": "internal server error"}
@@ -196,25 +195,26 @@ def test_missing_or_invalid_token(client, header):
     assert r.status_code == 401 and r.json["error"] == "unauthorized"
 
 
-def test_revoked_token(client, db_path, app, monkeypatch):
+def test_revoked_token(client, db, app, monkeypatch):
     from appliance.registry import auth
 
-    tok = make_token(db_path, "admin")
+    store = app.extensions["wgjit_store"]
+    tok = make_token(db, "admin")
     h = {"Authorization": f"Bearer {tok}"}
     assert client.get("/v1/peers", headers=h).status_code == 200
-    assert tokens.revoke(regdb.connect(db_path), tok.split("_")[1])
+    assert tokens.revoke(store, tok.split("_")[1])
     # Verified tokens are remembered for VERIFIED_TTL; after that the revocation bites.
     later = time.monotonic() + auth.VERIFIED_TTL + 1
     monkeypatch.setattr(auth.time, "monotonic", lambda: later)
     assert client.get("/v1/peers", headers=h).status_code == 401
     # A revoked token never seen before is refused at once.
-    tok2 = make_token(db_path, "admin")
-    assert tokens.revoke(regdb.connect(db_path), tok2.split("_")[1])
+    tok2 = make_token(db, "admin")
+    assert tokens.revoke(store, tok2.split("_")[1])
     assert client.get("/v1/peers", headers={"Authorization": f"Bearer {tok2}"}).status_code == 401
 
 
-def test_token_with_right_id_wrong_secret(client, db_path, app):
-    tok = make_token(db_path, "admin")
+def test_token_with_right_id_wrong_secret(client, db, app):
+    tok = make_token(db, "admin")
     forged = tok[:-4] + ("AAAA" if not tok.endswith("AAAA") else "BBBB")
     assert client.get("/v1/peers", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
 
@@ -237,11 +237,11 @@ def test_gateway_token_cannot_write_or_list(client, admin, gateway, tenant):
     assert client.get(f"/v1/peers/{q(key)}", headers=admin).json["revoked"] is False
 
 
-def test_tenant_limited_admin(client, admin, db_path, tenant):
+def test_tenant_limited_admin(client, admin, db, tenant):
     client.post("/v1/tenants", json={"name": "other"}, headers=admin)
     mine, _ = add_peer(client, admin, "acme", ["198.18.0.2/32"])
     theirs, _ = add_peer(client, admin, "other", ["198.18.0.3/32"])
-    lim = {"Authorization": f"Bearer {make_token(db_path, 'admin', 'acme')}"}
+    lim = {"Authorization": f"Bearer {make_token(db, 'admin', 'acme')}"}
     assert [p["public_key"] for p in client.get("/v1/peers", headers=lim).json["peers"]] == [mine]
     assert [t["name"] for t in client.get("/v1/tenants", headers=lim).json["tenants"]] == ["acme"]
     assert client.get(f"/v1/peers/{q(theirs)}", headers=lim).status_code == 404
@@ -316,40 +316,58 @@ def test_healthz_openapi_metrics(app, client, admin, tenant):
     assert 'wgjit_registry_requests_total{method="POST",route="/v1/peers",status="201"}' in text
 
 
-def test_migration_from_v1_keeps_data(tmp_path):
-    from appliance.keys import generate_keypair
+def test_migration_from_v1_keeps_data(db, engine):
+    from appliance.registry import cidr
 
-    path = tmp_path / "old.db"
-    conn = regdb.connect(path)
-    assert regdb.migrate(conn, target=1) == 1
-    conn.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', 'x')")
-    key = generate_keypair()[1]
-    conn.execute("INSERT INTO peers (public_key, tenant_id, created_at, updated_at)"
-                 " VALUES (?, 1, 'x', 'x')", (key,))
-    conn.execute("INSERT INTO allowed_ips (peer_id, tenant_id, position, cidr, family, lo, hi)"
-                 " VALUES (1, 1, 0, '198.18.0.1/32', 4, x'c6120001', x'c6120001')")
-    assert regdb.migrate(conn) == regdb.SCHEMA_VERSION
-    assert conn.execute("SELECT public_key FROM peers").fetchone()[0] == key
-    # v3 rebuilt allowed_ips without its rowid; the rows and the range index came along.
-    assert [r[0] for r in conn.execute("SELECT cidr FROM allowed_ips")] == ["198.18.0.1/32"]
-    with pytest.raises(sqlite3.OperationalError):
-        conn.execute("SELECT rowid FROM allowed_ips")
-    plan = " ".join(r[-1] for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT hi FROM allowed_ips WHERE tenant_id = 1 AND family = 4"
-        " ORDER BY lo DESC LIMIT 1"))
-    assert "allowed_ips_range" in plan
-    conn.execute("DELETE FROM peers")  # the cascade survived the rebuild too
-    assert conn.execute("SELECT count(*) FROM allowed_ips").fetchone()[0] == 0
-    assert len(regdb.feed_id(conn)) == 16
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert regdb.migrate(conn) == regdb.SCHEMA_VERSION  # idempotent
+    store = open_store(db)
+    assert store.migrate(target=1) == 1
+    store.create_tenant("acme")
+    key = new_key()
+    store.create_peer("acme", key, [cidr.parse("198.18.0.1/32")], None, None)
+    latest = store.migrate()
+    assert latest == store.schema_version() >= 3
+    assert store.get_peer(key)["allowed_ips"] == ["198.18.0.1/32"]
+    assert len(store.feed_id()) == 16
+    assert store.find_overlap(store.tenant_id("acme"), cidr.parse("198.18.0.0/24"))
+    assert store.migrate() == latest  # idempotent
+    if engine == "sqlite":
+        conn = store.conn()
+        # v3 rebuilt allowed_ips without its rowid; the rows and the range index came along.
+        with pytest.raises(sqlite3.OperationalError):
+            conn.execute("SELECT rowid FROM allowed_ips")
+        plan = " ".join(r[-1] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT hi FROM allowed_ips WHERE tenant_id = 1 AND family = 4"
+            " ORDER BY lo DESC LIMIT 1"))
+        assert "allowed_ips_range" in plan
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    else:
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            conn.execute("SET enable_seqscan = off")  # a tiny table would be scanned anyway
+            plan = " ".join(r[0] for r in conn.execute(
+                "EXPLAIN SELECT cidr FROM allowed_ips WHERE net && '198.18.0.0/24'::cidr"
+                " AND tenant_id = 1 LIMIT 1"))
+        assert "allowed_ips_net" in plan  # the GiST (inet_ops) index answers overlaps
+    store.delete_peer(key)  # the cascade survived the migrations
+    assert store.find_overlap(store.tenant_id("acme"), cidr.parse("198.18.0.0/24")) is None
+    store.close()
 
 
-def test_newer_schema_is_refused(tmp_path):
-    conn = regdb.connect(tmp_path / "new.db")
-    conn.execute(f"PRAGMA user_version = {regdb.SCHEMA_VERSION + 1}")
+def test_newer_schema_is_refused(db, engine):
+    store = open_store(db)
+    store.migrate()
+    newer = store.schema_version() + 1
+    if engine == "sqlite":
+        store.conn().execute(f"PRAGMA user_version = {newer}")
+    else:
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("UPDATE wgjit_schema SET version = %s", (newer,))
     with pytest.raises(RuntimeError, match="newer"):
-        regdb.migrate(conn)
+        store.migrate()
+    store.close()
 
 
 def test_fast_path_answers_exactly_like_the_blueprint(app, client, admin, gateway, tenant):

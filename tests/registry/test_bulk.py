@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.registry import cidr, db, model
+from appliance.registry import cidr
+from appliance.registry.store import Conflict, NewPeer
 from tests.registry.conftest import new_key
 
 
@@ -12,93 +13,94 @@ def net(text: str) -> cidr.Net:
     return cidr.parse(text)
 
 
-def peer(*nets: str) -> model.NewPeer:
-    return model.NewPeer(new_key(), [net(n) for n in nets])
+def peer(*nets: str) -> NewPeer:
+    return NewPeer(new_key(), [net(n) for n in nets])
 
 
 @pytest.fixture
-def conn(tmp_path):
-    c = db.connect(tmp_path / "r.db")
-    db.migrate(c)
-    model.create_tenant(c, "t")
-    yield c
-    c.close()
+def conn(store):
+    store.create_tenant("t")
+    return store
+
+
+def count(conn) -> int:
+    return conn.stats()["active"]
 
 
 def test_bulk_import_is_like_the_api(conn):
     rows = [peer(f"198.18.0.{i}/32", f"fd00::{i}/128") for i in range(1, 201)]
-    assert model.bulk_create_peers(conn, "t", rows, batch=64) == 200
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 200
-    assert conn.execute("SELECT count(*) FROM changes WHERE op = 'create'").fetchone()[0] == 200
-    stored = model.get_peer(conn, rows[7].public_key)
+    assert conn.bulk_create_peers("t", rows, batch=64) == 200
+    assert count(conn) == 200
+    assert [c["op"] for c in conn.changes(0, 1000)["changes"]] == ["create"] * 200
+    stored = conn.get_peer(rows[7].public_key)
     assert stored["allowed_ips"] == ["198.18.0.8/32", "fd00::8/128"]
     # The API's overlap check sees what the import stored.
-    assert model.find_overlap(conn, 1, net("198.18.0.0/24")) is not None
+    assert conn.find_overlap(conn.tenant_id("t"), net("198.18.0.0/24")) is not None
 
 
 @pytest.mark.parametrize("clash", ["198.18.0.5/32", "198.18.0.0/29", "198.18.1.128/25",
                                    "198.18.0.0/16"])
 def test_overlap_with_stored_ranges_is_refused(conn, clash):
-    model.bulk_create_peers(conn, "t", [peer("198.18.0.4/30"),
+    conn.bulk_create_peers("t", [peer("198.18.0.4/30"),
                                         peer("198.18.1.0/24")])
-    with pytest.raises(model.Conflict):
-        model.bulk_create_peers(conn, "t", [peer(clash)])
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 2
+    with pytest.raises(Conflict):
+        conn.bulk_create_peers("t", [peer(clash)])
+    assert count(conn) == 2
 
 
 def test_overlap_inside_one_import_is_refused_and_nothing_is_written(conn):
     rows = [peer("198.18.2.0/24"), peer("198.18.2.9/32")]
-    with pytest.raises(model.Conflict):
-        model.bulk_create_peers(conn, "t", rows)
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 0
+    with pytest.raises(Conflict):
+        conn.bulk_create_peers("t", rows)
+    assert count(conn) == 0
 
 
 def test_ranges_past_the_top_and_in_gaps_are_accepted(conn):
-    model.bulk_create_peers(conn, "t", [peer("198.18.0.4/30"),
+    conn.bulk_create_peers("t", [peer("198.18.0.4/30"),
                                         peer("198.18.1.0/24")])
-    model.bulk_create_peers(conn, "t", [peer("198.18.0.8/29"),
+    conn.bulk_create_peers("t", [peer("198.18.0.8/29"),
                                         peer("198.18.2.0/24")])
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 4
+    assert count(conn) == 4
 
 
 def test_one_transaction_is_all_or_nothing(conn):
     # The clash sits in the third chunk: the two before it must not stay.
     rows = [peer(f"198.18.0.{i}/32") for i in range(1, 120)] + [peer("198.18.0.0/24")]
     seen = []
-    with pytest.raises(model.Conflict):
-        model.bulk_create_peers(conn, "t", rows, batch=None, progress=seen.append)
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 0
-    assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 0
+    with pytest.raises(Conflict):
+        conn.bulk_create_peers("t", rows, batch=None, progress=seen.append)
+    assert count(conn) == 0
+    assert conn.stats()["changes"] == 0
     assert seen == []
 
 
 def test_batches_keep_what_was_committed(conn):
     rows = [peer(f"198.18.0.{i}/32") for i in range(1, 101)] + [peer("198.18.0.0/24")]
     seen = []
-    with pytest.raises(model.Conflict):
-        model.bulk_create_peers(conn, "t", rows, batch=50, progress=seen.append)
+    with pytest.raises(Conflict):
+        conn.bulk_create_peers("t", rows, batch=50, progress=seen.append)
     assert seen == [50, 100]
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 100
+    assert count(conn) == 100
 
 
 def test_duplicate_keys_are_named(conn):
     first = peer("198.18.0.1/32")
-    model.bulk_create_peers(conn, "t", [first])
-    again = model.NewPeer(first.public_key, [net("198.18.0.2/32")])
-    with pytest.raises(model.Conflict, match=first.public_key.replace("+", r"\+")) as e:
-        model.bulk_create_peers(conn, "t", [peer("198.18.0.3/32"), again])
+    conn.bulk_create_peers("t", [first])
+    again = NewPeer(first.public_key, [net("198.18.0.2/32")])
+    with pytest.raises(Conflict, match=first.public_key.replace("+", r"\+")) as e:
+        conn.bulk_create_peers("t", [peer("198.18.0.3/32"), again])
     assert e.value.error == "peer_exists" and "already exists" in e.value.message
     twice = peer("198.18.0.9/32")
-    with pytest.raises(model.Conflict, match="twice"):
-        model.bulk_create_peers(conn, "t", [twice, model.NewPeer(twice.public_key,
+    with pytest.raises(Conflict, match="twice"):
+        conn.bulk_create_peers("t", [twice, NewPeer(twice.public_key,
                                                                  [net("198.18.0.10/32")])])
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 1
+    assert count(conn) == 1
 
 
 def test_preshared_key_and_name_are_stored(conn):
     psk = new_key()
-    row = model.NewPeer(new_key(), [net("198.18.0.1/32")], "laptop", psk)
-    model.bulk_create_peers(conn, "t", [row])
-    stored = model.get_peer(conn, row.public_key)
+    row = NewPeer(new_key(), [net("198.18.0.1/32")], "laptop", psk)
+    conn.bulk_create_peers("t", [row])
+    stored = conn.get_peer(row.public_key)
     assert stored["name"] == "laptop" and stored["has_preshared_key"] is True
-    assert conn.execute("SELECT preshared_key FROM peers").fetchone()[0] == psk
+    assert conn.gateway_lookup(row.public_key, None)["preshared_key"] == psk

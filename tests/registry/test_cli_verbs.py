@@ -14,8 +14,9 @@ import time
 import pytest
 
 from appliance.keys import generate_keypair
-from appliance.registry import db as regdb
 from appliance.registry.client import RegistryClient, RegistryError
+from appliance.registry.store import open_store
+from appliance.registry.store.sqlite import SCHEMA_VERSION
 from tests.conftest import WGJIT
 
 pytestmark = pytest.mark.slow
@@ -31,23 +32,23 @@ def wgjit(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def test_registry_migrate_upgrades_an_old_database_and_keeps_its_rows(tmp_path) -> None:
     path = tmp_path / "old.db"
-    conn = regdb.connect(path)
-    assert regdb.migrate(conn, target=1) == 1  # the first schema wgjit ever wrote
-    conn.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', '2026-01-01')")
-    conn.commit()
-    conn.close()
+    store = open_store(str(path))
+    assert store.migrate(target=1) == 1  # the first schema wgjit ever wrote
+    store.close()
+    with sqlite3.connect(path) as c:
+        c.execute("INSERT INTO tenants (name, created_at) VALUES ('acme', '2026-01-01')")
 
     out = wgjit("registry", "migrate", "--db", str(path)).stdout
-    assert out.strip() == f"schema version {regdb.SCHEMA_VERSION}"
+    assert out.strip() == f"schema version {SCHEMA_VERSION}"
     with sqlite3.connect(path) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == regdb.SCHEMA_VERSION
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert c.execute("SELECT name FROM tenants").fetchall() == [("acme",)]
     # Again: nothing to do, same answer.
     assert wgjit("registry", "migrate", "--db", str(path)).stdout == out
 
     # A database from a newer wgjit: refused with a message, not a traceback.
     with sqlite3.connect(path) as c:
-        c.execute(f"PRAGMA user_version = {regdb.SCHEMA_VERSION + 1}")
+        c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     newer = wgjit("registry", "migrate", "--db", str(path), check=False)
     assert newer.returncode == 1
     assert "newer than this wgjit" in newer.stderr

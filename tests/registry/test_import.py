@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 
 import pytest
 
-from appliance.registry import db, importer, model
+from appliance.registry import importer
 from appliance.registry.client import RegistryClient, RegistryError
+from appliance.registry.store import open_store
 from tests.conftest import WGJIT, make_token
 from tests.registry.conftest import new_key
 
@@ -54,12 +56,12 @@ def wgjit(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_import_then_serve(registry_server, tmp_path):
-    dbfile = tmp_path / "registry.db"
-    db.init_db(dbfile)
-    conn = db.connect(dbfile)
-    model.create_tenant(conn, "acme")
-    conn.close()
+def test_import_then_serve(registry_server, db, tmp_path):
+    dbfile = db
+    store = open_store(db)
+    store.migrate()
+    store.create_tenant("acme")
+    store.close()
     keys = [new_key() for _ in range(500)]
     psk = new_key()
     src = tmp_path / "peers.jsonl"
@@ -86,7 +88,9 @@ def test_import_then_serve(registry_server, tmp_path):
     bad.write_text("\n".join([line(new_key(), f"198.18.9.{i}/32") for i in range(1, 40)]
                              + [line(new_key(), "198.18.0.0/30")]) + "\n")
     r = wgjit("registry", "import", "--db", str(dbfile), "--tenant", "acme", str(bad))
-    assert r.returncode == 1 and "198.18.0.0/30 overlaps 198.18.0.3/32" in r.stderr, r.stderr
+    # Three stored addresses overlap it; an engine may name any of them.
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"198\.18\.0\.0/30 overlaps 198\.18\.0\.[123]/32", r.stderr), r.stderr
     r = wgjit("registry", "import", "--db", str(dbfile), "--tenant", "nope", str(bad))
     assert r.returncode == 1 and "no tenant 'nope'" in r.stderr
 
@@ -103,11 +107,11 @@ def test_import_then_serve(registry_server, tmp_path):
     assert sum(1 for _ in admin.iter_peers("acme")) == 500
 
 
-def test_batches_report_what_was_kept(tmp_path):
-    dbfile = tmp_path / "registry.db"
-    db.init_db(dbfile)
-    conn = db.connect(dbfile)
-    model.create_tenant(conn, "acme")
+def test_batches_report_what_was_kept(db, tmp_path):
+    dbfile = db
+    store = open_store(db)
+    store.migrate()
+    store.create_tenant("acme")
     src = tmp_path / "peers.jsonl"
     src.write_text("\n".join([line(new_key(), f"198.18.0.{i}/32") for i in range(1, 31)]
                              + ["{oops"]) + "\n")
@@ -115,5 +119,5 @@ def test_batches_report_what_was_kept(tmp_path):
               str(src))
     assert r.returncode == 1
     assert "line 31" in r.stderr and "30 peers were committed before it" in r.stderr
-    assert conn.execute("SELECT count(*) FROM peers").fetchone()[0] == 30
-    conn.close()
+    assert store.stats()["active"] == 30
+    store.close()

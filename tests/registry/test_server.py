@@ -1,10 +1,10 @@
-"""A real gunicorn-served registry on loopback, driven by the real CLI and by load."""
+"""A real gunicorn-served registry on loopback, driven by the real CLI and by load,
+on both engines."""
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import threading
 import time
@@ -15,6 +15,7 @@ import requests
 
 from appliance.keys import generate_keypair
 from appliance.registry.client import RegistryClient, RegistryError
+from appliance.registry.store import open_store
 from tests.conftest import WGJIT, make_token
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,9 @@ def wgjit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_against_gunicorn(registry_server, tmp_path):
-    db = tmp_path / "registry.db"
+def test_cli_against_gunicorn(registry_server, db, tmp_path):
     tokfile = tmp_path / "admin.token"
-    out = wgjit("token", "create", "--db", str(db), "--scope", "admin", "--output", str(tokfile))
+    out = wgjit("token", "create", "--db", db, "--scope", "admin", "--output", str(tokfile))
     assert "0600" in out.stdout and oct(tokfile.stat().st_mode & 0o777) == "0o600"
     srv = registry_server(db)
     common = ["--registry", srv.url, "--token-file", str(tokfile)]
@@ -78,8 +78,7 @@ def test_serve_config_errors_name_the_key(tmp_path):
     assert r.returncode == 2 and "WGJIT_WORKERS" in r.stderr
 
 
-def test_parallel_writers_lose_nothing(registry_server, tmp_path):
-    db = tmp_path / "registry.db"
+def test_parallel_writers_lose_nothing(registry_server, db):
     token = make_token(db, "admin")
     srv = registry_server(db, workers=3)
     RegistryClient(srv.url, token).create_tenant("load")
@@ -97,12 +96,13 @@ def test_parallel_writers_lose_nothing(registry_server, tmp_path):
 
     with ThreadPoolExecutor(writers) as pool:
         assert sum(pool.map(write, range(writers))) == writers * per_writer
-    conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT public_key, name FROM peers").fetchall()
+    store = open_store(db)
+    rows, _ = store.list_peers(0, 1000)
     assert len(rows) == writers * per_writer
-    assert {k for k, _ in rows} == {k for ks in keys for k in ks}
-    assert all(name is not None for _, name in rows)
-    cursors = [c for (c,) in conn.execute("SELECT cursor FROM changes ORDER BY cursor")]
+    assert {p["public_key"] for p in rows} == {k for ks in keys for k in ks}
+    assert all(p["name"] is not None for p in rows)
+    cursors = [c["cursor"] for c in store.changes(0, 1000)["changes"]]
+    store.close()
     assert len(cursors) == 2 * writers * per_writer
     assert cursors == list(range(cursors[0], cursors[0] + len(cursors)))  # no gaps
     # Through the API too: the feed read in pages has every change exactly once.
@@ -117,8 +117,7 @@ def test_parallel_writers_lose_nothing(registry_server, tmp_path):
     assert seen == cursors
 
 
-def test_kill9_mid_load_keeps_every_acknowledged_write(registry_server, tmp_path):
-    db = tmp_path / "registry.db"
+def test_kill9_mid_load_keeps_every_acknowledged_write(registry_server, db):
     token = make_token(db, "admin")
     srv = registry_server(db, workers=2)
     RegistryClient(srv.url, token).create_tenant("t")

@@ -7,16 +7,18 @@ import sys
 
 import pytest
 
-from appliance.registry import db, tokens
+from appliance.registry import tokens
+from appliance.registry.store import open_store
 
 WGJIT = [sys.executable, "-m", "appliance"]
 
 
 @pytest.fixture
 def conn(tmp_path):
-    path = tmp_path / "r.db"
-    db.init_db(str(path))
-    return db.connect(str(path))
+    store = open_store(tmp_path / "r.db")
+    store.migrate()
+    yield store
+    store.close()
 
 
 def test_imported_token_verifies_with_its_scope(conn):

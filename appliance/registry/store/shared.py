@@ -1,0 +1,49 @@
+"""What both engines' bulk paths and feed pages share (no SQL here)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from appliance.registry.store import Conflict, NewPeer
+
+
+def chunks(items: Iterable[NewPeer], size: int) -> Iterator[list[NewPeer]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def check_chunk_overlaps(ip_rows: list[tuple]) -> None:
+    """ip_rows are (peer_id, tenant_id, position, cidr, family, lo, hi)."""
+    ordered = sorted(ip_rows, key=lambda r: (r[4], r[5]))
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if a[4] == b[4] and b[5] <= a[6]:
+            raise Conflict("allowed_ip_overlap", f"{b[3]} overlaps {a[3]} in the same import")
+
+
+def duplicate(keys: list[str], stored_before: Callable[[str], bool]) -> Conflict:
+    """Which key broke the unique constraint: only looked for once one did."""
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return Conflict("peer_exists", f"{key}: appears twice in the import")
+        seen.add(key)
+    for key in keys:
+        if stored_before(key):
+            return Conflict("peer_exists", f"{key}: a peer with this key already exists")
+    return Conflict("peer_exists", "a peer in the import already exists")
+
+
+def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str) -> dict:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "changes": rows,
+        "cursor": rows[-1]["cursor"] if rows else since,
+        "latest": bounds[1] or 0,
+        "earliest": bounds[0] or 0,
+        "more": more,
+        "feed_id": feed_id,
+    }
