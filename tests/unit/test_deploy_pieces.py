@@ -50,13 +50,17 @@ def test_wheels_archive_is_byte_identical_for_identical_wheels(tmp_path):
 def test_gateway_unit_grants_only_net_admin_and_net_raw():
     unit = _render("wgjit-gateway.service.j2", service_user="wgjit-gateway",
                    release="/opt/wgjit/releases/r1", config=paths.GATEWAY_CONFIG,
-                   state_dir_name="wgjit-gateway")
+                   state_dir_name="wgjit-gateway", memory_max="512M")
     lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line
                  and not line.startswith("#"))
     assert lines["User"] == "wgjit-gateway"
     assert lines["AmbientCapabilities"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert lines["CapabilityBoundingSet"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert lines["ExecStart"].startswith("/opt/wgjit/releases/r1/bin/wgjit gateway run")
+    # The hardening systemd-analyze scores (tests/vm/test_deploy.py checks it live).
+    assert lines["UMask"] == "0077" and lines["MemoryMax"] == "512M"
+    assert set(lines["RestrictAddressFamilies"].split()) == {
+        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
 
 
 def test_interface_unit_and_gateway_config_render():
