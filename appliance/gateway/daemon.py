@@ -406,7 +406,8 @@ class Gateway:
     def _on_replay(self, key: str, d: Datagram, timestamp: bytes) -> None:
         self.metrics.drops.labels("replay").inc()
         installed = self.installer.get(key)
-        if installed is not None and installed.endpoint not in (None, d.endpoint):
+        if installed is not None and not installed.first_seen_by_data_plane and \
+                installed.endpoint not in (None, d.endpoint):
             outcome = self.repair.request(key, d.endpoint, installed.endpoint, timestamp)
             self.metrics.endpoint_repairs.labels(outcome).inc()
         # A replay flood must not become a log flood: REPLAY_LOG_RATE lines a

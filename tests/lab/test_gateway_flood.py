@@ -1,9 +1,14 @@
 """Under attack the gateway still lets real clients in (issue 13).
 
 One lab: two jit gateways with the real registry, wireguard-go everywhere.
-g1 runs with the default defences (cookies under load); g2 with `--cookies
-always`, so every initiation must carry a valid mac2: the cookie path with a
-stock wireguard-go client, without having to saturate a shared machine.
+g1 runs with the default defences (cookies under load) and installs by role
+inversion (`--install-mode invert`): there the data plane never saw the
+initiation that brought a peer in, so a replay of it steals the endpoint and
+the daemon must repair it (with re-injection the data plane refuses replays
+itself, tests/lab/test_reinject.py). g2 runs the default install mode with
+`--cookies always`, so every initiation must carry a valid mac2: the cookie
+path with a stock wireguard-go client, without having to saturate a shared
+machine.
 
     c1  registered: connects just in time while c3 floods random keys
     c2  registered: its initiation is captured and replayed by c3, 2,000 times
@@ -44,7 +49,7 @@ pytestmark = [pytest.mark.lab]
 LAB_SPEC = {"gateways": ["jit", "jit"], "clients": 6,
             "client_gateways": ["g1", "g1", "g1", "g2", "g1", "g1"], "endpoint_family": "4",
             "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes",
-            "daemon_args": {"g2": ["--cookies", "always"]}}
+            "daemon_args": {"g1": ["--install-mode", "invert"], "g2": ["--cookies", "always"]}}
 REKEY_TIMEOUT = 5.0
 
 
