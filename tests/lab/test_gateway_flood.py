@@ -16,6 +16,7 @@ machine.
     c4  registered, on g2: gets a cookie reply, retries with mac2, connects
     c5  registered: connects while the replay flood runs
     c6  registered: connects while c3 floods random keys from 250 forged addresses
+    c7  re-keyed to a key registered after g1 loaded its known-key filter
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from appliance.gateway.daemon import FEED_CATCH_UP_EVERY
 from appliance.gateway.handshake import OFFSET_MAC2
 from appliance.gateway.sourcelimit import PACKETS_BURSTABLE, PACKETS_PER_SECOND
-from appliance.keys import decode_key, generate_private_key
+from appliance.keys import decode_key, generate_keypair, generate_private_key
+from appliance.secrets import write_secret
 from lab import gateway as lab_gateway
+from lab.netns import wg
 from lab.topology import Lab
 from tests.initiations import build_initiation
 from tests.lab.gateway_e2e import (
@@ -46,10 +51,13 @@ from tests.lab.gateway_e2e import (
 
 pytestmark = [pytest.mark.lab]
 
-LAB_SPEC = {"gateways": ["jit", "jit"], "clients": 6,
-            "client_gateways": ["g1", "g1", "g1", "g2", "g1", "g1"], "endpoint_family": "4",
+LAB_SPEC = {"gateways": ["jit", "jit"], "clients": 7,
+            "client_gateways": ["g1", "g1", "g1", "g2", "g1", "g1", "g1"], "endpoint_family": "4",
             "idle_timeout": 120, "evict_interval": 0.5, "registry": "yes",
-            "daemon_args": {"g1": ["--install-mode", "invert"], "g2": ["--cookies", "always"]}}
+            # A long feed period on g1: only the on-demand feed read can let in a
+            # key registered after the known-key filter was loaded (c7).
+            "daemon_args": {"g1": ["--install-mode", "invert", "--feed-interval", "60"],
+                            "g2": ["--cookies", "always"]}}
 REKEY_TIMEOUT = 5.0
 
 
@@ -298,3 +306,29 @@ def test_a_random_key_flood_from_many_forged_sources_does_not_keep_a_client_out(
     assert counters.drops("ratelimited") < sent[0] / 10  # each forged source is within limit
     assert counters.delta("wgjit_gateway_registry_calls_total") == 1  # c6's, none for the flood
     assert counters.delta("wgjit_gateway_installs_total") == 1
+
+
+def test_a_key_registered_after_the_filter_loaded_gets_in_just_in_time(lab: Lab) -> None:
+    """The filter does not know the new key yet; the change feed, read on demand
+    (g1 polls it only every 60 s here), adds it before the lookup."""
+    c = lab.client("c7")
+    wait_for(lambda: lab.metrics("g1").value("wgjit_gateway_known_keys") > 0, 40,
+             "the known-key filter loaded")
+    private, public = generate_keypair()
+    admin = lab.registry()
+    admin.delete_peer(c.public_key)  # its allowed IPs go to the new key
+    admin.create_peer(lab.state.registry.tenant, public, [c.tunnel4, c.tunnel6])
+    key_file = write_secret(Path(lab.state.dir) / "keys" / "c7-new.key", private)
+    wg(["set", c.ifname, "private-key", str(key_file)])
+    time.sleep(FEED_CATCH_UP_EVERY * 1.1)  # an earlier on-demand read cannot stand in
+    counters = Counters(lab, "g1")
+    try:
+        lab.connect("c7", fresh=True)
+        took = first_reply_after_start(lab, "c7")
+    finally:
+        wg(["set", c.ifname, "private-key", c.private_key_file])
+    assert took < JIT_CONNECT_LIMIT, f"c7: first reply after {took:.2f} s"
+    assert counters.delta("wgjit_gateway_cache_lookups_total", outcome="filtered") == 0
+    assert counters.delta("wgjit_gateway_registry_calls_total") == 1
+    assert counters.delta("wgjit_gateway_feed_polls_total") >= 1
+    assert public in installed(lab, "g1")
