@@ -317,7 +317,7 @@ def test_a_key_registered_after_the_filter_loaded_gets_in_just_in_time(lab: Lab)
     private, public = generate_keypair()
     admin = lab.registry()
     admin.delete_peer(c.public_key)  # its allowed IPs go to the new key
-    admin.create_peer(lab.state.registry.tenant, public, [c.tunnel4, c.tunnel6])
+    admin.add_peer(public_key=public, allowed_ips=[c.tunnel4, c.tunnel6], name="c7-new")
     key_file = write_secret(Path(lab.state.dir) / "keys" / "c7-new.key", private)
     wg(["set", c.ifname, "private-key", str(key_file)])
     time.sleep(FEED_CATCH_UP_EVERY * 1.1)  # an earlier on-demand read cannot stand in
