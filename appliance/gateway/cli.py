@@ -10,6 +10,7 @@ import sys
 
 from appliance import config
 from appliance.config import Option
+from appliance.gateway import load, sourcelimit
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ def _install_mode(value: str) -> str | None:
 
 def _port(value: int) -> str | None:
     return None if 0 < value < 65536 else "must be a port from 1 to 65535"
+
+
+def _cookie_mode(value: str) -> str | None:
+    return None if value in load.MODES else f"must be one of {', '.join(load.MODES)}"
 
 
 def _non_negative(value: float) -> str | None:
@@ -56,6 +61,11 @@ OPTIONS = [
     Option("workers", int, 8, check=config.positive),
     Option("trigger-keepalive", int, 25, check=_non_negative),
     Option("install-mode", default=DEFAULT_INSTALL_MODE, check=_install_mode),
+    Option("cookies", default="auto", check=_cookie_mode),
+    Option("source-rate", float, sourcelimit.PACKETS_PER_SECOND, check=_non_negative),
+    Option("source-burst", int, sourcelimit.PACKETS_BURSTABLE, check=config.positive),
+    Option("key-filter", default="on",
+           check=lambda v: None if v in ("on", "off") else "must be on or off"),
     Option("log-format", default="json",
            check=lambda v: None if v in ("json", "text") else "must be json or text"),
 ]
@@ -146,5 +156,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
            "captured initiation back to the data plane (the client stays the initiator; "
            "falls back to invert if unanswered); invert makes the gateway handshake "
            f"towards the client, one round trip slower ({DEFAULT_INSTALL_MODE})")
+    a("--cookies", metavar="auto|always|off",
+      help="answer initiations without a valid mac2 with a cookie reply: under load "
+           "(auto), always, or never (auto)")
+    a("--source-rate", type=float, metavar="PER_SECOND",
+      help="initiations verified per source address (IPv6: per /64) a second; 0: no "
+           f"limit ({sourcelimit.PACKETS_PER_SECOND:g})")
+    a("--source-burst", type=int, metavar="N",
+      help=f"burst of the per-source limit ({sourcelimit.PACKETS_BURSTABLE})")
+    a("--key-filter", metavar="on|off",
+      help="refuse keys the registry does not hold without asking it, from a filter "
+           "loaded from the registry at start and kept current by the change feed (on)")
     a("--log-format", metavar="json|text", help="event log format (json)")
     run.set_defaults(func=cmd_run)

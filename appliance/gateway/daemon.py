@@ -3,7 +3,9 @@
 Threads, and why:
 - capture: reads initiations off the packet sockets and verifies them. It never
   waits on the network or the device; work goes to the pool.
-- pool: registry lookups and installs (slow, may block on HTTP).
+- lookup workers: registry lookups and installs (slow, may block on HTTP),
+  taking work from the fair lookup queue (admission.py).
+- repair: puts back endpoints that replayed initiations stole (repair.py).
 - scheduler (APScheduler, one instance): eviction, change feed, ending trigger
   keepalives after handshakes, cache expiry.
 - http: /metrics and /healthz.
@@ -19,27 +21,41 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from appliance.gateway import events
+from appliance.gateway.admission import FairQueue, Work
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.capture import Capture, Datagram
+from appliance.gateway.cookie import CookieResponder
 from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
 from appliance.gateway.failover import PROBE_EVERY
 from appliance.gateway.feed import FeedFollower
+from appliance.gateway.gate import COOKIE, VERIFY, InitiationGate
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
+from appliance.gateway.keyfilter import KnownKeys, load_filter
+from appliance.gateway.load import LoadSignal
 from appliance.gateway.metrics import GatewayMetrics, serve_http
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE
-from appliance.gateway.pull import build_gateway_registry
+from appliance.gateway.pull import PeerNotFound, RegistryUnavailable, build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
+from appliance.gateway.rawsend import RawUdpSender
 from appliance.gateway.reinject import Reinjector
-from appliance.gateway.replay import ReplayGuard
+from appliance.gateway.repair import EndpointRepair
+from appliance.gateway.replay import ReplayGuard, ReplayStore
 from appliance.gateway.schedule import Jobs
+from appliance.gateway.served import ServedEndpoints
+from appliance.gateway.sourcelimit import (
+    PACKETS_BURSTABLE,
+    PACKETS_PER_SECOND,
+    SourceLimiter,
+    source_key,
+)
 from appliance.gateway.state import GatewayState
 from appliance.keys import decode_key, encode_key
 from appliance.secrets import read_secret
@@ -48,8 +64,16 @@ from appliance.wg import WgDevice, WgError, ensure_device
 log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
-MAX_PENDING = 1024  # lookups queued or running; beyond this initiations are dropped
-REPIN_DELAY = 0.2  # seconds for the data plane to act on a replay before we undo it
+# The known-key filter: retried this often until loaded, rebuilt this often after
+# (the feed adds new keys in between; a rebuild drops revoked ones).
+KNOWN_KEYS_RETRY = 30.0
+KNOWN_KEYS_RELOAD = 3600.0
+# A key the filter does not know makes a worker read the change feed at most
+# this often before refusing it: a peer created a moment ago gets in at once,
+# a flood of random keys costs one feed read a second and no peer lookups.
+FEED_CATCH_UP_EVERY = 1.0
+# Replay events logged at most this often (a token bucket); the rest are counted.
+REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 # The handshake check's period: at least this, at most that, and else this many
 # times what its device read costs (so it spends at most 1/factor of the time).
 HANDSHAKE_CHECK_MIN = 0.1
@@ -84,6 +108,25 @@ class GatewaySettings:
     workers: int = 8
     trigger_keepalive: int = TRIGGER_KEEPALIVE
     install_mode: str = DEFAULT_INSTALL_MODE
+    cookies: str = "auto"  # load.MODES
+    source_rate: float = PACKETS_PER_SECOND  # initiations per source a second; 0: no limit
+    source_burst: int = PACKETS_BURSTABLE
+    key_filter: str = "on"  # "off": look every key up, as before the filter
+
+
+def gate_settings(s: GatewaySettings) -> tuple:
+    return s.cookies, s.source_rate, s.source_burst
+
+
+def build_gate(s: GatewaySettings, responder: Responder,
+               served: Callable[[str], bool]) -> InitiationGate:
+    """The checks before any DH work, from the settings (gate.py)."""
+    limiters = None
+    if s.source_rate > 0:
+        limiters = (SourceLimiter(s.source_rate, s.source_burst),
+                    SourceLimiter(s.source_rate, s.source_burst))
+    return InitiationGate(responder, CookieResponder(responder.public_key),
+                          LoadSignal(s.cookies), limiters, served)
 
 
 def underlay_interfaces(exclude: str) -> list[str]:
@@ -109,13 +152,15 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.replay = ReplayGuard()
         self._stop = threading.Event()
-        # Keys being looked up or installed -> the latest verified initiation of
-        # each: a retry that arrives meanwhile replaces the one to re-inject (the
-        # client accepts a response to its latest initiation only).
-        self._pending: dict[str, Datagram] = {}
-        self._pending_lock = threading.Lock()
+        self.queue = FairQueue()
+        self.known = KnownKeys()
+        self._known_loaded_at = float("-inf")
+        self._feed_lock = threading.Lock()  # one feed read at a time (job or catch-up)
+        self._caught_up_at = float("-inf")
+        self.served = ServedEndpoints()
+        self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
+        self._replays_unlogged = 0
         # Whole-device reads, one at a time: each holds every peer in memory
         # (~40 MB at 50,000), and two at once would double the daemon's peak.
         self._device_read = threading.Lock()
@@ -149,6 +194,8 @@ class Gateway:
             raise WgError(f"{s.interface}: the device has no private key and none was given "
                           "(--private-key-file)")
         self.responder = Responder(decode_key(info.private_key))
+        self.sender = RawUdpSender()
+        self.gate = build_gate(s, self.responder, self._served_here)
         port = info.listen_port or s.listen_port
         underlay = s.capture_interfaces or underlay_interfaces(s.interface)
         if not underlay:
@@ -164,6 +211,9 @@ class Gateway:
         self.registry = build_gateway_registry(s.registries, token, self.metrics,
                                                timeout=s.registry_timeout)
         db_path = state_dir / "gateway.db"
+        self.replay_store = ReplayStore(db_path)
+        self.replay = ReplayGuard(store=self.replay_store)
+        self.repair = EndpointRepair(self.device.set_endpoint)
         self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
                                CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
         self.state = GatewayState(db_path)
@@ -171,9 +221,13 @@ class Gateway:
                                EvictionPolicy(s.idle_timeout, s.handshake_grace, s.max_peers),
                                self.metrics, on_evict=self._on_evict)
         self.feed = FeedFollower(self.registry, self.state, self.cache, self.installer,
-                                 self.metrics, self.evictor.removed_elsewhere)
+                                 self.metrics, self.evictor.removed_elsewhere,
+                                 known=self.known)
         self.feed.check_adopted(adopted)
-        self.pool = ThreadPoolExecutor(s.workers, thread_name_prefix="pull")
+        self._workers = [threading.Thread(target=self._lookup_worker, name=f"pull_{n}",
+                                          daemon=True) for n in range(s.workers)]
+        for w in self._workers:
+            w.start()
         self._start_scheduler()
         self._http = serve_http(s.metrics_listen, self.metrics, self.health)
         t = threading.Thread(target=self._capture_loop, name="capture", daemon=True)
@@ -189,7 +243,9 @@ class Gateway:
         self.jobs = Jobs(self.metrics.missed_jobs)
         self.scheduler = self.jobs.scheduler  # the daemon's one scheduler
         self.jobs.every("evict", s.evict_interval, self.evict_pass)
-        self.jobs.every("feed", s.feed_interval, self.feed.poll, now=True)
+        self.jobs.every("feed", s.feed_interval, self._poll_feed, now=True)
+        if s.key_filter == "on":
+            self.jobs.every("known_keys", KNOWN_KEYS_RETRY, self._load_known_keys, now=True)
         # Short period: a crossed handshake is broken only when this job sees it.
         # check_handshakes lengthens it when reading the device gets expensive.
         self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
@@ -204,8 +260,13 @@ class Gateway:
             t.join(timeout=5)
         if self.scheduler is not None:
             self.jobs.shutdown()
-        if hasattr(self, "pool"):
-            self.pool.shutdown(wait=True, cancel_futures=False)
+        self.queue.close()
+        for w in getattr(self, "_workers", ()):
+            w.join(timeout=10)
+        if hasattr(self, "repair"):
+            self.repair.close()
+        if hasattr(self, "sender"):
+            self.sender.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -213,7 +274,7 @@ class Gateway:
             self.capture.close()
         if self.reinjector is not None:
             self.reinjector.close()
-        for closable in ("cache", "state"):
+        for closable in ("cache", "state", "replay_store"):
             if hasattr(self, closable):
                 getattr(self, closable).close()
         if self.device is not None:
@@ -241,12 +302,16 @@ class Gateway:
             log.warning("reload: registry servers changed to %s; still using %s until a "
                         "restart", settings.registries, self.settings.registries)
             settings = dataclasses.replace(settings, registries=self.settings.registries)
-        self.settings = settings
+        old, self.settings = self.settings, settings
         self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                              settings.max_peers)
         self.cache.policy = CachePolicy(settings.positive_ttl, settings.negative_ttl,
                                         settings.stale_ttl)
         self.cache.bucket = TokenBucket(settings.rate, settings.burst)
+        if gate_settings(settings) != gate_settings(old):
+            # A new gate: fresh per-source buckets and cookie secret (outstanding
+            # cookies stop counting; their clients get new ones on their next try).
+            self.gate = build_gate(settings, self.responder, self._served_here)
         self.jobs.reschedule("evict", settings.evict_interval)
         self.jobs.reschedule("feed", settings.feed_interval)
         events.emit("config_reloaded", idle_timeout=settings.idle_timeout,
@@ -265,6 +330,8 @@ class Gateway:
                 continue
             for d in datagrams:
                 self.on_datagram(d)
+            self.gate.end_of_read(self.queue.unknown_fill())
+            self.metrics.under_load.set(self.gate.load.under_load)
             self._sync_capture_drops()
 
     def _sync_capture_drops(self) -> None:
@@ -273,12 +340,24 @@ class Gateway:
             if n:
                 self.metrics.drops.labels(reason).inc(n)
         self.capture.malformed.clear()
+        for reason, n in self.queue.take_dropped().items():
+            self.metrics.drops.labels(reason).inc(n)
+        self.metrics.lookup_queue.set(len(self.queue))
 
     def on_datagram(self, d: Datagram) -> None:
+        """One captured initiation: the cheap checks, then at most one DH pair and
+        a place in the lookup queue. Every early return counts a drop reason."""
         seen_at = time.time()
         self.metrics.initiations.inc()
+        packet = d.payload
+        verdict = self.gate.judge(packet, d.src_ip, d.src_port, d.endpoint)
+        if verdict.action != VERIFY:
+            if verdict.action == COOKIE:
+                self._send_cookie(d)
+            self.metrics.drops.labels(verdict.reason).inc()
+            return
         try:
-            init = self.responder.consume_initiation(d.payload)
+            init = self.responder.consume_initiation(packet)
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
@@ -286,35 +365,67 @@ class Gateway:
         # Judged for installed peers too: the data plane never saw the initiation
         # that brought a peer in (it had no such peer then), so it has no timestamp
         # to refuse a replay of it by, and accepts one, aiming the peer at the
-        # replayer. We put the endpoint back (_repin).
+        # replayer. We put the endpoint back (repair.py).
         if not self.replay.accept(init.initiator_static, init.timestamp):
-            self.metrics.drops.labels("replay").inc()
-            installed = self.installer.get(key)
-            events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
-                        endpoint=d.endpoint, installed=installed is not None)
-            if installed is not None and installed.endpoint not in (None, d.endpoint):
-                self.pool.submit(self._repin, key, d.endpoint, installed.endpoint)
+            self._on_replay(key, d, init.timestamp)
             return
         if (entry := self.installer.get(key)) is not None:
-            # Rekeys and retries of peers we already serve: the data plane has
-            # them. A fresh initiation is the client's own: remember where from.
+            # Rekeys and retries of peers we already serve, from a new address: the
+            # data plane has them. A fresh initiation is the client's own: remember
+            # where from.
             entry.endpoint = d.endpoint
+            self.served.note(key, d.endpoint)
             self.metrics.drops.labels("already_installed").inc()
             return
         self.metrics.verified.inc()
-        with self._pending_lock:
-            if key in self._pending:
-                self._pending[key] = d
-                self.metrics.drops.labels("pending").inc()
-                return
-            if len(self._pending) >= MAX_PENDING:
-                self.metrics.drops.labels("queue_full").inc()
-                return
-            self._pending[key] = d
+        known = self.known.knows(init.initiator_static)
+        if known is None:  # no filter yet: what the gateway itself has seen
+            known = self.replay.kept(init.initiator_static) or self.cache.knows(key)
+        # d goes along: only this verified, fresh initiation may be re-injected.
+        work = Work(key, d.endpoint, source_key(d.src_ip), known, seen_at, init.timestamp, d)
+        if self.queue.put(work) is not None:
+            return  # counted by the queue
         events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
         events.emit("identity_recovered", public_key=key, endpoint=d.endpoint)
-        # d goes along: only this verified, fresh initiation may be re-injected.
-        self.pool.submit(self._pull_and_install, key, d, seen_at)
+
+    def _served_here(self, endpoint: str) -> bool:
+        key = self.served.serving(endpoint)
+        return key is not None and key in self.installer
+
+    def _send_cookie(self, d: Datagram) -> None:
+        """Answer an initiation without a valid mac2 with a cookie reply (gate.py says when)."""
+        reply = self.gate.cookies.reply(d.payload, d.src_ip, d.src_port)
+        try:
+            self.sender.send(d.dst_ip, d.dst_port, d.src_ip, d.src_port, reply)
+        except OSError as e:  # a full send buffer under a flood: that reply is lost
+            self.metrics.drops.labels("cookie_send_failed").inc()
+            log.debug("cookie reply to %s: %s", d.endpoint, e)
+            return
+        self.metrics.cookie_replies.inc()
+
+    def _on_replay(self, key: str, d: Datagram, timestamp: bytes) -> None:
+        self.metrics.drops.labels("replay").inc()
+        installed = self.installer.get(key)
+        if installed is not None and not installed.first_seen_by_data_plane and \
+                installed.endpoint not in (None, d.endpoint):
+            outcome = self.repair.request(key, d.endpoint, installed.endpoint, timestamp)
+            self.metrics.endpoint_repairs.labels(outcome).inc()
+        # A replay flood must not become a log flood: REPLAY_LOG_RATE lines a
+        # second, each saying how many went unlogged before it.
+        if not self._replay_log.try_acquire():
+            self._replays_unlogged += 1
+            return
+        events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
+                    endpoint=d.endpoint, installed=installed is not None,
+                    unlogged=self._replays_unlogged)
+        self._replays_unlogged = 0
+
+    def _lookup_worker(self) -> None:
+        while (work := self.queue.get()) is not None:
+            try:
+                self._pull_and_install(work)
+            finally:
+                self.queue.done(work.key)
 
     def _fetch(self, key: str):
         try:
@@ -322,8 +433,6 @@ class Gateway:
             self.registry_ok = True
             return peer
         except Exception as e:
-            from appliance.gateway.pull import PeerNotFound
-
             if not isinstance(e, PeerNotFound):
                 self.registry_ok = False
                 self.metrics.registry_errors.inc()
@@ -331,9 +440,13 @@ class Gateway:
         finally:
             self.metrics.registry_calls.inc()
 
-    def _pull_and_install(self, key: str, d: Datagram, seen_at: float) -> None:
-        endpoint = d.endpoint
+    def _pull_and_install(self, work: Work) -> None:
+        key, endpoint, seen_at = work.key, work.endpoint, work.seen_at
         reinject = self.reinjector is not None
+        if not work.known and not self._filter_admits(key):
+            self.metrics.lookups.labels("filtered").inc()
+            events.emit("peer_unknown", public_key=key, reason="filtered")
+            return
         try:
             lookup = self.cache.lookup(key)
             self.metrics.lookups.labels(lookup.outcome.value).inc()
@@ -342,9 +455,9 @@ class Gateway:
                 return
             events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
                         ms=round(1000 * (time.time() - seen_at), 2))
-            with self._pending_lock:  # the client's latest initiation (a slow pull)
-                d = self._pending.get(key, d)
-                endpoint = d.endpoint
+            # The client's latest initiation, should it have retried during a slow pull.
+            work = self.queue.latest(key) or work
+            d, endpoint = work.datagram, work.endpoint
             try:
                 installed = self.installer.install(lookup.peer, endpoint, reinject=reinject)
             except WgError as e:
@@ -359,6 +472,9 @@ class Gateway:
                     self.evictor.removed_elsewhere(key, "revoked")
                 return
             if installed:
+                self.served.note(key, endpoint)
+                self.replay.keep(decode_key(key), work.timestamp)
+                self.repair.forget(key)  # a new peer on the device: a new history
                 elapsed = time.time() - seen_at
                 self.metrics.installs.inc()
                 self.metrics.install_latency.observe(elapsed)
@@ -373,9 +489,26 @@ class Gateway:
                     self._reinject(key, d, seen_at)
         except Exception:
             log.exception("pull/install of %s failed", key)
-        finally:
-            with self._pending_lock:
-                self._pending.pop(key, None)
+
+    def _filter_admits(self, key: str) -> bool:
+        """May a key the filter did not know be looked up? Yes if there is no filter,
+        or if the change feed, read now (at most every FEED_CATCH_UP_EVERY), adds it.
+
+        Workers never wait for another's feed read: under a flood of unknown keys
+        they would all queue behind it while the unknown lane filled up (and that
+        lane filling is a load signal). One that finds a read going on refuses.
+        """
+        raw = decode_key(key)
+        if self.known.knows(raw) is not False:
+            return True
+        if time.monotonic() - self._caught_up_at >= FEED_CATCH_UP_EVERY and \
+                self._feed_lock.acquire(blocking=False):
+            try:
+                self._caught_up_at = time.monotonic()
+                self.feed.poll()
+            finally:
+                self._feed_lock.release()
+        return self.known.knows(raw) is not False
 
     def _reinject(self, key: str, d: Datagram, seen_at: float) -> None:
         assert self.reinjector is not None
@@ -393,6 +526,30 @@ class Gateway:
                     ms=round(1000 * (time.time() - seen_at), 2))
 
     # -- housekeeping -------------------------------------------------------------
+
+    def _poll_feed(self) -> None:
+        with self._feed_lock:
+            self.feed.poll()
+
+    def _load_known_keys(self) -> None:
+        if time.monotonic() - self._known_loaded_at < KNOWN_KEYS_RELOAD:
+            return
+        try:
+            load_filter(self.known, self.registry.keys, self.registry.changes)
+        except PeerNotFound:
+            log.warning("the registry has no /v1/gateway/keys: no known-key filter; "
+                        "every key is looked up")
+            self._known_loaded_at = time.monotonic()  # ask again at the next reload
+            return
+        except RegistryUnavailable as e:
+            log.warning("known-key filter not loaded (registry unavailable: %s); retrying "
+                        "in %.0f s", e, KNOWN_KEYS_RETRY)
+            return
+        self._known_loaded_at = time.monotonic()
+        self.metrics.known_keys.set(len(self.known))
+        events.emit("known_keys_loaded", keys=len(self.known),
+                    bytes=self.known.memory_bytes(), cursor=self.known.cursor)
+
 
     def evict_pass(self) -> dict:
         try:
@@ -468,28 +625,12 @@ class Gateway:
         if abs(period - current) > 0.25 * current:
             self.jobs.reschedule("handshakes", round(period, 2))
 
-    def _repin(self, key: str, replayer: str, good: str) -> None:
-        """Undo the endpoint a replayed initiation gave an installed peer.
-
-        Waits for the data plane to have handled the replay, then, only if the
-        peer now points at the replayer, points it back at the last endpoint
-        the client itself used. Should the client have roamed by data packets
-        meanwhile, its next packet moves the endpoint again (WireGuard roaming).
-        """
-        time.sleep(REPIN_DELAY)
-        try:
-            current = next((p for p in self.device.peers() if p.public_key == key), None)
-            if current is not None and str(current.endpoint) == replayer:
-                self.device.set_endpoint(key, good)
-                events.emit("endpoint_restored", level=logging.WARNING, public_key=key,
-                            endpoint=good, replayer=replayer)
-        except WgError as e:
-            log.error("restoring the endpoint of %s failed: %s", key, e)
-
     def _on_evict(self, key: str, reason: str) -> None:
-        # The replay guard keeps the key's last timestamp (bounded LRU): a
-        # returning client's clock-based timestamp is newer anyway, while a
-        # recorded old initiation must not reinstall the peer after eviction.
+        # The replay guard keeps the key's last timestamp (on disk, for keys that
+        # were installed): a returning client's clock-based timestamp is newer
+        # anyway, while a recorded old initiation must not reinstall the peer.
+        self.served.drop(key)
+        self.repair.forget(key)
         self.metrics.installed.set(len(self.installer))
 
     def health(self) -> tuple[bool, dict]:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from appliance.gateway import events
 from appliance.gateway.cache import PeerCache
 from appliance.gateway.install import Installer
+from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.pull import GatewayRegistry, PeerNotFound, RegistryUnavailable
 from appliance.gateway.state import GatewayState
@@ -33,13 +34,15 @@ REMEMBER_REMOVED = 600.0  # seconds; far longer than any pull can be in flight
 
 class FeedFollower:
     def __init__(self, registry: GatewayRegistry, state: GatewayState, cache: PeerCache,
-                 installer: Installer, metrics: GatewayMetrics, on_removed) -> None:
+                 installer: Installer, metrics: GatewayMetrics, on_removed,
+                 known: KnownKeys | None = None) -> None:
         self.registry = registry
         self.state = state
         self.cache = cache
         self.installer = installer
         self.metrics = metrics
         self.on_removed = on_removed  # (key, reason): eviction bookkeeping
+        self.known = known  # the known-key filter, kept current here
         self.healthy = False
         # Peers found on the device at start: checked against the registry once
         # even when the cursor is fine, since the feed cannot speak for peers
@@ -129,6 +132,8 @@ class FeedFollower:
                 self.on_removed(key, "revoked" if op == "revoke" else "deleted")
             return
         if op in ("create", "restore"):
+            if self.known is not None:
+                self.known.add(key)
             self._removed.pop(key, None)
             self.cache.invalidate(key)
             return

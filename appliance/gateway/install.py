@@ -59,6 +59,9 @@ class Installed:
     retriggers: int = 0
     trigger_keepalive: bool = True  # role inversion: a keepalive to clear after the handshake
     reinjected: bool = False  # its initiation was re-injected and not yet answered
+    # The data plane was handed the initiation that brought the peer in, so it
+    # knows that timestamp and refuses replays of it (repair.py need not act).
+    first_seen_by_data_plane: bool = False
 
 
 class Installer:
@@ -128,7 +131,7 @@ class Installer:
             entry = Installed(peer.public_key, time.time(), endpoint, tenant=peer.tenant,
                               allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
                               trigger_pending=invert or reinject, trigger_keepalive=invert,
-                              reinjected=reinject)
+                              reinjected=reinject, first_seen_by_data_plane=reinject)
             self._put(entry)
             self._peers[peer.public_key] = entry
         return True
@@ -184,7 +187,8 @@ class Installer:
             entry = self._peers.get(public_key)
             if entry is None or not entry.reinjected:
                 return False
-            entry.reinjected = False
+            # Unanswered or never sent: the data plane may not have taken it.
+            entry.reinjected = entry.first_seen_by_data_plane = False
             if not self.role_inversion or entry.endpoint is None:
                 return False
             entry.trigger_keepalive = True

@@ -95,6 +95,24 @@ class GatewayMetrics:
                                    "Scheduled runs missed or skipped, by job", ["job"],
                                    registry=r)
 
+        self.cookie_replies = Counter(
+            "wgjit_gateway_cookie_replies_total",
+            "Cookie replies sent to initiations without a valid mac2 while under load",
+            registry=r)
+        self.under_load = Gauge("wgjit_gateway_under_load",
+                                "1 while only initiations with a valid mac2 are processed",
+                                registry=r)
+        self.lookup_queue = Gauge("wgjit_gateway_lookup_queue",
+                                  "Lookups waiting for a worker", registry=r)
+        self.known_keys = Gauge("wgjit_gateway_known_keys",
+                                "Keys in the known-key filter (0 until it is loaded)",
+                                registry=r)
+        self.endpoint_repairs = Counter(
+            "wgjit_gateway_endpoint_repairs_total",
+            "Endpoint repair requests after replays, by outcome (queued, folded, repeat, "
+            "refused)",
+            ["outcome"], registry=r)
+
         # Zero series from the start, so that a rate() sees the first eviction.
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason)

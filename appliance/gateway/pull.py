@@ -66,6 +66,10 @@ class GatewayRegistry:
     def peer(self, public_key: str) -> RegistryPeer:
         return RegistryPeer.from_json(self._call(RegistryClient.gateway_peer, public_key))
 
+    def keys(self, salt: bytes) -> dict:
+        """Salted digests of the active keys (keyfilter.py)."""
+        return self._call(RegistryClient.gateway_keys, salt)
+
     def changes(self, since: int, limit: int = 1000) -> dict:
         return self._call(RegistryClient.changes, since, limit)
 

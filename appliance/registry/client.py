@@ -102,5 +102,8 @@ class RegistryClient:
     def gateway_peer(self, key: str) -> dict:
         return self.request("GET", f"/v1/gateway/peers/{quote_key(key)}")
 
+    def gateway_keys(self, salt: bytes) -> dict:
+        return self.request("GET", "/v1/gateway/keys", params={"salt": salt.hex()})
+
     def changes(self, since: int = 0, limit: int = 1000) -> dict:
         return self.request("GET", "/v1/gateway/changes", params={"since": since, "limit": limit})

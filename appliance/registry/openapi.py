@@ -63,6 +63,15 @@ SCHEMAS: dict[str, Any] = {
                        "preshared_key": {"anyOf": [KEY, {"type": "null"}]},
                        "updated_at": {"type": "string"}},
     },
+    "KeyDigests": {
+        "type": "object",
+        "properties": {
+            "digest_size": {"type": "integer"}, "count": {"type": "integer"},
+            "cursor": {"type": "integer"}, "feed_id": {"type": "string"},
+            "digests": {"type": "string", "description": "sorted digests, concatenated, "
+                        "base64; each = BLAKE2s(raw key, key=salt, digest_size)"},
+        },
+    },
     "Changes": {
         "type": "object",
         "properties": {
@@ -175,6 +184,12 @@ def spec() -> dict:
                        params=[_q("since", {"type": "integer", "minimum": 0}, "last cursor seen"),
                                _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                                   "page size")]),
+        },
+        "/v1/gateway/keys": {
+            "get": _op("Salted digests of the active keys, for a gateway's known-key filter",
+                       {"200": _json("KeyDigests")}, "400 401 403",
+                       params=[_q("salt", {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                                  "16 secret bytes in hex, chosen by the gateway")]),
         },
     }
     return {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import coldstart, connect, herd
+from bench import coldstart, connect, flood, herd
 from lab.state import list_labs, load_state
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -74,3 +74,17 @@ def test_coldstart(tmp_path: Path) -> None:
     # What each model left in wireguard-go: JIT only the client that spoke, push everything.
     assert r["jit"]["device_peers"] == 1
     assert r["push"]["device_peers"] == 21
+
+
+def test_flood_defences_keep_the_flood_off_the_registry(tmp_path: Path) -> None:
+    doc = run(flood.main, ["--clients", "2", "--rates", "500", "--floods",
+                           "random, one source", "--spacing", "0.2"], tmp_path)
+    rows = {(r["flood"], r["defences"]): r for r in doc["results"]}
+    assert set(rows) == {(f, d) for f in ("none", "random, one source") for d in ("on", "off")}
+    for r in rows.values():
+        assert r["connects"]["ok"] == r["connects"]["n"] == 2
+    on, off = rows[("random, one source", "on")], rows[("random, one source", "off")]
+    assert on["sent"] > 0 and off["sent"] > 0
+    assert on["registry_calls_by_flood"] == 0  # the known-key filter
+    assert on["drops"].get("ratelimited", 0) > 0 and not off["drops"].get("ratelimited")
+    assert on["verified"] < off["verified"]  # the per-source limit spared the DH work

@@ -151,6 +151,14 @@ class Store(abc.ABC):
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
         """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id."""
 
+    @abc.abstractmethod
+    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+        """(the feed's latest cursor, every active peer's public key within `tenant_limit`).
+
+        The cursor is read first: a key created after it is in the feed from that
+        cursor on, whether or not the key list caught it too.
+        """
+
     # tokens (the hashing and format live in tokens.py)
 
     @abc.abstractmethod

@@ -530,6 +530,15 @@ class PostgresStore(Store):
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
                          feed["value"] if feed else "")
 
+    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+        sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
+        if tenant_limit is not None:
+            sql += " AND tenant_id = %s"
+            params.append(tenant_limit)
+        with self._read() as cur:
+            cursor = cur.execute("SELECT max(cursor) AS hi FROM changes").fetchone()["hi"] or 0
+            return cursor, [r["public_key"] for r in cur.execute(sql, params)]
+
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,

@@ -543,6 +543,15 @@ class SqliteStore(Store):
         bounds = conn.execute("SELECT min(cursor), max(cursor) FROM changes").fetchone()
         return feed_page([dict(r) for r in rows], since, limit, bounds, self.feed_id())
 
+    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+        conn = self.conn()
+        cursor = conn.execute("SELECT max(cursor) FROM changes").fetchone()[0] or 0
+        sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
+        if tenant_limit is not None:
+            sql += " AND tenant_id = ?"
+            params.append(tenant_limit)
+        return cursor, [k for (k,) in conn.execute(sql, params)]
+
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
