@@ -77,6 +77,7 @@ class VMLabState:
     ssh_key: str = ""
     admin_token_file: str = ""
     gateway_token_file: str = ""
+    db_password_file: str = ""
     disk_dir: str = ""
     image: str = ""
     kernel: str = ""
@@ -219,6 +220,7 @@ class VMLab:
         from appliance.registry import tokens
         st.admin_token_file = str(write_secret(d / "admin.token", tokens.generate()))
         st.gateway_token_file = str(write_secret(d / "gateway.token", tokens.generate()))
+        st.db_password_file = str(write_secret(d / "db.password", secrets.token_urlsafe(24)))
         disk_dir = vm_image.cache_dir() / "vms" / st.prefix
         shutil.rmtree(disk_dir, ignore_errors=True)
         disk_dir.mkdir(parents=True)
@@ -366,6 +368,7 @@ class VMLab:
         return {"WGJIT_VM_LAB": self.prefix,
                 "WGJIT_ADMIN_TOKEN_FILE": self.state.admin_token_file,
                 "WGJIT_GATEWAY_TOKEN_FILE": self.state.gateway_token_file,
+                "WGJIT_DB_PASSWORD_FILE": self.state.db_password_file,
                 "WGJIT_PUBKEY_DIR": str(Path(self.state.dir) / "pubkeys")}
 
     def pyinfra(self, args: list[str], *, env: dict[str, str] | None = None,
@@ -460,6 +463,9 @@ def main_status(prefix: str) -> str:
     return "\n".join(lines)
 
 
+POSTGRES_URL = "postgresql://wgjit@127.0.0.1:5432/wgjit"
+
+
 def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dict]]]:
     """pyinfra inventory groups for a running VM lab ($WGJIT_VM_LAB, or the only one).
 
@@ -495,6 +501,11 @@ def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dic
             # Quick eviction, so tests see it within minutes (see design.md on why
             # production keeps it above 180 s).
             data.update(idle_timeout=20, evict_interval=5)
+        if "registry" in v.roles:
+            # The registry's database in PostgreSQL on the same VM (the fleet engine;
+            # a registry host outside the postgres group keeps its SQLite file).
+            data["registry_db"] = POSTGRES_URL
+            groups.setdefault("postgres", []).append((v.name, data))
         for group in fleet.FleetHost(v.name, tuple(v.roles), v.address4).groups:
             groups.setdefault(group, []).append((v.name, data))
     return groups

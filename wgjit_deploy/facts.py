@@ -24,8 +24,13 @@ class WireGuardPublicKey(FactBase):
 class RegistryTokenIds(FactBase):
     """Ids of the active tokens in the registry database (none before it exists)."""
 
-    def command(self, wgjit: str, db: str, user: str) -> str:
+    def command(self, wgjit: str, db: str, user: str, password_file: str | None = None) -> str:
         w, d = shlex.quote(wgjit), shlex.quote(db)
+        if password_file:
+            # PostgreSQL: a database not created yet holds no token either.
+            return (f"if [ -x {w} ]; then runuser -u {shlex.quote(user)} -- {w} token list "
+                    f"--db {d} --db-password-file {shlex.quote(password_file)} --json "
+                    f"2>/dev/null || echo '[]'; else echo '[]'; fi")
         # As the service's user: sqlite may create its -wal/-shm files, which must
         # stay the service's.
         return (f"if [ -x {w} ] && [ -f {d} ]; then runuser -u {shlex.quote(user)} -- "
@@ -34,3 +39,21 @@ class RegistryTokenIds(FactBase):
     def process(self, output: list[str]) -> list[str]:
         rows = json.loads("\n".join(output) or "[]")
         return [r["id"] for r in rows if not r.get("revoked_at")]
+
+
+class PostgresLogin(FactBase):
+    """Whether `role` logs into `database` over loopback TCP with the password in `path`.
+
+    What the registry will do: when it works, the role, its password and the
+    database are all as the deploy wants them.
+    """
+
+    requires_command = "psql"
+
+    def command(self, role: str, database: str, path: str) -> str:
+        return (f"if [ -s {shlex.quote(path)} ]; then PGPASSWORD=\"$(cat {shlex.quote(path)})\" "
+                f"psql -X -h 127.0.0.1 -U {shlex.quote(role)} -d {shlex.quote(database)} "
+                f"-tAc 'SELECT 1' 2>/dev/null || true; fi")
+
+    def process(self, output: list[str]) -> bool:
+        return [line.strip() for line in output] == ["1"]

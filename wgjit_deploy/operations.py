@@ -17,7 +17,7 @@ from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, HiddenValue, StringCommand, operation
 from pyinfra.facts.files import File, FindDirectories, Sha1File
 
-from wgjit_deploy.facts import RegistryTokenIds, WireGuardPublicKey
+from wgjit_deploy.facts import PostgresLogin, RegistryTokenIds, WireGuardPublicKey
 from wgjit_deploy.secrets import reveal, token_id
 
 q = shlex.quote
@@ -101,18 +101,35 @@ def secret_file(path: str, value: str | HiddenValue, user: str, group: str,
 
 @operation()
 def registry_token(wgjit: str, db: str, user: str, scope: str, token: str | HiddenValue,
-                   token_name: str):
+                   token_name: str, password_file: str | None = None):
     """The registry database holds `token` (its hash) with `scope`; import it if not.
 
     The token travels in a 0600 file that only exists during the import.
+    password_file: the database password's file, for a PostgreSQL `db`.
     """
-    if token_id(token) in host.get_fact(RegistryTokenIds, wgjit=wgjit, db=db, user=user):
+    if token_id(token) in host.get_fact(RegistryTokenIds, wgjit=wgjit, db=db, user=user,
+                                        password_file=password_file):
         return
     tmp = f"/run/wgjit-import-{token_name}.token"
     yield StringCommand("install", "-m", "0600", "-o", user, "/dev/null", tmp)
     yield FileUploadCommand(StringIO(reveal(token).strip() + "\n"), tmp)
-    yield (f"runuser -u {q(user)} -- {q(wgjit)} token import --db {q(db)} --scope {q(scope)} "
-           f"--name {q(token_name)} --token-file {tmp}; rc=$?; rm -f {tmp}; exit $rc")
+    pw = f" --db-password-file {q(password_file)}" if password_file else ""
+    yield (f"runuser -u {q(user)} -- {q(wgjit)} token import --db {q(db)}{pw} "
+           f"--scope {q(scope)} --name {q(token_name)} --token-file {tmp}; rc=$?; "
+           f"rm -f {tmp}; exit $rc")
+
+
+@operation()
+def postgres_login(role: str, database: str, password_file: str, script: str):
+    """`role` logs into `database` with the password in `password_file`; else make it so.
+
+    The password is set by psql reading that file (`script`, run as the postgres
+    superuser), never passed on a command line where `ps` would show it.
+    """
+    if host.get_fact(PostgresLogin, role=role, database=database, path=password_file):
+        return
+    yield (f"runuser -u postgres -- psql -X -q -v role={q(role)} -v db={q(database)} "
+           f"-v pwfile={q(password_file)} < {q(script)}")
 
 
 @operation()

@@ -13,11 +13,15 @@ REGISTRY = ["sqlite3"]
 # The gateway creates a kernel WireGuard interface; `wg` sets its key and port.
 GATEWAY = ["wireguard-tools", "kmod"]
 CLIENT = ["wireguard-tools", "iputils-ping"]
+# Debian's PostgreSQL (15 on bookworm) for the registry's fleet engine.
+POSTGRES = ["postgresql"]
 
 
 def for_roles(*roles: str) -> list[str]:
-    """The union of the lists for these roles ("registry", "gateway", "client"), sorted."""
-    by_role = {"registry": REGISTRY, "gateway": GATEWAY, "client": CLIENT}
+    """The union of the lists for these roles ("registry", "gateway", "client",
+    "postgres"), sorted."""
+    by_role = {"registry": REGISTRY, "gateway": GATEWAY, "client": CLIENT,
+               "postgres": POSTGRES}
     wanted = set(COMMON)
     for role in roles:
         wanted.update(by_role[role])
@@ -25,4 +29,4 @@ def for_roles(*roles: str) -> list[str]:
 
 
 def all_roles() -> list[str]:
-    return for_roles("registry", "gateway", "client")
+    return for_roles("registry", "gateway", "client", "postgres")

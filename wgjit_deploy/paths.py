@@ -15,6 +15,7 @@ REGISTRY_USER = "wgjit-registry"
 REGISTRY_STATE = "/var/lib/wgjit-registry"
 REGISTRY_CONFIG = f"{CONFIG_DIR}/registry.toml"
 REGISTRY_DB = f"{REGISTRY_STATE}/registry.db"
+REGISTRY_DB_PASSWORD = f"{CONFIG_DIR}/registry-db.password"
 
 GATEWAY_USER = "wgjit-gateway"
 GATEWAY_STATE = "/var/lib/wgjit-gateway"

@@ -8,7 +8,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from wgjit_deploy import paths, secrets
-from wgjit_deploy.operations import registry_token, wait_healthy
+from wgjit_deploy.operations import registry_token, secret_file, wait_healthy
 
 UNIT = "wgjit-registry.service"
 
@@ -28,17 +28,24 @@ def registry_role(release: str) -> None:
                 home=paths.REGISTRY_STATE, shell="/usr/sbin/nologin", create_home=False)
     files.directory(name=f"{paths.REGISTRY_STATE}/", path=paths.REGISTRY_STATE, user=user,
                     group=user, mode="750")
+    # A PostgreSQL URL (hosts of the postgres group serve one), else the SQLite file.
+    db = host.data.get("registry_db") or paths.REGISTRY_DB
+    password_file = paths.REGISTRY_DB_PASSWORD if db.startswith("postgresql:") else None
+    if password_file:
+        secret_file(name=f"{password_file} (the database password)", path=password_file,
+                    value=secrets.db_password(host.data.get("db_password_file")), user=user,
+                    group=user)
     conf = files.template(
         name=paths.REGISTRY_CONFIG, src=str(paths.TEMPLATES / "registry.toml.j2"),
         dest=paths.REGISTRY_CONFIG, user="root", group="root", mode="644",
-        db=paths.REGISTRY_DB, listen=listen,
+        db=db, db_password_file=password_file, listen=listen,
         workers=host.data.get("registry_workers", 2),
         threads=host.data.get("registry_threads", 4))
     wgjit = f"{release}/bin/wgjit"
     # The operator's tokens, so that gateways and admins holding them are let in.
     for scope in ("admin", "gateway"):
         registry_token(name=f"{scope} token known to the registry", wgjit=wgjit,
-                       db=paths.REGISTRY_DB, user=user, scope=scope,
+                       db=db, password_file=password_file, user=user, scope=scope,
                        token=secrets.token(scope, host.data.get(f"{scope}_token_file")),
                        token_name=f"deploy-{scope}")
     unit = files.template(

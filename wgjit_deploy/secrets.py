@@ -19,11 +19,27 @@ from pyinfra.api.exceptions import DeployError
 from appliance.secrets import SecretFileError, read_secret
 
 TOKENS = {"admin": "WGJIT_ADMIN_TOKEN", "gateway": "WGJIT_GATEWAY_TOKEN"}
+# The registry's PostgreSQL role password (hosts in the `postgres` group).
+DB_PASSWORD = "WGJIT_DB_PASSWORD"
 
 
 def token(scope: str, data_file: str | None = None) -> HiddenValue:
     """The operator's `scope` token, masked; a DeployError says how to provide a missing one."""
     return HiddenValue(_token(scope, data_file))
+
+
+def db_password(data_file: str | None = None) -> HiddenValue:
+    """The operator's PostgreSQL password for the registry's role, masked."""
+    if os.environ.get(DB_PASSWORD):
+        return HiddenValue(os.environ[DB_PASSWORD].strip())
+    path = os.environ.get(f"{DB_PASSWORD}_FILE") or data_file
+    if not path:
+        raise DeployError(f"no database password: set {DB_PASSWORD} or {DB_PASSWORD}_FILE "
+                          "(a 0600 file outside git)")
+    try:
+        return HiddenValue(read_secret(Path(path).expanduser(), what="database password"))
+    except SecretFileError as e:
+        raise DeployError(str(e)) from e
 
 
 def reveal(value: str | HiddenValue) -> str:

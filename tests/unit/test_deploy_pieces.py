@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import jinja2
@@ -120,3 +121,21 @@ def test_example_inventory_groups():
     out = p.stdout + p.stderr
     assert "--> Groups: registry, example" in out
     assert out.count("--> Groups: gateways, example") == 2
+
+
+@pytest.mark.parametrize("db, password_file", [
+    ("/var/lib/wgjit-registry/registry.db", None),
+    ("postgresql://wgjit@127.0.0.1:5432/wgjit", "/etc/wgjit/registry-db.password"),
+])
+def test_registry_config_names_its_engine(db, password_file):
+    conf = tomllib.loads(_render("registry.toml.j2", db=db, db_password_file=password_file,
+                                 listen="127.0.0.1:8080", workers=2, threads=4))["registry"]
+    assert conf["db"] == db
+    assert conf.get("db_password_file") == password_file
+
+
+def test_postgres_hosts_get_debians_server():
+    from wgjit_deploy import packages
+
+    assert "postgresql" in packages.for_roles("postgres")
+    assert "postgresql" not in packages.for_roles("registry")

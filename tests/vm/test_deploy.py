@@ -142,6 +142,7 @@ def test_first_run_installs_everything_and_never_shows_a_token(lab, first_run):
         secret = read_secret(token_file)
         assert secret not in output
         assert secret.split("_", 2)[2] not in output
+    assert read_secret(lab.state.db_password_file) not in output
     # The gateway's public key is printed and kept for the operator; its private
     # key exists only on the gateway, 0600 root.
     pub = lab.gateway_public_key(gw)
@@ -178,6 +179,26 @@ def test_gateway_runs_kernel_wireguard_with_only_its_capabilities(lab, first_run
     reg = _registry_name(lab)
     assert lab.ssh(reg, ["systemctl", "is-active", "wgjit-registry.service"],
                    check=True).stdout.strip() == "active"
+
+
+def test_registry_keeps_its_data_in_postgresql(lab, first_run):
+    # The VM lab puts the registry VM in the postgres group too: Debian's PostgreSQL
+    # on the same VM holds the registry's database (the fleet engine).
+    reg = _registry_name(lab)
+    conf = lab.ssh(reg, ["cat", "/etc/wgjit/registry.toml"], check=True).stdout
+    assert 'db = "postgresql://wgjit@127.0.0.1:5432/wgjit"' in conf
+    assert 'db_password_file = "/etc/wgjit/registry-db.password"' in conf
+    st = lab.ssh(reg, ["stat", "-c", "%a %U", "/etc/wgjit/registry-db.password",
+                       "/etc/postgresql/wgjit.password"], check=True).stdout.split()
+    assert st == ["600", "wgjit-registry", "600", "postgres"]
+    tokens_in_pg = lab.ssh(reg, ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "wgjit",
+                                 "-tAc", "SELECT count(*) FROM tokens"], check=True).stdout
+    assert int(tokens_in_pg) >= 2  # the operator's admin and gateway tokens
+    assert lab.ssh(reg, ["test", "-e", "/var/lib/wgjit-registry/registry.db"]).returncode == 1
+    # The password is not on any command line on the host.
+    password = read_secret(lab.state.db_password_file)
+    ps = lab.ssh(reg, ["ps", "-eo", "args"], check=True).stdout
+    assert password not in ps
 
 
 def _register(lab: VMLab, c) -> None:
