@@ -23,13 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+              verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
         try:
-            if requests.get(url, timeout=1).status_code < 500:
+            if requests.get(url, timeout=1, verify=verify).status_code < 500:
                 return
         except requests.RequestException:
             pass
@@ -38,13 +39,29 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
 
 
 class RegistryProcess:
-    """A real `wgjit registry serve` (gunicorn) on loopback."""
+    """A real `wgjit registry serve` (gunicorn) on loopback.
 
-    def __init__(self, db: Path, workers: int = 2, port: int | None = None) -> None:
+    With tls_dir: HTTPS, with a certificate for 127.0.0.1 from a CA made there
+    (`self.ca_file` is what clients verify against).
+    """
+
+    def __init__(self, db: Path, workers: int = 2, port: int | None = None,
+                 tls_dir: Path | None = None) -> None:
         self.db = db
         self.workers = workers
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_args: list[str] = []
+        self.ca_file: str | None = None
+        if tls_dir is not None:
+            from appliance.tlsca import CertificateAuthority
+
+            ca = CertificateAuthority(tls_dir / "ca")
+            cert, key = tls_dir / "server.pem", tls_dir / "server.key"
+            ca.server_files(cert, key, ["localhost", "127.0.0.1"])
+            self.tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            self.ca_file = str(ca.cert_file)
+        scheme = "https" if tls_dir is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = db.with_suffix(".log")
 
@@ -52,10 +69,11 @@ class RegistryProcess:
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*WGJIT, "registry", "serve", "--db", str(self.db),
-             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+             *self.tls_args],
             stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_http(self.url + "/healthz", proc=self.proc)
+        wait_http(self.url + "/healthz", proc=self.proc, verify=self.ca_file or True)
         return self
 
     def kill9(self) -> None:
@@ -96,8 +114,9 @@ def make_token(db: Path, scope: str, tenant: str | None = None) -> str:
 def registry_server(tmp_path):
     servers: list[RegistryProcess] = []
 
-    def start(db: Path | None = None, workers: int = 2) -> RegistryProcess:
-        srv = RegistryProcess(db or tmp_path / "registry.db", workers).start()
+    def start(db: Path | None = None, workers: int = 2, tls: bool = False) -> RegistryProcess:
+        srv = RegistryProcess(db or tmp_path / "registry.db", workers,
+                              tls_dir=tmp_path / "tls" if tls else None).start()
         servers.append(srv)
         return srv
 

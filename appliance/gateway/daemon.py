@@ -63,6 +63,7 @@ class GatewaySettings:
     interface: str
     registries: list[str]  # registry server URLs, in order of preference
     token_file: str
+    registry_ca: str | None = None  # verify https:// registries against it
     listen_port: int = 51820
     private_key_file: str | None = None
     state_dir: str = "/var/lib/wgjit"
@@ -162,7 +163,8 @@ class Gateway:
         for key in adopted:
             events.emit("peer_adopted", public_key=key)
         self.registry = build_gateway_registry(s.registries, token, self.metrics,
-                                               timeout=s.registry_timeout)
+                                               timeout=s.registry_timeout,
+                                               ca_file=s.registry_ca)
         db_path = state_dir / "gateway.db"
         self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
                                CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))

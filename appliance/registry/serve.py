@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import ssl
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from appliance.config import ConfigError
 from appliance.registry import create_app, db
+from appliance.secrets import SecretFileError, check_private
+from appliance.transport import is_loopback
+
+log = logging.getLogger(__name__)
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
@@ -18,9 +26,41 @@ def _child_exit(_server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str
+    key: str
+
+
+def check_tls(cert: str | None, key: str | None) -> TLSFiles | None:
+    """Both files or neither; the key 0600; the pair loads. Checked before gunicorn
+    starts, since a bad pair otherwise shows up as workers failing to boot in a loop."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing = "tls_key (--tls-key)" if cert else "tls_cert (--tls-cert)"
+        raise ConfigError(f"{missing}: required when the other TLS file is given")
+    try:
+        check_private(key, what="TLS key")
+    except SecretFileError as e:
+        raise ConfigError(f"tls_key: {e}") from e
+    if not os.path.isfile(cert):
+        raise ConfigError(f"tls_cert: {cert}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"tls_cert/tls_key: {cert} and {key} do not load as a certificate "
+                          f"and its key: {e}") from e
+    return TLSFiles(cert, key)
+
+
+def _is_loopback_bind(listen: str) -> bool:
+    return is_loopback(listen.rpartition(":")[0])
+
+
 class RegistryServer(BaseApplication):
     def __init__(self, db_path: str, listen: str, workers: int = 2, threads: int = 4,
-                 access_log: str | None = None) -> None:
+                 access_log: str | None = None, tls: TLSFiles | None = None) -> None:
         self.db_path = db_path
         self.options = {
             "bind": listen,
@@ -38,6 +78,9 @@ class RegistryServer(BaseApplication):
             # gunicorn >= 24 opens a control socket at a fixed path by default;
             # two registries on one host (the lab, tests) would fight over it.
             "control_socket_disable": True,
+            # gunicorn's own TLS: the workers wrap each accepted connection.
+            "certfile": tls.cert if tls else None,
+            "keyfile": tls.key if tls else None,
         }
         super().__init__()
 
@@ -52,7 +95,10 @@ class RegistryServer(BaseApplication):
 
 
 def serve(db_path: str, listen: str, workers: int = 2, threads: int = 4,
-          access_log: str | None = None) -> None:
+          access_log: str | None = None, tls: TLSFiles | None = None) -> None:
+    if tls is None and not _is_loopback_bind(listen):
+        log.warning("serving plain HTTP on %s: tokens and preshared keys cross the network "
+                    "in clear; give --tls-cert and --tls-key", listen)
     # Migrate once in the master, before any worker can see the database.
     db.init_db(db_path)
     # Per-worker metric files must start empty: stale files from a previous run
@@ -60,6 +106,6 @@ def serve(db_path: str, listen: str, workers: int = 2, threads: int = 4,
     metrics_dir = tempfile.mkdtemp(prefix="wgjit-registry-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        RegistryServer(db_path, listen, workers, threads, access_log).run()
+        RegistryServer(db_path, listen, workers, threads, access_log, tls).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
