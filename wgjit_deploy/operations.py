@@ -116,9 +116,13 @@ def registry_token(wgjit: str, db: str, user: str, scope: str, token: str | Hidd
 
 
 @operation()
-def wait_healthy(url: str, seconds: int = 120, helper: str = "/opt/wgjit/libexec/wait-healthy"):
-    """Fail the deploy unless `url` answers 200 within `seconds` (use after a restart)."""
-    yield StringCommand(helper, q(url), str(seconds))
+def wait_healthy(url: str, seconds: int = 120, helper: str = "/opt/wgjit/libexec/wait-healthy",
+                 ca: str | None = None):
+    """Fail the deploy unless `url` answers 200 within `seconds` (use after a restart).
+
+    An https:// url is verified against the CA file `ca`.
+    """
+    yield StringCommand(helper, q(url), str(seconds), *([q(ca)] if ca else []))
 
 
 @operation()
