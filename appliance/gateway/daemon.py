@@ -243,6 +243,10 @@ class Gateway:
             log.warning("reload: registry servers changed to %s; still using %s until a "
                         "restart", settings.registries, self.settings.registries)
             settings = dataclasses.replace(settings, registries=self.settings.registries)
+        if settings.registry_ca != self.settings.registry_ca:
+            log.warning("reload: registry_ca changed to %s; still verifying against %s until "
+                        "a restart", settings.registry_ca, self.settings.registry_ca)
+            settings = dataclasses.replace(settings, registry_ca=self.settings.registry_ca)
         self.settings = settings
         self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                              settings.max_peers)
