@@ -23,6 +23,8 @@ from appliance.config import ConfigError, Option
 
 def _ca_file(path: str) -> str | None:
     """A file of PEM certificates that Python's TLS stack can load as trust anchors."""
+    if not path:
+        return "must name a file (leave the setting out for the system's trust store)"
     try:
         ssl.create_default_context(cafile=path)
     except FileNotFoundError:

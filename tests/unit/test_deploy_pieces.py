@@ -50,7 +50,7 @@ def test_wheels_archive_is_byte_identical_for_identical_wheels(tmp_path):
 def test_gateway_unit_grants_only_net_admin_and_net_raw():
     unit = _render("wgjit-gateway.service.j2", service_user="wgjit-gateway",
                    release="/opt/wgjit/releases/r1", config=paths.GATEWAY_CONFIG,
-                   state_dir_name="wgjit-gateway")
+                   state_dir_name="wgjit-gateway", memory_max="512M")
     lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line
                  and not line.startswith("#"))
     assert lines["User"] == "wgjit-gateway"
@@ -86,8 +86,9 @@ def test_interface_unit_and_gateway_config_render(tmp_path):
     assert "private_key_file" not in conf["gateway"]  # the interface unit holds the key
     assert s["install_mode"] == "reinject" and "install_mode" not in conf["gateway"]
     conf = tomllib.loads(_render(
-        "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
-        token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
+        "gateway.toml.j2", ifname="wgjit0", registry_url="https://192.0.2.2:8080",
+        registry_ca=str(ca.cert_file), allow_insecure_http=False, token_file=paths.GATEWAY_TOKEN,
+        state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
         evict_interval=30, handshake_grace=15, capture_interfaces=[],
         install_mode="invert"))
