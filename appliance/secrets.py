@@ -13,8 +13,8 @@ class SecretFileError(ValueError):
     pass
 
 
-def read_secret(path: str | os.PathLike[str], *, what: str = "secret") -> str:
-    """Read a one-line secret, refusing files that others can read."""
+def check_private(path: str | os.PathLike[str], *, what: str = "secret") -> Path:
+    """Refuse a secret file that is missing or that anyone but its owner can use."""
     p = Path(path)
     try:
         st = p.stat()
@@ -25,6 +25,12 @@ def read_secret(path: str | os.PathLike[str], *, what: str = "secret") -> str:
             f"{what} file {p}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it;"
             f" chmod 600 {p}"
         )
+    return p
+
+
+def read_secret(path: str | os.PathLike[str], *, what: str = "secret") -> str:
+    """Read a one-line secret, refusing files that others can read."""
+    p = check_private(path, what=what)
     value = p.read_text().strip()
     if not value:
         raise SecretFileError(f"{what} file {p}: empty")

@@ -105,7 +105,8 @@ def fetch_all(lab: Lab) -> tuple[float, list[dict]]:
         after = "0"
         while after is not None:
             r = w.call(s.get, f"{reg.url}/v1/peers", params={"limit": 1000, "after": after},
-                       headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                       headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                       verify=reg.ca_file)
             r.raise_for_status()
             page = r.json()
             peers += page["peers"]

@@ -2,6 +2,7 @@
 
     export WGJIT_ADMIN_TOKEN_FILE=~/.config/wgjit/admin.token      # 0600, outside git
     export WGJIT_GATEWAY_TOKEN_FILE=~/.config/wgjit/gateway.token  # `wgjit token generate`
+    export WGJIT_CA_DIR=~/.config/wgjit/ca   # the fleet CA, made by the first deploy
     pyinfra inventory/example.py deploy.py --dry   # what would change
     pyinfra inventory/example.py deploy.py         # do it
 
@@ -11,8 +12,9 @@ hosts reachable over SSH; a non-root SSH user needs `_sudo: True`. They need the
 Debian mirror for the apt packages, never PyPI: the controller builds the wheels.
 """
 
-# The registry's URL as the gateways reach it (documentation addresses here).
-_registry = "http://192.0.2.2:8080"
+# The registry's URL as the gateways reach it (documentation addresses here). HTTPS:
+# its certificate comes from the fleet CA; the registry listens on this address.
+_registry = "https://192.0.2.2:8080"
 _common = {"ssh_user": "deploy", "_sudo": True, "registry_url": _registry}
 
 registry = [

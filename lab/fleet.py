@@ -61,7 +61,7 @@ def vagrant_client(n: int) -> FleetHost:
 
 def registry_url(hosts: list[FleetHost]) -> str:
     reg = next(h for h in hosts if "registry" in h.roles)
-    return f"http://{reg.address4}:{addressing.REGISTRY_PORT}"
+    return f"https://{reg.address4}:{addressing.REGISTRY_PORT}"
 
 
 def gateway_for_client(n: int, gateways: list[FleetHost]) -> FleetHost:

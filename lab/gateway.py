@@ -85,8 +85,9 @@ def daemon_argv(g: Gateway, regs: Sequence[Registry], state_dir: str, idle_timeo
     these (but a `--registry` there adds a server).
     """
     servers = [arg for r in regs for arg in ("--registry", r.url)]
+    ca = ["--registry-ca", regs[0].ca_file] if regs[0].ca_file else []
     return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
-            *servers, "--token-file", regs[0].gateway_token_file,
+            *servers, *ca, "--token-file", regs[0].gateway_token_file,
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
             "--evict-interval", f"{evict_interval:g}", "--backend", "uapi",

@@ -2,6 +2,10 @@
 
 The lab talks to the registry over the lab underlay from a thread inside the
 bridge namespace (see nsexec), like any gateway or operator on that network would.
+That is not loopback, so the registry serves HTTPS: each lab makes a throwaway CA
+in its state directory (`ca/`, key 0600) and issues every registry server a
+certificate for its underlay addresses; gateways and the lab's own client verify
+against the CA.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from urllib.parse import quote
 import requests
 
 from appliance.secrets import read_secret, write_secret
+from appliance.tlsca import CertificateAuthority
 from lab import addressing, procs
 from lab.netns import LabError
 from lab.nsexec import NetnsWorker
@@ -44,15 +49,30 @@ def create_token(db: str, scope: str, tenant: str | None = None) -> str:
     return lines[-1]
 
 
+def _url(ip4: str) -> str:
+    return f"https://{ip4}:{addressing.REGISTRY_PORT}"
+
+
+def _issue(reg: Registry, n: int) -> Registry:
+    """Server n's certificate, for both its underlay addresses, from the lab's CA."""
+    ca = CertificateAuthority(Path(reg.ca_file).parent, name="wgjit lab CA")
+    keys = Path(reg.admin_token_file).parent
+    suffix = "" if n == 1 else str(n)
+    cert, key = keys / f"registry{suffix}.pem", keys / f"registry{suffix}.key"
+    ca.server_files(cert, key, [reg.underlay4, reg.underlay6])
+    return dataclasses.replace(reg, tls_cert=str(cert), tls_key=str(key))
+
+
 def start_registry(state_dir: str, ns: str) -> Registry:
     """Tokens first (they create the database), then the server in namespace ns."""
     ip4, ip6 = addressing.registry_underlay()
     d = Path(state_dir)
-    reg = Registry(
-        url=f"http://{ip4}:{addressing.REGISTRY_PORT}", ns=ns, underlay4=ip4, underlay6=ip6,
+    ca = CertificateAuthority(d / "ca", name="wgjit lab CA")
+    reg = _issue(Registry(
+        url=_url(ip4), ns=ns, underlay4=ip4, underlay6=ip6,
         db=str(d / "registry.db"), admin_token_file=str(d / "keys" / "admin.token"),
         gateway_token_file=str(d / "keys" / "gateway.token"), tenant=TENANT,
-        log=str(d / "registry.log"))
+        log=str(d / "registry.log"), ca_file=str(ca.cert_file)), 1)
     write_secret(reg.admin_token_file, create_token(reg.db, "admin"))
     write_secret(reg.gateway_token_file, create_token(reg.db, "gateway"))
     serve(reg)
@@ -66,9 +86,9 @@ def another_server(first: Registry, n: int, ns: str, state_dir: str) -> Registry
     serve the same SQLite file (WAL): the registry beyond one machine, in miniature.
     """
     ip4, ip6 = addressing.registry_underlay(n)
-    reg = dataclasses.replace(first, url=f"http://{ip4}:{addressing.REGISTRY_PORT}", ns=ns,
-                              underlay4=ip4, underlay6=ip6, pid=0,
-                              log=str(Path(state_dir) / f"registry{n}.log"))
+    reg = _issue(dataclasses.replace(first, url=_url(ip4), ns=ns, underlay4=ip4,
+                                     underlay6=ip6, pid=0,
+                                     log=str(Path(state_dir) / f"registry{n}.log")), n)
     serve(reg)
     return reg
 
@@ -76,7 +96,8 @@ def another_server(first: Registry, n: int, ns: str, state_dir: str) -> Registry
 def serve(reg: Registry) -> None:
     """Start the server over reg's existing database (again, after an outage)."""
     reg.pid = procs.spawn(reg.ns, [*wgjit_argv(), "registry", "serve", "--db", reg.db,
-                                   "--listen", f"{reg.underlay4}:{addressing.REGISTRY_PORT}"],
+                                   "--listen", f"{reg.underlay4}:{addressing.REGISTRY_PORT}",
+                                   "--tls-cert", reg.tls_cert, "--tls-key", reg.tls_key],
                           reg.log)
 
 
@@ -97,13 +118,20 @@ class RegistryClient:
         self.reg = reg
         self.session = requests.Session()
         worker.on_close(self.session.close)
+        # Per request, not session.verify: REQUESTS_CA_BUNDLE would override that.
+        self.verify = reg.ca_file
+
+    def _get(self, path: str, timeout: float) -> requests.Response:
+        return self.worker.call(self.session.get, self.reg.url + path, timeout=timeout,
+                                verify=self.verify)
 
     def _request(self, method: str, path: str, *, token_file: str | None = None,
                  json: Any = None) -> requests.Response:
         token = read_secret(token_file or self.reg.admin_token_file, what="registry token")
         headers = {"Authorization": f"Bearer {token}"}
         return self.worker.call(self.session.request, method, self.reg.url + path,
-                                headers=headers, json=json, timeout=HTTP_TIMEOUT)
+                                headers=headers, json=json, timeout=HTTP_TIMEOUT,
+                                verify=self.verify)
 
     @staticmethod
     def _fail(what: str, r: requests.Response) -> RegistryError:
@@ -115,14 +143,14 @@ class RegistryClient:
 
     def healthy(self) -> bool:
         try:
-            r = self.worker.call(self.session.get, self.reg.url + "/healthz", timeout=1.0)
+            r = self._get("/healthz", timeout=1.0)
         except requests.RequestException:
             return False
         return r.status_code == 200
 
     def metrics_text(self) -> str:
         """This server's /metrics (Prometheus text): its own counters, not the others'."""
-        r = self.worker.call(self.session.get, self.reg.url + "/metrics", timeout=HTTP_TIMEOUT)
+        r = self._get("/metrics", timeout=HTTP_TIMEOUT)
         if r.status_code != 200:
             raise self._fail("metrics", r)
         return r.text

@@ -44,6 +44,11 @@ class Registry:
     tenant: str = "lab"
     pid: int = 0
     log: str = ""
+    # HTTPS: the lab's throwaway CA (what every client verifies against) and this
+    # server's certificate and 0600 key, issued for its underlay addresses.
+    ca_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass

@@ -369,7 +369,14 @@ class VMLab:
                 "WGJIT_ADMIN_TOKEN_FILE": self.state.admin_token_file,
                 "WGJIT_GATEWAY_TOKEN_FILE": self.state.gateway_token_file,
                 "WGJIT_DB_PASSWORD_FILE": self.state.db_password_file,
-                "WGJIT_PUBKEY_DIR": str(Path(self.state.dir) / "pubkeys")}
+                "WGJIT_PUBKEY_DIR": str(Path(self.state.dir) / "pubkeys"),
+                # The lab's fleet CA: made by the first deploy, gone with the lab.
+                "WGJIT_CA_DIR": str(Path(self.state.dir) / "ca")}
+
+    @property
+    def ca_file(self) -> str:
+        """The fleet CA's certificate, what an operator's `--registry-ca` names."""
+        return str(Path(self.deploy_env()["WGJIT_CA_DIR"]) / "ca.pem")
 
     def pyinfra(self, args: list[str], *, env: dict[str, str] | None = None,
                 timeout: float = 1800,

@@ -23,13 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+              verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
         try:
-            if requests.get(url, timeout=1).status_code < 500:
+            if requests.get(url, timeout=1, verify=verify).status_code < 500:
                 return
         except requests.RequestException:
             pass
@@ -38,15 +39,30 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
 
 
 class RegistryProcess:
-    """A real `wgjit registry serve` (gunicorn) on loopback."""
+    """A real `wgjit registry serve` (gunicorn) on loopback.
+
+    With tls_dir: HTTPS, with a certificate for 127.0.0.1 from a CA made there
+    (`self.ca_file` is what clients verify against).
+    """
 
     def __init__(self, db: str | Path, workers: int = 2, port: int | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, tls_dir: Path | None = None) -> None:
         """`db` is a SQLite path or a postgresql:// URL (its password from PGPASSFILE)."""
         self.db = db
         self.workers = workers
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_args: list[str] = []
+        self.ca_file: str | None = None
+        if tls_dir is not None:
+            from appliance.tlsca import CertificateAuthority
+
+            ca = CertificateAuthority(tls_dir / "ca")
+            cert, key = tls_dir / "server.pem", tls_dir / "server.key"
+            ca.server_files(cert, key, ["localhost", "127.0.0.1"])
+            self.tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            self.ca_file = str(ca.cert_file)
+        scheme = "https" if tls_dir is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = log or Path(db).with_suffix(".log")
 
@@ -54,10 +70,11 @@ class RegistryProcess:
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*WGJIT, "registry", "serve", "--db", str(self.db),
-             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
+             "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+             *self.tls_args],
             stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_http(self.url + "/healthz", proc=self.proc)
+        wait_http(self.url + "/healthz", proc=self.proc, verify=self.ca_file or True)
         return self
 
     def kill9(self) -> None:
@@ -98,9 +115,11 @@ def make_token(db: str | Path, scope: str, tenant: str | None = None) -> str:
 def registry_server(tmp_path):
     servers: list[RegistryProcess] = []
 
-    def start(db: str | Path | None = None, workers: int = 2) -> RegistryProcess:
+    def start(db: str | Path | None = None, workers: int = 2, tls: bool = False
+              ) -> RegistryProcess:
         log = tmp_path / f"registry-{len(servers)}.log"
-        srv = RegistryProcess(db or tmp_path / "registry.db", workers, log=log).start()
+        srv = RegistryProcess(db or tmp_path / "registry.db", workers, log=log,
+                              tls_dir=tmp_path / "tls" if tls else None).start()
         servers.append(srv)
         return srv
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
@@ -12,6 +13,7 @@ from pyinfra.operations import apt, files
 
 from wgjit_deploy import packages, paths
 from wgjit_deploy.operations import venv_release
+from wgjit_deploy.tls import fleet_ca
 from wgjit_deploy.wheels import wheelhouse
 
 
@@ -51,6 +53,9 @@ def install_appliance(roles: list[str]) -> None:
     )
     for d in (paths.PREFIX, paths.RELEASES, paths.LIBEXEC, paths.CONFIG_DIR):
         files.directory(name=f"{d}/", path=d, user="root", group="root", mode="755")
+    # Public: the fleet CA's certificate, which registry clients verify against.
+    files.put(name=f"{paths.CA_CERT} (the fleet CA)", src=StringIO(fleet_ca().cert_pem),
+              dest=paths.CA_CERT, user="root", group="root", mode="644")
     for helper in ("check-registry-token", "wait-healthy"):
         files.put(name=f"{paths.LIBEXEC}/{helper}", src=str(paths.FILES / helper),
                   dest=f"{paths.LIBEXEC}/{helper}", user="root", group="root", mode="755")

@@ -18,7 +18,7 @@ from pyinfra.api import OperationError, deploy, operation
 from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
-from wgjit_deploy import packages, paths, secrets
+from wgjit_deploy import packages, paths, secrets, tls
 from wgjit_deploy.facts import WireGuardPublicKey
 from wgjit_deploy.operations import wireguard_private_key
 
@@ -26,18 +26,23 @@ TIMEOUT = 10
 
 
 def registry_peer(url: str, token: str, tenant: str, public_key: str, allowed_ips: list[str],
-                  name: str) -> dict:
-    """The registry's record of this peer, registering it first if it is new."""
+                  name: str, ca_file: str) -> dict:
+    """The registry's record of this peer, registering it first if it is new.
+
+    From the controller, verifying the registry against the fleet CA (ca_file).
+    """
     import requests
 
     auth = {"Authorization": f"Bearer {token}"}
+    # verify on each call: REQUESTS_CA_BUNDLE would override a session's own.
+    kw = {"headers": auth, "timeout": TIMEOUT, "verify": ca_file}
     with requests.Session() as s:
-        r = s.get(f"{url}/v1/peers/{quote(public_key, safe='')}", headers=auth, timeout=TIMEOUT)
+        r = s.get(f"{url}/v1/peers/{quote(public_key, safe='')}", **kw)
         if r.status_code == 404:
-            t = s.post(f"{url}/v1/tenants", json={"name": tenant}, headers=auth, timeout=TIMEOUT)
+            t = s.post(f"{url}/v1/tenants", json={"name": tenant}, **kw)
             if t.status_code not in (200, 201, 409):
                 raise OperationError(f"registry: create tenant {tenant}: HTTP {t.status_code}")
-            r = s.post(f"{url}/v1/peers", headers=auth, timeout=TIMEOUT, json={
+            r = s.post(f"{url}/v1/peers", **kw, json={
                 "tenant": tenant, "public_key": public_key, "allowed_ips": allowed_ips,
                 "name": name})
         if r.status_code not in (200, 201):
@@ -77,7 +82,8 @@ def client_config(path: str, registry_url: str, tenant: str, address: str, gatew
             raise OperationError(f"no public key for {host.name if not own else gateway} yet")
         return
     token = secrets.reveal(secrets.token("admin", host.data.get("admin_token_file")))
-    peer = registry_peer(registry_url, token, tenant, own, [address], host.name)
+    peer = registry_peer(registry_url, token, tenant, own, [address], host.name,
+                         str(tls.fleet_ca().cert_file))
     conf = render(peer, gw_file.read_text().strip(), endpoint, gateway_ips)
     yield from files.put._inner(src=StringIO(conf), dest=path, user="root", group="root",
                                 mode="600")
@@ -95,7 +101,9 @@ def client_role() -> None:
                                 path=paths.CLIENT_KEY, user="root", group="root")
     conf = client_config(
         name=f"/etc/wireguard/{ifname}.conf", path=f"/etc/wireguard/{ifname}.conf",
-        registry_url=data.get("registry_url"), tenant=data.get("client_tenant", "lab"),
+        registry_url=tls.check_registry_url(data.get("registry_url"), host.name,
+                                            bool(data.get("allow_insecure_http", False))),
+        tenant=data.get("client_tenant", "lab"),
         address=data.get("wg_address")[0], gateway=data.get("gateway"),
         endpoint=data.get("gateway_endpoint"), gateway_ips=data.get("gateway_ips"),
         pubkey_dir=os.environ.get("WGJIT_PUBKEY_DIR") or data.get("pubkey_dir", "pubkeys"))

@@ -15,7 +15,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from wgjit_deploy import paths, secrets
+from wgjit_deploy import paths, secrets, tls
 from wgjit_deploy.operations import public_key, secret_file, wait_healthy, wireguard_private_key
 
 WG_UNIT = "wgjit-wireguard.service"
@@ -26,9 +26,8 @@ UNIT = "wgjit-gateway.service"
 def gateway_role(release: str) -> None:
     user = paths.GATEWAY_USER
     data = host.data
-    registry_url = data.get("registry_url")
-    if not registry_url:
-        raise ValueError(f"{host.name}: host data registry_url is not set (inventory)")
+    insecure = bool(data.get("allow_insecure_http", False))
+    registry_url = tls.check_registry_url(data.get("registry_url"), host.name, insecure)
     ifname = data.get("wg_interface", "wgjit0")
     metrics = data.get("metrics_listen", "127.0.0.1:9587")
     server.user(name=f"system user {user}", user=user, system=True,
@@ -37,7 +36,8 @@ def gateway_role(release: str) -> None:
         name=f"{paths.GATEWAY_TOKEN} (checked against the registry first)",
         path=paths.GATEWAY_TOKEN,
         value=secrets.token("gateway", data.get("gateway_token_file")), user=user, group=user,
-        verify=f"{paths.LIBEXEC}/check-registry-token {shlex.quote(registry_url)} {{path}}")
+        verify=f"{paths.LIBEXEC}/check-registry-token {shlex.quote(registry_url)} {{path}} "
+               f"{paths.CA_CERT}")
     key = wireguard_private_key(name=f"{paths.GATEWAY_KEY} (made here, never copied)",
                                 path=paths.GATEWAY_KEY, user="root", group="root")
     public_key(name="gateway public key", private_key=paths.GATEWAY_KEY, host_name=host.name,
@@ -45,7 +45,8 @@ def gateway_role(release: str) -> None:
     conf = files.template(
         name=paths.GATEWAY_CONFIG, src=str(paths.TEMPLATES / "gateway.toml.j2"),
         dest=paths.GATEWAY_CONFIG, user="root", group="root", mode="644",
-        ifname=ifname, registry_url=registry_url, token_file=paths.GATEWAY_TOKEN,
+        ifname=ifname, registry_url=registry_url, registry_ca=paths.CA_CERT,
+        allow_insecure_http=insecure, token_file=paths.GATEWAY_TOKEN,
         state_dir=paths.GATEWAY_STATE, backend=data.get("wg_backend", "netlink"),
         listen_port=data.get("wg_listen_port", 51820), metrics_listen=metrics,
         idle_timeout=data.get("idle_timeout", 300), evict_interval=data.get("evict_interval", 30),

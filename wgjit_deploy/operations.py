@@ -133,9 +133,13 @@ def postgres_login(role: str, database: str, password_file: str, script: str):
 
 
 @operation()
-def wait_healthy(url: str, seconds: int = 120, helper: str = "/opt/wgjit/libexec/wait-healthy"):
-    """Fail the deploy unless `url` answers 200 within `seconds` (use after a restart)."""
-    yield StringCommand(helper, q(url), str(seconds))
+def wait_healthy(url: str, seconds: int = 120, helper: str = "/opt/wgjit/libexec/wait-healthy",
+                 ca: str | None = None):
+    """Fail the deploy unless `url` answers 200 within `seconds` (use after a restart).
+
+    An https:// url is verified against the CA file `ca`.
+    """
+    yield StringCommand(helper, q(url), str(seconds), *([q(ca)] if ca else []))
 
 
 @operation()

@@ -10,12 +10,16 @@ LIBEXEC = f"{PREFIX}/libexec"
 WHEELS_ARCHIVE = f"{PREFIX}/wheels.tar"
 CONFIG_DIR = "/etc/wgjit"
 SYSTEMD_DIR = "/etc/systemd/system"
+# The fleet CA's certificate, on every host: what clients verify the registry against.
+CA_CERT = f"{CONFIG_DIR}/ca.pem"
 
 REGISTRY_USER = "wgjit-registry"
 REGISTRY_STATE = "/var/lib/wgjit-registry"
 REGISTRY_CONFIG = f"{CONFIG_DIR}/registry.toml"
 REGISTRY_DB = f"{REGISTRY_STATE}/registry.db"
 REGISTRY_DB_PASSWORD = f"{CONFIG_DIR}/registry-db.password"
+REGISTRY_CERT = f"{CONFIG_DIR}/registry.pem"
+REGISTRY_KEY = f"{CONFIG_DIR}/registry.key"
 
 GATEWAY_USER = "wgjit-gateway"
 GATEWAY_STATE = "/var/lib/wgjit-gateway"

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from appliance import config
+from appliance import config, transport
 from appliance.config import Option
 from appliance.gateway import load, sourcelimit
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
@@ -40,6 +40,7 @@ OPTIONS = [
     Option("interface", required=True),
     Option("registry", config.URLS, required=True),
     Option("token-file", required=True),
+    *transport.OPTIONS,
     Option("listen-port", int, 51820, check=_port),
     Option("private-key-file"),
     Option("state-dir", default="/var/lib/wgjit"),
@@ -75,6 +76,7 @@ def settings_from(args: argparse.Namespace):
     from appliance.gateway.daemon import GatewaySettings
 
     s = config.resolve(OPTIONS, vars(args), config.read_config_file(args.config), "gateway")
+    transport.check_urls(s["registry"], s["allow_insecure_http"])
     fields = {f.name for f in dataclasses.fields(GatewaySettings)}
     renamed = {"registry": "registries", "capture_interface": "capture_interfaces",
                "address": "addresses"}
@@ -125,6 +127,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
            "asked in this order, failing over between them (WGJIT_REGISTRY: a comma- "
            "or space-separated list)")
     a("--token-file", metavar="FILE", help="0600 file with a gateway-scope token")
+    transport.add_flags(run)
     a("--listen-port", type=int, metavar="PORT", help="UDP port when creating (51820)")
     a("--private-key-file", metavar="FILE", help="0600 private key, to create the interface")
     a("--state-dir", metavar="DIR", help="cache and feed cursor (/var/lib/wgjit)")

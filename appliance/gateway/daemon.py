@@ -87,6 +87,7 @@ class GatewaySettings:
     interface: str
     registries: list[str]  # registry server URLs, in order of preference
     token_file: str
+    registry_ca: str | None = None  # verify https:// registries against it
     listen_port: int = 51820
     private_key_file: str | None = None
     state_dir: str = "/var/lib/wgjit"
@@ -209,7 +210,8 @@ class Gateway:
         for key in adopted:
             events.emit("peer_adopted", public_key=key)
         self.registry = build_gateway_registry(s.registries, token, self.metrics,
-                                               timeout=s.registry_timeout)
+                                               timeout=s.registry_timeout,
+                                               ca_file=s.registry_ca)
         db_path = state_dir / "gateway.db"
         self.replay_store = ReplayStore(db_path)
         self.replay = ReplayGuard(store=self.replay_store)
@@ -302,6 +304,10 @@ class Gateway:
             log.warning("reload: registry servers changed to %s; still using %s until a "
                         "restart", settings.registries, self.settings.registries)
             settings = dataclasses.replace(settings, registries=self.settings.registries)
+        if settings.registry_ca != self.settings.registry_ca:
+            log.warning("reload: registry_ca changed to %s; still verifying against %s until "
+                        "a restart", settings.registry_ca, self.settings.registry_ca)
+            settings = dataclasses.replace(settings, registry_ca=self.settings.registry_ca)
         old, self.settings = self.settings, settings
         self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                              settings.max_peers)

@@ -75,8 +75,11 @@ class GatewayRegistry:
 
 
 def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics, *,
-                           timeout: float = 3.0) -> GatewayRegistry:
-    """A client per registry server URL, in the order given (the order of preference)."""
+                           timeout: float = 3.0, ca_file: str | None = None) -> GatewayRegistry:
+    """A client per registry server URL, in the order given (the order of preference).
+
+    https:// servers are verified against ca_file (None: the system trust store).
+    """
     clients = []
     for url in urls:
         session = requests.Session()
@@ -84,5 +87,6 @@ def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics,
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=16)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        clients.append(RegistryClient(url, token, timeout=timeout, session=session))
+        clients.append(RegistryClient(url, token, timeout=timeout, session=session,
+                                      ca_file=ca_file))
     return GatewayRegistry(RegistryServers(clients, metrics))

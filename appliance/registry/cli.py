@@ -12,7 +12,7 @@ import functools
 import json
 import sys
 
-from appliance import config
+from appliance import config, transport
 from appliance.config import Option
 from appliance.secrets import read_secret, write_secret
 
@@ -23,12 +23,15 @@ SERVE_OPTIONS = [
     Option("workers", int, 2, check=config.positive),
     Option("threads", int, 4, check=config.positive),
     Option("access-log"),
+    Option("tls-cert"),
+    Option("tls-key"),
 ]
 IMPORT_CACHE_KIB = 512 * 1024
 CLIENT_OPTIONS = [
     Option("registry", required=True),
     Option("token-file", required=True),
     Option("timeout", float, 10.0, check=config.positive),
+    *transport.OPTIONS,
 ]
 
 
@@ -45,6 +48,7 @@ def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", metavar="URL", help="registry base URL (WGJIT_REGISTRY)")
     p.add_argument("--token-file", metavar="FILE", help="0600 file holding an admin token")
     p.add_argument("--timeout", type=float, metavar="SECONDS")
+    transport.add_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -52,8 +56,9 @@ def _client(args: argparse.Namespace):
     from appliance.registry.client import RegistryClient
 
     s = _settings(args, CLIENT_OPTIONS, "client")
+    transport.check_urls([s["registry"]], s["allow_insecure_http"])
     token = read_secret(s["token_file"], what="token")
-    return RegistryClient(s["registry"], token, timeout=s["timeout"])
+    return RegistryClient(s["registry"], token, timeout=s["timeout"], ca_file=s["registry_ca"])
 
 
 def _open_store(s: dict, **options):
@@ -126,12 +131,13 @@ def _with_api_errors(func):
 
 @_with_db_errors
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.registry.serve import serve
+    from appliance.registry.serve import check_tls, serve
 
     s = _settings(args, SERVE_OPTIONS, "registry")
+    tls = check_tls(s["tls_cert"], s["tls_key"])
     _open_store(s).close()  # a bad --db or password file is refused before gunicorn starts
     serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"],
-          s["db_password_file"])
+          s["db_password_file"], tls=tls)
     return 0
 
 
@@ -379,6 +385,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (2)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per worker (4)")
     p.add_argument("--access-log", metavar="FILE", help="access log ('-' for stderr)")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="its private key (a 0600 PEM file)")
     p.set_defaults(func=cmd_serve)
     p = rsub.add_parser("migrate", help="create or upgrade the database schema")
     _add_db(p)

@@ -7,6 +7,8 @@ from typing import Any
 
 import requests
 
+from appliance import transport
+
 
 class RegistryError(Exception):
     """The registry answered with an error, or could not be reached (status 0)."""
@@ -25,15 +27,26 @@ def quote_key(key: str) -> str:
 
 class RegistryClient:
     def __init__(self, base_url: str, token: str, timeout: float = 10.0,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None,
+                 ca_file: str | None = None) -> None:
+        """ca_file: verify an https:// registry against it (None: the system trust store)."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = session or requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        self.verify = transport.verify(ca_file)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         try:
-            resp = self.session.request(method, self.base_url + path, timeout=self.timeout, **kw)
+            # verify per request: requests lets REQUESTS_CA_BUNDLE override a
+            # session's own `verify`, and the operator's CA must win.
+            resp = self.session.request(method, self.base_url + path, timeout=self.timeout,
+                                        verify=self.verify, **kw)
+        except requests.exceptions.SSLError as e:
+            # Said apart from "unreachable": a wrong CA or name is a configuration
+            # problem that no retry fixes.
+            raise RegistryError(0, "tls", transport.tls_failure(self.base_url, e,
+                                                                self.verify)) from e
         except requests.RequestException as e:
             raise RegistryError(0, "unreachable", f"registry {self.base_url}: {e}") from e
         if resp.status_code >= 400:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import ssl
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from appliance.config import ConfigError
 from appliance.registry import create_app
 from appliance.registry.store import open_store
+from appliance.secrets import SecretFileError, check_private
+from appliance.transport import is_loopback
+
+log = logging.getLogger(__name__)
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
@@ -19,9 +27,42 @@ def _child_exit(_server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str
+    key: str
+
+
+def check_tls(cert: str | None, key: str | None) -> TLSFiles | None:
+    """Both files or neither; the key 0600; the pair loads. Checked before gunicorn
+    starts, since a bad pair otherwise shows up as workers failing to boot in a loop."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing = "tls_key (--tls-key)" if cert else "tls_cert (--tls-cert)"
+        raise ConfigError(f"{missing}: required when the other TLS file is given")
+    try:
+        check_private(key, what="TLS key")
+    except SecretFileError as e:
+        raise ConfigError(f"tls_key: {e}") from e
+    if not os.path.isfile(cert):
+        raise ConfigError(f"tls_cert: {cert}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"tls_cert/tls_key: {cert} and {key} do not load as a certificate "
+                          f"and its key: {e}") from e
+    return TLSFiles(cert, key)
+
+
+def _is_loopback_bind(listen: str) -> bool:
+    return is_loopback(listen.rpartition(":")[0])
+
+
 class RegistryServer(BaseApplication):
     def __init__(self, db: str, listen: str, workers: int = 2, threads: int = 4,
-                 access_log: str | None = None, password_file: str | None = None) -> None:
+                 access_log: str | None = None, password_file: str | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.db = db
         self.password_file = password_file
         self.options = {
@@ -40,6 +81,9 @@ class RegistryServer(BaseApplication):
             # gunicorn >= 24 opens a control socket at a fixed path by default;
             # two registries on one host (the lab, tests) would fight over it.
             "control_socket_disable": True,
+            # gunicorn's own TLS: the workers wrap each accepted connection.
+            "certfile": tls.cert if tls else None,
+            "keyfile": tls.key if tls else None,
         }
         super().__init__()
 
@@ -57,7 +101,11 @@ class RegistryServer(BaseApplication):
 
 
 def serve(db: str, listen: str, workers: int = 2, threads: int = 4,
-          access_log: str | None = None, password_file: str | None = None) -> None:
+          access_log: str | None = None, password_file: str | None = None,
+          tls: TLSFiles | None = None) -> None:
+    if tls is None and not _is_loopback_bind(listen):
+        log.warning("serving plain HTTP on %s: tokens and preshared keys cross the network "
+                    "in clear; give --tls-cert and --tls-key", listen)
     # Migrate once in the master, before any worker can see the database.
     store = open_store(db, password_file)
     try:
@@ -69,6 +117,6 @@ def serve(db: str, listen: str, workers: int = 2, threads: int = 4,
     metrics_dir = tempfile.mkdtemp(prefix="wgjit-registry-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        RegistryServer(db, listen, workers, threads, access_log, password_file).run()
+        RegistryServer(db, listen, workers, threads, access_log, password_file, tls).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -65,7 +65,7 @@ def test_sighup_applies_the_config_file_and_refuses_a_bad_one(lab_factory, tmp_p
     lab = lab_factory(gateways=["jit"], clients=1, daemon=False, registry="yes")
     g, c, reg = lab.gateway("g1"), lab.client("c1"), lab.state.registry
     cfg = tmp_path / "gateway.toml"
-    settings = {"interface": g.ifname, "registry": reg.url,
+    settings = {"interface": g.ifname, "registry": reg.url, "registry_ca": reg.ca_file,
                 "token_file": reg.gateway_token_file,
                 "state_dir": str(Path(lab.state.dir) / "gateway-g1"),
                 "metrics_listen": lab_gateway.METRICS_LISTEN, "backend": "uapi",
@@ -118,8 +118,8 @@ def test_daemon_creates_its_interface_and_finds_the_capture_interface(lab_factor
     assert gone.returncode != 0
 
     start_daemon(lab, g, [
-        "--interface", g.ifname, "--registry", reg.url, "--token-file",
-        reg.gateway_token_file, "--private-key-file", g.private_key_file,
+        "--interface", g.ifname, "--registry", reg.url, "--registry-ca", reg.ca_file,
+        "--token-file", reg.gateway_token_file, "--private-key-file", g.private_key_file,
         "--listen-port", str(g.listen_port), "--address", g.tunnel4, "--address", g.tunnel6,
         "--state-dir", str(Path(lab.state.dir) / "gateway-g1"),
         "--metrics-listen", lab_gateway.METRICS_LISTEN, "--log-format", "json"])

@@ -64,15 +64,19 @@ def test_gateway_unit_grants_only_net_admin_and_net_raw():
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
 
 
-def test_interface_unit_and_gateway_config_render():
+def test_interface_unit_and_gateway_config_render(tmp_path):
     unit = _render("wgjit-wireguard.service.j2", ifname="wgjit0", listen_port=51820,
                    private_key=paths.GATEWAY_KEY, addresses=["198.18.0.1/16", "fd00::1/64"])
     assert "ip link add wgjit0 type wireguard" in unit
     assert unit.count("ip address add") == 2
     import tomllib
 
+    from appliance.tlsca import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "ca")
     conf = tomllib.loads(_render(
-        "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
+        "gateway.toml.j2", ifname="wgjit0", registry_url="https://192.0.2.2:8080",
+        registry_ca=str(ca.cert_file), allow_insecure_http=False,
         token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
         evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"],
@@ -83,11 +87,13 @@ def test_interface_unit_and_gateway_config_render():
     # The daemon's own resolver accepts every key the template writes.
     s = config.resolve(OPTIONS, {}, conf, "gateway", environ={})
     assert s["backend"] == "netlink" and s["capture_interface"] == ["eth0"]
+    assert s["registry_ca"] == str(ca.cert_file) and s["allow_insecure_http"] is False
     assert "private_key_file" not in conf["gateway"]  # the interface unit holds the key
     assert s["install_mode"] == "reinject" and "install_mode" not in conf["gateway"]
     conf = tomllib.loads(_render(
-        "gateway.toml.j2", ifname="wgjit0", registry_url="http://192.0.2.2:8080",
-        token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
+        "gateway.toml.j2", ifname="wgjit0", registry_url="https://192.0.2.2:8080",
+        registry_ca=str(ca.cert_file), allow_insecure_http=False, token_file=paths.GATEWAY_TOKEN,
+        state_dir=paths.GATEWAY_STATE, backend="netlink",
         listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
         evict_interval=30, handshake_grace=15, capture_interfaces=[],
         install_mode="invert"))
@@ -128,8 +134,10 @@ def test_example_inventory_groups():
     ("postgresql://wgjit@127.0.0.1:5432/wgjit", "/etc/wgjit/registry-db.password"),
 ])
 def test_registry_config_names_its_engine(db, password_file):
-    conf = tomllib.loads(_render("registry.toml.j2", db=db, db_password_file=password_file,
-                                 listen="127.0.0.1:8080", workers=2, threads=4))["registry"]
+    conf = tomllib.loads(_render(
+        "registry.toml.j2", db=db, db_password_file=password_file, listen="127.0.0.1:8080",
+        workers=2, threads=4, tls_cert=paths.REGISTRY_CERT, tls_key=paths.REGISTRY_KEY,
+    ))["registry"]
     assert conf["db"] == db
     assert conf.get("db_password_file") == password_file
 
@@ -139,3 +147,66 @@ def test_postgres_hosts_get_debians_server():
 
     assert "postgresql" in packages.for_roles("postgres")
     assert "postgresql" not in packages.for_roles("registry")
+
+
+def test_registry_config_renders_tls_that_serve_accepts():
+    import tomllib
+
+    from appliance import config
+    from appliance.registry.cli import SERVE_OPTIONS
+
+    conf = tomllib.loads(_render(
+        "registry.toml.j2", db=paths.REGISTRY_DB, listen="192.0.2.2:8080", workers=2, threads=4,
+        tls_cert=paths.REGISTRY_CERT, tls_key=paths.REGISTRY_KEY))
+    s = config.resolve(SERVE_OPTIONS, {}, conf, "registry", environ={})
+    assert (s["tls_cert"], s["tls_key"]) == (paths.REGISTRY_CERT, paths.REGISTRY_KEY)
+    assert s["listen"] == "192.0.2.2:8080"
+
+
+def test_registry_listens_on_its_management_address_not_everywhere():
+    from wgjit_deploy.registry import listen_address
+
+    assert listen_address({"registry_url": "https://192.0.2.2:8080"}, "reg") == "192.0.2.2:8080"
+    assert listen_address({"registry_url": "https://[2001:db8::2]:8443"}, "reg") == \
+        "[2001:db8::2]:8443"
+    # An explicit registry_listen still wins.
+    assert listen_address({"registry_url": "https://192.0.2.2:8080",
+                           "registry_listen": "0.0.0.0:8080"}, "reg") == "0.0.0.0:8080"
+    with pytest.raises(DeployError, match="registry_url is not set"):
+        listen_address({}, "reg")
+    import group_data.registry as defaults
+
+    assert defaults.registry_listen is None
+
+
+def test_plain_http_registry_url_is_refused_before_anything_changes():
+    from wgjit_deploy.tls import check_registry_url
+
+    with pytest.raises(DeployError, match=r"gw1: registry_url: http://192\.0\.2\.2:8080 is plain"):
+        check_registry_url("http://192.0.2.2:8080", "gw1", False)
+    assert check_registry_url("http://192.0.2.2:8080", "gw1", True)
+    assert check_registry_url("https://192.0.2.2:8080", "gw1", False)
+
+
+def test_fleet_ca_issues_the_registry_certificate_once(tmp_path, monkeypatch):
+    from cryptography import x509
+
+    from appliance.tlsca import cert_names
+    from wgjit_deploy import tls
+
+    monkeypatch.setenv("WGJIT_CA_DIR", str(tmp_path / "ca"))
+    tls.fleet_ca.cache_clear()
+    try:
+        names = tls.registry_names("https://registry.example.net:8080", "registry",
+                                   {"ssh_hostname": "192.0.2.2",
+                                    "registry_tls_names": ["198.51.100.2"]})
+        assert names == ["registry.example.net", "registry", "192.0.2.2", "198.51.100.2"]
+        cert, key = tls.registry_certificate("registry", names)
+        assert sorted(cert_names(x509.load_pem_x509_certificate(cert.encode()))) == \
+            sorted(names)
+        assert (tmp_path / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "ca" / "issued" / "registry.key").stat().st_mode & 0o777 == 0o600
+        # The next deploy gets the very same files: nothing to upload, nothing to restart.
+        assert tls.registry_certificate("registry", names) == (cert, key)
+    finally:
+        tls.fleet_ca.cache_clear()

@@ -79,7 +79,7 @@ def test_invert_installs_endpoint_and_trigger() -> None:
 
 def _mode(*argv: str) -> str:
     args = build_parser().parse_args(["gateway", "run", "--interface", "wg0", "--registry",
-                                      "http://r", "--token-file", "t", *argv])
+                                      "https://r", "--token-file", "t", *argv])
     return settings_from(args)[0].install_mode
 
 

@@ -38,7 +38,7 @@ from appliance.registry.client import RegistryClient
 from tests.unit.test_evict import FakeDevice, sample
 from tests.unit.test_feed import FakeRegistry, key
 
-A, B, C = "http://192.0.2.2:8080", "http://192.0.2.3:8080", "http://192.0.2.4:8080"
+A, B, C = "https://192.0.2.2:8080", "https://192.0.2.3:8080", "https://192.0.2.4:8080"
 REGISTRY_OPTION = next(o for o in gateway_cli.OPTIONS if o.name == "registry")
 
 
@@ -184,7 +184,7 @@ class Net:
         clients = []
         for url in urls:
             session = requests.Session()
-            session.mount("http://", self.transport)
+            session.mount("https://", self.transport)
             clients.append(RegistryClient(url, "tok", timeout=1.0, session=session))
         self.servers = RegistryServers(clients, self.metrics, clock=self.clock,
                                        sleep=self.sleeps.append)

@@ -181,6 +181,33 @@ def test_gateway_runs_kernel_wireguard_with_only_its_capabilities(lab, first_run
                    check=True).stdout.strip() == "active"
 
 
+def _registry_url(lab: VMLab) -> str:
+    return f"https://{lab.state.vm(_registry_name(lab)).address4}:8080"
+
+
+def test_registry_serves_https_on_its_address_with_a_private_key(lab, first_run):
+    reg = _registry_name(lab)
+    st = lab.ssh(reg, ["stat", "-c", "%a %U", "/etc/wgjit/registry.key"], check=True)
+    assert st.stdout.split() == ["600", "wgjit-registry"]
+    # Listening on its management address only, not on every interface.
+    listening = lab.ssh(reg, ["ss", "-Htln", "sport = :8080"], check=True).stdout.split()
+    assert f"{lab.state.vm(reg).address4}:8080" in listening, listening
+    assert "0.0.0.0:8080" not in listening and "*:8080" not in listening
+    # The fleet CA's key stays on the controller: no host holds it.
+    assert lab.ssh(reg, ["test", "-e", "/etc/wgjit/ca.key"]).returncode == 1
+    assert Path(lab.ca_file).with_name("ca.key").stat().st_mode & 0o777 == 0o600
+    # The gateway verifies the registry against the fleet CA.
+    conf = lab.ssh(_gateway_name(lab), ["cat", "/etc/wgjit/gateway.toml"], check=True).stdout
+    assert f'registry = "{_registry_url(lab)}"' in conf
+    assert 'registry_ca = "/etc/wgjit/ca.pem"' in conf
+    # And a client that does not know the fleet CA is refused.
+    other = subprocess.run(
+        ["ip", "netns", "exec", lab.net, sys.executable, "-m", "appliance", "peer", "list",
+         "--registry", _registry_url(lab), "--token-file", lab.state.admin_token_file],
+        capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and "certificate verification failed" in other.stderr
+
+
 def test_registry_keeps_its_data_in_postgresql(lab, first_run):
     # The VM lab puts the registry VM in the postgres group too: Debian's PostgreSQL
     # on the same VM holds the registry's database (the fleet engine).
@@ -202,9 +229,9 @@ def test_registry_keeps_its_data_in_postgresql(lab, first_run):
 
 
 def _register(lab: VMLab, c) -> None:
-    reg_url = f"http://{lab.state.vm(_registry_name(lab)).address4}:8080"
     base = ["ip", "netns", "exec", lab.net, sys.executable, "-m", "appliance"]
-    auth = ["--registry", reg_url, "--token-file", lab.state.admin_token_file]
+    auth = ["--registry", _registry_url(lab), "--token-file", lab.state.admin_token_file,
+            "--registry-ca", lab.ca_file]
     subprocess.run([*base, "tenant", "add", "lab", *auth], capture_output=True, text=True,
                    timeout=60)  # it may exist already
     p = subprocess.run([*base, "peer", "add", *auth, "--tenant", "lab", "--public-key",
@@ -293,8 +320,8 @@ def test_client_role_on_a_vm_connects_through_the_gateway(lab, first_run, tmp_pa
     client_key = lab.ssh(reg, ["wg", "show", "wgjit", "public-key"], check=True).stdout.strip()
     shown = subprocess.run(
         ["ip", "netns", "exec", lab.net, sys.executable, "-m", "appliance", "peer", "show",
-         "--registry", f"http://{lab.state.vm(reg).address4}:8080", "--token-file",
-         lab.state.admin_token_file, "--json", client_key],
+         "--registry", _registry_url(lab), "--token-file", lab.state.admin_token_file,
+         "--registry-ca", lab.ca_file, "--json", client_key],
         capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["allowed_ips"] == [address]

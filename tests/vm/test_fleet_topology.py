@@ -62,7 +62,7 @@ def test_vagrant_and_vm_lab_describe_the_same_fleet(tmp_path, monkeypatch, gatew
         assert h["ip"] == data["ssh_hostname"]
         assert h["data"].get("wg_address") == data.get("wg_address")
     reg = next(h for h in vagrant if h["groups"] == ["registry"])
-    assert all(data["registry_url"] == f"http://{reg['ip']}:{addressing.REGISTRY_PORT}"
+    assert all(data["registry_url"] == f"https://{reg['ip']}:{addressing.REGISTRY_PORT}"
                for _, data in vm_servers.values())
     # Clients: the lab's tunnel plan and round-robin gateways; on the servers' net.
     v_clients = [h for h in vagrant if h["groups"] == ["clients"]]
