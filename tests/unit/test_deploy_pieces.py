@@ -156,7 +156,8 @@ def test_registry_config_renders_tls_that_serve_accepts():
     from appliance.registry.cli import SERVE_OPTIONS
 
     conf = tomllib.loads(_render(
-        "registry.toml.j2", db=paths.REGISTRY_DB, listen="192.0.2.2:8080", workers=2, threads=4,
+        "registry.toml.j2", db=paths.REGISTRY_DB, db_password_file=None,
+        listen="192.0.2.2:8080", workers=2, threads=4,
         tls_cert=paths.REGISTRY_CERT, tls_key=paths.REGISTRY_KEY))
     s = config.resolve(SERVE_OPTIONS, {}, conf, "registry", environ={})
     assert (s["tls_cert"], s["tls_key"]) == (paths.REGISTRY_CERT, paths.REGISTRY_KEY)
