@@ -46,6 +46,7 @@ from appliance.registry.store.shared import (
     chunks,
     duplicate,
     feed_page,
+    peer_dict,
 )
 from appliance.secrets import read_secret
 
@@ -140,21 +141,6 @@ TENANT_SELECT = (
 )
 
 PEER_SELECT = "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id = p.tenant_id"
-
-
-def _peer_dict(row: dict, ips: list[str]) -> dict:
-    return {
-        "public_key": row["public_key"],
-        "tenant": row["tenant"],
-        "name": row["name"],
-        "allowed_ips": ips,
-        "has_preshared_key": row["preshared_key"] is not None,
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "revoked": row["revoked_at"] is not None,
-        "revoked_at": row["revoked_at"],
-        "tenant_id": row["tenant_id"],
-    }
 
 
 class PostgresStore(Store):
@@ -383,7 +369,7 @@ class PostgresStore(Store):
                               (public_key,)).fetchone()
             if row is None:
                 return None
-            return _peer_dict(row, self._peer_ips(cur, [row["id"]])[row["id"]])
+            return peer_dict(row, self._peer_ips(cur, [row["id"]])[row["id"]])
 
     def list_peers(self, after: int, limit: int, tenant_ids: Iterable[int] = (),
                    revoked: bool | None = None) -> tuple[list[dict], int | None]:
@@ -401,7 +387,7 @@ class PostgresStore(Store):
             more = len(rows) > limit
             rows = rows[:limit]
             ips = self._peer_ips(cur, [r["id"] for r in rows])
-        return [_peer_dict(r, ips[r["id"]]) for r in rows], rows[-1]["id"] if more else None
+        return [peer_dict(r, ips[r["id"]]) for r in rows], rows[-1]["id"] if more else None
 
     # bulk
 

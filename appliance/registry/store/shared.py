@@ -1,4 +1,4 @@
-"""What both engines' bulk paths and feed pages share (no SQL here)."""
+"""What both engines' rows, bulk paths and feed pages share (no SQL here)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from appliance.registry.store import Conflict, NewPeer
+
+
+def peer_dict(row: Any, ips: list[str]) -> dict:
+    """A peer as the API shows it, from a row of `SELECT p.*, t.name AS tenant` (a
+    sqlite3.Row or a psycopg dict row) and its networks in order."""
+    return {
+        "public_key": row["public_key"],
+        "tenant": row["tenant"],
+        "name": row["name"],
+        "allowed_ips": ips,
+        "has_preshared_key": row["preshared_key"] is not None,
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "revoked": row["revoked_at"] is not None,
+        "revoked_at": row["revoked_at"],
+        "tenant_id": row["tenant_id"],
+    }
 
 
 def chunks(items: Iterable[NewPeer], size: int) -> Iterator[list[NewPeer]]:

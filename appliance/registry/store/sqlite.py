@@ -28,6 +28,7 @@ from appliance.registry.store.shared import (
     chunks,
     duplicate,
     feed_page,
+    peer_dict,
 )
 
 BUSY_TIMEOUT_MS = 10_000
@@ -174,21 +175,6 @@ def _statements(script: str) -> Iterator[str]:
             buf = ""
     if buf.strip() and not buf.strip().startswith("--"):
         yield buf
-
-
-def _peer_dict(row: sqlite3.Row, ips: list[str]) -> dict:
-    return {
-        "public_key": row["public_key"],
-        "tenant": row["tenant"],
-        "name": row["name"],
-        "allowed_ips": ips,
-        "has_preshared_key": row["preshared_key"] is not None,
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "revoked": row["revoked_at"] is not None,
-        "revoked_at": row["revoked_at"],
-        "tenant_id": row["tenant_id"],
-    }
 
 
 class SqliteStore(Store):
@@ -411,7 +397,7 @@ class SqliteStore(Store):
             row = self._peer_row(public_key, None)
         except LookupError:
             return None
-        return _peer_dict(row, self._peer_ips([row["id"]])[row["id"]])
+        return peer_dict(row, self._peer_ips([row["id"]])[row["id"]])
 
     def list_peers(self, after: int, limit: int, tenant_ids: Iterable[int] = (),
                    revoked: bool | None = None) -> tuple[list[dict], int | None]:
@@ -429,7 +415,7 @@ class SqliteStore(Store):
         more = len(rows) > limit
         rows = rows[:limit]
         ips = self._peer_ips([r["id"] for r in rows])
-        return [_peer_dict(r, ips[r["id"]]) for r in rows], rows[-1]["id"] if more else None
+        return [peer_dict(r, ips[r["id"]]) for r in rows], rows[-1]["id"] if more else None
 
     # bulk
 
