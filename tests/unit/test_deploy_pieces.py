@@ -116,3 +116,12 @@ def test_example_inventory_groups():
     out = p.stdout + p.stderr
     assert "--> Groups: registry, example" in out
     assert out.count("--> Groups: gateways, example") == 2
+
+
+def test_machine_name_drops_a_connectors_prefix():
+    from wgjit_deploy.operations import machine_name
+
+    assert machine_name("@vagrant/gw1") == "gw1"
+    assert machine_name("@docker/abc") == "abc"
+    assert machine_name("gw1") == "gw1"
+    assert machine_name("192.0.2.11") == "192.0.2.11"
