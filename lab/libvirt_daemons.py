@@ -57,9 +57,7 @@ class Libvirt:
         p = self.virsh("vol-list", "--pool", pool)
         if p.returncode != 0:
             raise LibvirtError(f"virsh vol-list {pool}: {p.stderr.strip()}")
-        # A table: " Name   Path", a rule of dashes, then one volume a line.
-        rows = p.stdout.splitlines()[2:]
-        return [row.split()[0] for row in rows if row.strip()]
+        return vol_names(p.stdout)
 
     def netns_pids(self) -> list[int]:
         """Processes in our namespace (libvirt's daemons, qemu, dnsmasq); [] without one."""
@@ -67,6 +65,13 @@ class Libvirt:
             return []
         p = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True)
         return [int(x) for x in p.stdout.split()]
+
+
+def vol_names(vol_list: str) -> list[str]:
+    """The names in `virsh vol-list` output: " Name  Path", a rule of dashes, a row each."""
+    rows = vol_list.splitlines()
+    start = next((i + 1 for i, row in enumerate(rows) if set(row.strip()) == {"-"}), len(rows))
+    return [row.split()[0] for row in rows[start:] if row.strip()]
 
 
 def answering() -> bool:
@@ -77,7 +82,7 @@ def answering() -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,9 +104,9 @@ def _stop(pid: int, timeout: float = 30) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -146,7 +151,7 @@ def running(progress: Callable[[str], None] | None = None) -> Iterator[Libvirt]:
             started[daemon] = _start(NETNS, daemon)
         deadline = time.monotonic() + 60
         while not answering():
-            if time.monotonic() > deadline or not _alive(started["libvirtd"]):
+            if time.monotonic() > deadline or not alive(started["libvirtd"]):
                 raise LibvirtError("libvirtd started but does not answer on " + URI)
             time.sleep(0.5)
         say(f"started virtlogd ({started['virtlogd']}) and libvirtd ({started['libvirtd']}) "

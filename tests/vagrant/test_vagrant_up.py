@@ -26,6 +26,7 @@ import pytest
 from appliance.registry import tokens
 from appliance.secrets import write_secret
 from lab import libvirt_daemons, vagrant_box
+from wgjit_deploy.wheels import wheelhouse
 
 pytestmark = [pytest.mark.vagrant, pytest.mark.slow, pytest.mark.timeout(5400)]
 
@@ -86,7 +87,7 @@ def libvirt():
                   "volumes": set(lv.volumes()), "qemu": set(_qemu_pids())}
         yield lv, before
     for daemon, pid in lv.started.items():
-        assert not Path(f"/proc/{pid}").exists(), f"{daemon} ({pid}) still running"
+        assert not libvirt_daemons.alive(pid), f"{daemon} ({pid}) still running"
     if lv.netns:
         assert lv.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                               text=True).stdout.split()
@@ -98,12 +99,15 @@ def fleet(libvirt, tmp_path_factory):
     t0 = time.monotonic()
     box = vagrant_box.ensure_box(progress=_say)
     _timed("box (build and add; 0 when cached)", t0)
+    # libvirt's namespace has no route to the package index: the wheels the deploy
+    # uploads are built (or found in the cache) out here first.
+    wheelhouse()
     secrets_dir = tmp_path_factory.mktemp("vagrant-secrets")
     env = {
         **os.environ,
         # The Vagrantfile's trigger runs `pyinfra`: this checkout's.
         "PATH": f"{ROOT / '.venv/bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "VAGRANT_DEFAULT_PROVIDER": "libvirt",
+        "VAGRANT_DEFAULT_PROVIDER": "libvirt", "PYINFRA_PROGRESS": "off",
         "WGJIT_VAGRANT_BOX": vagrant_box.BOX_NAME,
         # /dev/kvm exists on the lab machines but guests never start with it.
         "WGJIT_LIBVIRT_DRIVER": os.environ.get("WGJIT_LIBVIRT_DRIVER", "qemu"),
