@@ -140,6 +140,17 @@ def added_versions(box_list: str) -> list[str]:
     return [m.group(1) for line in box_list.splitlines() if (m := pat.match(line))]
 
 
+def volume_prefix() -> str:
+    """How vagrant-libvirt names the pool volume it uploads a version of this box to."""
+    return BOX_NAME.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+
+
+def stale_volumes(volumes: list[str], version: str) -> list[str]:
+    """Volumes of older versions of this box: `vagrant box remove` leaves them in the pool."""
+    return [v for v in volumes
+            if v.startswith(volume_prefix()) and v != f"{volume_prefix()}{version}_box.img"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Box:
     path: Path  # the .box file
@@ -314,6 +325,7 @@ def ensure_box(*, progress: Callable[[str], None] | None = None) -> Box:
     say = progress or (lambda _m: None)
     path, recipe, build_seconds = build_box(progress=progress)
     version = box_version(recipe)
+    _drop_stale_volumes(version, say)
     if version in added_versions(vagrant_box_list()):
         return Box(path, recipe, version, build_seconds, 0.0)
     t0 = time.monotonic()
@@ -330,6 +342,21 @@ def ensure_box(*, progress: Callable[[str], None] | None = None) -> Box:
             subprocess.run(["vagrant", "box", "remove", "--force", "--provider", "libvirt",
                             "--box-version", old, BOX_NAME], capture_output=True, timeout=300)
     return Box(path, recipe, version, build_seconds, time.monotonic() - t0)
+
+
+def _drop_stale_volumes(version: str, say: Callable[[str], None]) -> None:
+    """Delete older versions' volumes from libvirt's default pool, when libvirtd runs."""
+    from lab.libvirt_daemons import Libvirt, LibvirtError, answering
+
+    if not answering():
+        return
+    lv = Libvirt(None, {})
+    try:
+        for vol in stale_volumes(lv.volumes(), version):
+            say(f"deleting {vol} (an older version of the box) from libvirt's default pool")
+            lv.virsh("vol-delete", "--pool", "default", vol)
+    except LibvirtError as e:
+        say(f"could not list libvirt's volumes: {e}")
 
 
 def main() -> int:

@@ -148,3 +148,13 @@ def test_boot_code_refuses_what_does_not_fit(tmp_path):
         vagrant_box.write_boot_code(disk, b"\0" * 510 + b"\x55\xaa",
                                     b"x" * vagrant_box.PART_OFFSET)
     assert disk.read_bytes() == before
+
+
+def test_stale_volumes_are_older_versions_of_this_box_only():
+    prefix = "wgjit-VAGRANTSLASH-bookworm-lab_vagrant_box_image_"
+    assert vagrant_box.volume_prefix() == prefix
+    vols = [f"{prefix}0.5_box.img", f"{prefix}0.7_box.img", "vagrant_c1.img",
+            "debian-VAGRANTSLASH-bookworm64_vagrant_box_image_12.1_box.img"]
+    assert vagrant_box.stale_volumes(vols, "0.7") == [f"{prefix}0.5_box.img"]
+    assert vagrant_box.stale_volumes(vols, "0.9") == [f"{prefix}0.5_box.img",
+                                                      f"{prefix}0.7_box.img"]
