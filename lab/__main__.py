@@ -1,4 +1,4 @@
-"""`python -m lab up|status|connect|disconnect|down|demo`: the network-namespace lab.
+"""`python -m lab up|status|connect|disconnect|down|demo|vm|vagrant-box`: the network-namespace lab.
 
 Run as root from the repository root (the `lab` package is not installed).
 """
@@ -230,7 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm_cli.add_arguments(sub.add_parser("vm", help="the VM lab: Debian VMs with kernel "
                                         "WireGuard, the deploy's targets"))
+    vbox = sub.add_parser("vagrant-box", help="build the libvirt Vagrant box wgjit/bookworm-lab "
+                          "from the VM lab's package cache and add it to Vagrant")
+    vbox.set_defaults(func=cmd_vagrant_box)
     return p
+
+
+def cmd_vagrant_box(args: argparse.Namespace) -> int:
+    from lab import vagrant_box
+
+    try:
+        return vagrant_box.main()
+    except vagrant_box.VMImageError as e:
+        raise LabError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:

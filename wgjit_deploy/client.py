@@ -20,7 +20,7 @@ from pyinfra.operations.util import any_changed
 
 from wgjit_deploy import packages, paths, secrets, tls
 from wgjit_deploy.facts import WireGuardPublicKey
-from wgjit_deploy.operations import wireguard_private_key
+from wgjit_deploy.operations import machine_name, wireguard_private_key
 
 TIMEOUT = 10
 
@@ -82,7 +82,7 @@ def client_config(path: str, registry_url: str, tenant: str, address: str, gatew
             raise OperationError(f"no public key for {host.name if not own else gateway} yet")
         return
     token = secrets.reveal(secrets.token("admin", host.data.get("admin_token_file")))
-    peer = registry_peer(registry_url, token, tenant, own, [address], host.name,
+    peer = registry_peer(registry_url, token, tenant, own, [address], machine_name(host.name),
                          str(tls.fleet_ca().cert_file))
     conf = render(peer, gw_file.read_text().strip(), endpoint, gateway_ips)
     yield from files.put._inner(src=StringIO(conf), dest=path, user="root", group="root",

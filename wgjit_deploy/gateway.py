@@ -16,7 +16,13 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from wgjit_deploy import paths, secrets, tls
-from wgjit_deploy.operations import public_key, secret_file, wait_healthy, wireguard_private_key
+from wgjit_deploy.operations import (
+    machine_name,
+    public_key,
+    secret_file,
+    wait_healthy,
+    wireguard_private_key,
+)
 
 WG_UNIT = "wgjit-wireguard.service"
 UNIT = "wgjit-gateway.service"
@@ -40,7 +46,8 @@ def gateway_role(release: str) -> None:
                f"{paths.CA_CERT}")
     key = wireguard_private_key(name=f"{paths.GATEWAY_KEY} (made here, never copied)",
                                 path=paths.GATEWAY_KEY, user="root", group="root")
-    public_key(name="gateway public key", private_key=paths.GATEWAY_KEY, host_name=host.name,
+    public_key(name="gateway public key", private_key=paths.GATEWAY_KEY,
+               host_name=machine_name(host.name),
                local_dir=os.environ.get("WGJIT_PUBKEY_DIR") or data.get("pubkey_dir"))
     conf = files.template(
         name=paths.GATEWAY_CONFIG, src=str(paths.TEMPLATES / "gateway.toml.j2"),

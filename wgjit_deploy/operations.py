@@ -60,6 +60,15 @@ def wireguard_private_key(path: str, user: str, group: str):
            f"mv -f {tmp} {q(path)}")
 
 
+def machine_name(host_name: str) -> str:
+    """A host's name without its connector's prefix: `@vagrant/gw1` -> `gw1`.
+
+    Inventories name the fleet's machines (a client's `gateway` data, the .pub files);
+    connectors such as @vagrant prefix those names with their own.
+    """
+    return host_name.rpartition("/")[2] if host_name.startswith("@") else host_name
+
+
 @operation()
 def public_key(private_key: str, host_name: str, local_dir: str | None = None):
     """Print the public key of `private_key` (and keep it in local_dir/<name>.pub).

@@ -211,3 +211,12 @@ def test_fleet_ca_issues_the_registry_certificate_once(tmp_path, monkeypatch):
         assert tls.registry_certificate("registry", names) == (cert, key)
     finally:
         tls.fleet_ca.cache_clear()
+
+
+def test_machine_name_drops_a_connectors_prefix():
+    from wgjit_deploy.operations import machine_name
+
+    assert machine_name("@vagrant/gw1") == "gw1"
+    assert machine_name("@docker/abc") == "abc"
+    assert machine_name("gw1") == "gw1"
+    assert machine_name("192.0.2.11") == "192.0.2.11"
