@@ -62,11 +62,15 @@ RTTS = [0.0, 20.0, 100.0, 250.0]
 TARGET_MS = 10.0  # re-injection p50 - pre-provisioned p50, at every RTT
 
 
-def run_cell(rtt: float, clients: int, spacing: float, timeout: float) -> dict:
+def run_cell(rtt: float, clients: int, spacing: float, timeout: float,
+             dataplane: str = "wireguard-go") -> dict:
     """One lab at one RTT: every mode side by side; results per gateway."""
     gws = list(MODES)
+    # Inside a VM (kernel WireGuard) Python is emulated: daemons need minutes to start.
+    slow = {"daemon_start_timeout": 300.0} if dataplane == "kernel" else {}
     spec = spec_for(gateways=[MODES[g][1] for g in gws], clients=clients * len(gws),
-                    daemon_args={g: MODES[g][2] for g in gws if MODES[g][2]}, rtt=rtt)
+                    daemon_args={g: MODES[g][2] for g in gws if MODES[g][2]}, rtt=rtt,
+                    dataplane=dataplane, **slow)
     say(f"RTT {rtt:g} ms: {clients} clients x {len(gws)} gateways")
     with lab_running(spec) as lab:
         lab_clients = lab.state.clients
@@ -113,6 +117,25 @@ def run_cell(rtt: float, clients: int, spacing: float, timeout: float) -> dict:
     return results
 
 
+def in_kernel_vm(args: argparse.Namespace, rtts: list[float]) -> int:
+    """This bench, inside a quick VM with kernel WireGuard; its JSON copied out."""
+    from lab.vm import VM
+
+    with VM(cpus=2, memory_mb=2048, echo=True) as vm:
+        inner = vm.shared_dir / "connect.json"
+        argv = [".venv/bin/python", "bench/connect.py", "--dataplane", "kernel",
+                "--clients", str(args.clients), "--spacing", str(args.spacing),
+                "--timeout", str(args.timeout), "--json", str(inner)]
+        for rtt in rtts:
+            argv += ["--rtt", f"{rtt:g}"]
+        result = vm.run(argv, timeout=3600)
+        if result.returncode != 0:
+            return result.returncode
+        if args.json:
+            args.json.write_text(inner.read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=15, help="clients per mode and RTT (15)")
@@ -123,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
                          "250 ms, so connects rarely overlap)")
     ap.add_argument("--timeout", type=float, default=15.0, help="per client (15)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--dataplane", choices=["wireguard-go", "kernel"], default="wireguard-go",
+                    help="kernel: kernel WireGuard interfaces (needs the module: inside a VM)")
+    ap.add_argument("--kernel-vm", action="store_true",
+                    help="boot a quick VM (lab/vm.py) and run this bench inside it on kernel "
+                         "WireGuard; under emulation, so compare modes, not absolute times")
     args = ap.parse_args(argv)
     rtts = args.rtt or RTTS
+    if args.kernel_vm:
+        return in_kernel_vm(args, rtts)
 
     info = RunInfo()
-    cells = {f"{rtt:g}": run_cell(rtt, args.clients, args.spacing, args.timeout)
+    cells = {f"{rtt:g}": run_cell(rtt, args.clients, args.spacing, args.timeout,
+                                  args.dataplane)
              for rtt in rtts}
     info.finish()
 
