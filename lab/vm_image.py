@@ -39,7 +39,7 @@ from lab.vm_kernel import (
     Kernel,
     VMImageError,
     choose,
-    installed_kernels,
+    kernels_with,
     module_files,
     modules_to_load,
 )
@@ -206,15 +206,8 @@ def find_disk_kernel() -> Kernel:
 
     A disk root needs no 9p, so Debian's cloud kernel serves as well as the full one.
     """
-    usable = []
-    for kernel in installed_kernels():
-        try:
-            modules_to_load(kernel.version, {**ROOT_DRIVERS, **REQUIRED_DRIVERS})
-        except VMImageError:
-            continue
-        usable.append(kernel)
-    return choose(usable, ", ".join([*ROOT_DRIVERS, *REQUIRED_DRIVERS])
-                  + " built in or as modules")
+    return choose(kernels_with({**ROOT_DRIVERS, **REQUIRED_DRIVERS}),
+                  ", ".join([*ROOT_DRIVERS, *REQUIRED_DRIVERS]) + " built in or as modules")
 
 
 def recipe_hash(kernel: Kernel, mirror: str) -> str:

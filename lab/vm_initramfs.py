@@ -28,7 +28,7 @@ from lab.vm_kernel import (
     Kernel,
     VMImageError,
     choose,
-    installed_kernels,
+    kernels_with,
     module_files,
     modules_to_load,
 )
@@ -70,14 +70,7 @@ def boot_modules(version: str) -> list[Path]:
 
 def usable_kernels() -> list[Kernel]:
     """Kernels in /boot that can boot a quick VM, in preference order (stock first)."""
-    found = []
-    for kernel in installed_kernels():
-        try:
-            boot_modules(kernel.version)
-        except VMImageError:
-            continue
-        found.append(kernel)
-    return found
+    return kernels_with(BOOT_DRIVERS)
 
 
 def find_kernel() -> Kernel:

@@ -160,6 +160,18 @@ def installed_kernels() -> list[Kernel]:
                   reverse=True)
 
 
+def kernels_with(drivers: Mapping[str, str]) -> list[Kernel]:
+    """Installed kernels that have every one of `drivers`, built in or as modules."""
+    found = []
+    for kernel in installed_kernels():
+        try:
+            modules_to_load(kernel.version, drivers)
+        except VMImageError:
+            continue
+        found.append(kernel)
+    return found
+
+
 def choose(kernels: list[Kernel], usable: str) -> Kernel:
     """The preferred kernel of `kernels` (already in preference order); $WGJIT_VM_KERNEL wins.
 
