@@ -34,7 +34,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from lab.vm_image import SUITE, _lock, _run, cache_dir, debian_mirror, image_packages
+from lab.vm_image import (
+    SUITE,
+    _lock,
+    _run,
+    cache_dir,
+    debian_mirror,
+    debootstrap,
+    image_packages,
+    require_tools,
+)
 from lab.vm_kernel import VMImageError
 
 BOX_NAME = "wgjit/bookworm-lab"
@@ -268,14 +277,10 @@ def build_box(*, progress: Callable[[str], None] | None = None) -> tuple[Path, s
     with _lock(root_dir / "build.lock"):
         if out.is_file():
             return out, recipe, 0.0
-        for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "sfdisk", "tar"):
-            if shutil.which(tool) is None:
-                raise VMImageError(f"{tool} not found: apt-get install debootstrap e2fsprogs "
-                                   "qemu-utils fdisk tar")
+        require_tools({"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs",
+                       "qemu-img": "qemu-utils", "sfdisk": "fdisk", "tar": "tar"})
         t0 = time.monotonic()
         out.parent.mkdir(parents=True, exist_ok=True)
-        debs = root_dir / "debs"
-        debs.mkdir(exist_ok=True)
         log = out.with_suffix(".log")
         log.write_text("")
         say(f"building {out.name}: debootstrap {SUITE} from {mirror} (log {log})")
@@ -283,8 +288,7 @@ def build_box(*, progress: Callable[[str], None] | None = None) -> tuple[Path, s
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
             t = Path(tmp)
             root = t / "root"
-            _run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
-                  "--include=" + ",".join(box_packages()), SUITE, str(root), mirror], log)
+            debootstrap(root, box_packages(), mirror, log)
             say(f"debootstrap done after {time.monotonic() - t0:.0f}s; disk and box")
             _configure(root, mirror, pubkey, fs_uuid)
             _make_disk(root, t / "disk.raw", fs_uuid, log)

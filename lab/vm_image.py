@@ -242,6 +242,22 @@ def _run(argv: list[str], log: Path, timeout: float = 900) -> None:
         raise VMImageError(f"{argv[0]} failed ({p.returncode}); log {log}:\n{tail}")
 
 
+def require_tools(tools: dict[str, str]) -> None:
+    """tools: command -> the Debian package that has it; a missing one names both."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise VMImageError(f"{', '.join(missing)} not found: apt-get install "
+                           + " ".join(sorted({tools[t] for t in missing})))
+
+
+def debootstrap(root: Path, packages: list[str], mirror: str, log: Path) -> None:
+    """A minbase SUITE in `root`, through the .deb cache every image built here shares."""
+    debs = cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
+          "--include=" + ",".join(packages), SUITE, str(root), mirror], log)
+
+
 def _configure(root: Path, kernel: Kernel, mirror: str) -> None:
     shutil.copytree(MODULES_DIR / kernel.version, root / "lib/modules" / kernel.version,
                     symlinks=True, dirs_exist_ok=True)
@@ -281,21 +297,16 @@ def build_image(*, progress: Callable[[str], None] | None = None) -> Image:
         initrd = out.with_suffix(".initrd")
         if out.is_file() and initrd.is_file():
             return Image(out, initrd, kernel, recipe, 0.0)
-        for tool in ("debootstrap", "mkfs.ext4", "qemu-img"):
-            if shutil.which(tool) is None:
-                raise VMImageError(f"{tool} not found: apt-get install debootstrap e2fsprogs "
-                                   "qemu-utils")
+        require_tools({"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs",
+                       "qemu-img": "qemu-utils"})
         t0 = time.monotonic()
         out.parent.mkdir(parents=True, exist_ok=True)
-        debs = root_dir / "debs"
-        debs.mkdir(exist_ok=True)
         log = out.with_suffix(".log")
         log.write_text("")
         say(f"building {out.name}: debootstrap {SUITE} from {mirror} (log {log})")
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
             root = Path(tmp) / "root"
-            _run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
-                  "--include=" + ",".join(image_packages()), SUITE, str(root), mirror], log)
+            debootstrap(root, image_packages(), mirror, log)
             _configure(root, kernel, mirror)
             _build_initrd(kernel, Path(tmp) / "initrd")
             partial = Path(tmp) / "disk.raw"
