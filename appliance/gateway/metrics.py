@@ -92,7 +92,7 @@ class GatewayMetrics:
         self.reconciles = Counter("wgjit_gateway_reconciles_total",
                                   "Full reconciles against the registry", registry=r)
         self.missed_jobs = Counter("wgjit_gateway_scheduler_missed_total",
-                                   "Scheduled runs missed or skipped, by job", ["job"],
+                                   "Scheduled runs missed or skipped, by job", ["task"],
                                    registry=r)
 
         self.cookie_replies = Counter(
