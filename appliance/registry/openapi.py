@@ -80,8 +80,13 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"cursor": {"type": "integer"},
                                "op": {"enum": ["create", "update", "revoke", "restore", "delete"]},
                                "public_key": KEY, "tenant": {"type": "string"},
-                               "at": {"type": "string"}}}},
+                               "at": {"type": "string"},
+                               "digest": {"type": "string", "description": "identifies "
+                                          "this change beyond its cursor number"}}}},
             "cursor": {"type": "integer"}, "latest": {"type": "integer"},
+            "cursor_digest": {"type": ["string", "null"]},
+            "since_digest": {"type": ["string", "null"]},
+            "latest_digest": {"type": ["string", "null"]},
             "earliest": {"type": "integer"}, "more": {"type": "boolean"},
             "feed_id": {"type": "string"},
         },
@@ -180,8 +185,12 @@ def spec() -> dict:
                        {"200": _json("GatewayPeer")}, "401 403 404"),
         },
         "/v1/gateway/changes": {
-            "get": _op("Change feed after a cursor", {"200": _json("Changes")}, "400 401 403",
+            "get": _op("Change feed after a cursor; 409 cursor_mismatch when `digest` does "
+                       "not name the change stored at `since`", {"200": _json("Changes")},
+                       "400 401 403 409",
                        params=[_q("since", {"type": "integer", "minimum": 0}, "last cursor seen"),
+                               _q("digest", {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                  "digest of the change at `since` (cursor_digest)"),
                                _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                                   "page size")]),
         },

@@ -512,9 +512,12 @@ class PostgresStore(Store):
                 " ORDER BY cursor LIMIT %s", (*params, limit + 1)).fetchall()
             bounds = cur.execute("SELECT min(cursor) AS lo, max(cursor) AS hi FROM changes"
                                  ).fetchone()
+            anchors = cur.execute("SELECT cursor, op, public_key, tenant, at FROM changes"
+                                  " WHERE cursor IN (%s, %s)",
+                                  (since, bounds["hi"] or 0)).fetchall()
             feed = cur.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
-                         feed["value"] if feed else "")
+                         feed["value"] if feed else "", anchors)
 
     def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
