@@ -6,10 +6,19 @@ seconds the gateway reads `/v1/gateway/changes?since=CURSOR` and
 - on revoke or delete: removes the peer from the device and the cache;
 - on update: refreshes the cache and updates an installed peer in place;
 - on create or restore: drops a negative cache entry so the key works now.
-The cursor is saved after each applied page. When the feed cannot be trusted
-to be complete (first start, a different database behind the registry, or
+The cursor is saved after each applied page, with the digest of the change at
+it: a restored backup (or commits lost to a power cut) hands the same cursor
+numbers out again for other changes, and only the digest tells (the registry
+answers 409 cursor_mismatch). When the feed cannot be trusted to be complete
+(first start, a different database behind the registry, a reused cursor, or
 changes older than our cursor already trimmed), every installed peer is
-checked against the registry instead: a full reconcile.
+checked against the registry instead: a full reconcile. As a last line of
+defence, `audit` has every installed peer checked again on a long period
+(`--reconcile-interval`), spread over the polls like adopted peers.
+
+While the feed is continuous the peer cache may keep entries past their TTL
+(cache.py): each reconcile starts a new feed epoch, and every poll that proves
+continuity says so to the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +32,12 @@ from appliance.gateway.cache import PeerCache
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import GatewayRegistry, PeerNotFound, RegistryUnavailable
+from appliance.gateway.pull import (
+    CursorMismatch,
+    GatewayRegistry,
+    PeerNotFound,
+    RegistryUnavailable,
+)
 from appliance.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
@@ -71,10 +85,24 @@ class FeedFollower:
         """Have these adopted peers checked against the registry on the next polls."""
         self._unchecked.update(keys)
 
+    def audit(self) -> None:
+        """Check every installed peer against the registry over the next polls.
+
+        The feed should make this redundant; it is what catches a change the
+        feed lost in a way no check above can see.
+        """
+        self._unchecked.update(self.installer.snapshot())
+
     @property
     def cursor(self) -> int | None:
         value = self.state.get("feed_cursor")
         return int(value) if value is not None else None
+
+    def _save(self, cursor: int, feed_id: str, digest: str | None) -> None:
+        self.state.set(feed_cursor=str(cursor), feed_id=feed_id, feed_digest=digest or "")
+        self.metrics.feed_cursor.set(cursor)
+        self.healthy = True
+        self.cache.feed_confirmed()
 
     def poll(self) -> int:
         """Apply everything new; returns how many changes were applied."""
@@ -101,13 +129,22 @@ class FeedFollower:
     def _follow(self) -> int:
         cursor = self.cursor
         feed_id = self.state.get("feed_id")
+        digest = self.state.get("feed_digest") or None
         if cursor is None:
             return self.reconcile("first start")
         applied = 0
         while True:
-            page = self.registry.changes(cursor)
+            try:
+                page = self.registry.changes(cursor, digest=digest)
+            except CursorMismatch:
+                return applied + self.reconcile("cursor reused: registry database restored"
+                                                " or rolled back")
             if feed_id and page["feed_id"] != feed_id:
                 return applied + self.reconcile("registry database replaced")
+            if digest is None and cursor > 0 and "since_digest" in page:
+                # A cursor saved before gateways kept digests (or with no change
+                # at it) cannot be checked: once, check everything instead.
+                return applied + self.reconcile("cursor without a digest")
             if page["changes"] and page["changes"][0]["cursor"] != cursor + 1 \
                     and page["earliest"] > cursor + 1:
                 return applied + self.reconcile("feed gap")
@@ -116,10 +153,8 @@ class FeedFollower:
             for change in page["changes"]:
                 self.apply(change)
                 applied += 1
-            cursor = page["cursor"]
-            self.state.set(feed_cursor=str(cursor), feed_id=page["feed_id"])
-            self.metrics.feed_cursor.set(cursor)
-            self.healthy = True
+            cursor, digest = page["cursor"], page.get("cursor_digest")
+            self._save(cursor, page["feed_id"], digest)
             if not page["more"]:
                 return applied
 
@@ -164,6 +199,9 @@ class FeedFollower:
         log.info("change feed: full reconcile (%s)", why)
         self.metrics.reconciles.inc()
         head = self.registry.changes(0, limit=1)
+        # After the head is read: an entry fetched from here on reflects every
+        # change up to the head, and the feed resumes at the head.
+        self.cache.new_feed_epoch()
         if why != "first start":
             # Cache entries may predate changes we never saw; installed peers
             # are put back by the refresh below.
@@ -171,7 +209,5 @@ class FeedFollower:
         for key in list(self.installer.snapshot()):
             self._refresh(key)
         self._unchecked.clear()
-        self.state.set(feed_cursor=str(head["latest"]), feed_id=head["feed_id"])
-        self.metrics.feed_cursor.set(head["latest"])
-        self.healthy = True
+        self._save(head["latest"], head["feed_id"], head.get("latest_digest"))
         return 0

@@ -46,6 +46,11 @@ class RegistryUnavailable(Exception):
     """The registry could not answer (down, timing out, 5xx, refusing our token)."""
 
 
+class CursorMismatch(Exception):
+    """The registry holds a different change at our feed cursor than the one we
+    applied (a restored backup, or commits lost to a power cut): reconcile."""
+
+
 class GatewayRegistry:
     """The registry's gateway API (peer lookups, change feed) as the daemon uses it."""
 
@@ -58,6 +63,8 @@ class GatewayRegistry:
         except RegistryError as e:
             if e.status == 404:
                 raise PeerNotFound(str(e)) from None
+            if e.status == 409 and e.error == "cursor_mismatch":
+                raise CursorMismatch(e.message) from None
             if e.status in (401, 403):
                 # Retrying will not fix a bad token; say so loudly, once per call.
                 log.error("registry refused the gateway token: %s", e.message)
@@ -70,8 +77,9 @@ class GatewayRegistry:
         """Salted digests of the active keys (keyfilter.py)."""
         return self._call(RegistryClient.gateway_keys, salt)
 
-    def changes(self, since: int, limit: int = 1000) -> dict:
-        return self._call(RegistryClient.changes, since, limit)
+    def changes(self, since: int, limit: int = 1000, digest: str | None = None) -> dict:
+        """A feed page; CursorMismatch when `digest` no longer names the change at `since`."""
+        return self._call(RegistryClient.changes, since, limit, digest)
 
 
 def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics, *,

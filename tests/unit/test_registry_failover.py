@@ -27,6 +27,7 @@ from appliance.gateway.feed import FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.pull import (
+    CursorMismatch,
     GatewayRegistry,
     PeerNotFound,
     RegistryUnavailable,
@@ -142,7 +143,12 @@ class FakeServers(requests.adapters.BaseAdapter):
                 return self._response(request, 404, {"error": "not_found", "message": k})
         if url.path == "/v1/gateway/changes":
             q = dict(urllib.parse.parse_qsl(url.query))
-            return self._response(request, 200, reg.changes(int(q["since"]), int(q["limit"])))
+            try:
+                page = reg.changes(int(q["since"]), int(q["limit"]), q.get("digest"))
+            except CursorMismatch as e:
+                return self._response(request, 409, {"error": "cursor_mismatch",
+                                                     "message": str(e)})
+            return self._response(request, 200, page)
         return self._response(request, 404, {"error": "not_found", "message": url.path})
 
     @staticmethod
