@@ -50,6 +50,7 @@ OPTIONS = [
     Option("handshake-grace", float, 15.0, check=config.positive),
     Option("max-peers", int, 0, check=_non_negative),
     Option("feed-interval", float, 5.0, check=config.positive),
+    Option("reconcile-interval", float, 3600.0, check=_non_negative),
     Option("backend", default="auto", check=_backend),
     Option("capture-interface", config.LIST, []),
     Option("address", config.LIST, []),
@@ -138,6 +139,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
       help="evict installed peers that never handshook after this (15)")
     a("--max-peers", type=int, metavar="N", help="cap on installed peers, 0 = none (0)")
     a("--feed-interval", type=float, metavar="SECONDS", help="change-feed poll period (5)")
+    a("--reconcile-interval", type=float, metavar="SECONDS",
+      help="check every installed peer against the registry this often, whatever the "
+           "feed says; 0: never (3600)")
     a("--backend", metavar="auto|netlink|uapi", help="device backend (auto)")
     a("--capture-interface", action="append", metavar="IFNAME",
       help="underlay interface to watch (repeatable; default: every Ethernet interface)")

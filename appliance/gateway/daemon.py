@@ -97,6 +97,7 @@ class GatewaySettings:
     handshake_grace: float = 15.0
     max_peers: int = 0
     feed_interval: float = 5.0
+    reconcile_interval: float = 3600.0  # feed.FeedFollower.audit; 0: never
     backend: str = "auto"
     capture_interfaces: list[str] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
@@ -226,6 +227,10 @@ class Gateway:
                                  self.metrics, self.evictor.removed_elsewhere,
                                  known=self.known)
         self.feed.check_adopted(adopted)
+        if self.feed.cursor is not None:
+            # Before capture: a continuous feed vouches for the cached peers
+            # (cache.py), so known clients come back without registry lookups.
+            self._poll_feed()
         self._workers = [threading.Thread(target=self._lookup_worker, name=f"pull_{n}",
                                           daemon=True) for n in range(s.workers)]
         for w in self._workers:
@@ -252,6 +257,8 @@ class Gateway:
         # check_handshakes lengthens it when reading the device gets expensive.
         self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
         self.jobs.every("cache_expire", 300, self.cache.expire)
+        if s.reconcile_interval > 0:
+            self.jobs.every("reconcile", s.reconcile_interval, self.feed.audit)
         self.jobs.every("registry_probe", PROBE_EVERY, self.registry.servers.probe)
         self.jobs.start()
 

@@ -9,6 +9,7 @@ tests/lab/test_cache_restart.py with the real registry and wireguard-go.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -119,7 +120,7 @@ def test_a_cache_from_before_epochs_is_upgraded(tmp_path) -> None:
     db.execute("CREATE TABLE peer_cache (public_key TEXT PRIMARY KEY, found INTEGER NOT NULL,"
                " data TEXT, fetched_at REAL NOT NULL)")
     db.execute("INSERT INTO peer_cache VALUES (?, 1, ?, 0)",
-               (KEY, '{"public_key": "%s", "allowed_ips": []}' % KEY))
+               (KEY, json.dumps({"public_key": KEY, "allowed_ips": []})))
     db.commit()
     db.close()
     clock, reg = Clock(), FakeRegistry()
