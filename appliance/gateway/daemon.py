@@ -257,10 +257,16 @@ class Gateway:
         # check_handshakes lengthens it when reading the device gets expensive.
         self.jobs.every("handshakes", HANDSHAKE_CHECK_MIN, self.check_handshakes)
         self.jobs.every("cache_expire", 300, self.cache.expire)
-        if s.reconcile_interval > 0:
-            self.jobs.every("reconcile", s.reconcile_interval, self.feed.audit)
+        self._schedule_audit(s.reconcile_interval)
         self.jobs.every("registry_probe", PROBE_EVERY, self.registry.servers.probe)
         self.jobs.start()
+
+    def _schedule_audit(self, seconds: float) -> None:
+        """The periodic check of every installed peer (FeedFollower.audit); 0: none."""
+        if self.scheduler.get_job("reconcile") is not None:
+            self.scheduler.remove_job("reconcile")
+        if seconds > 0:
+            self.jobs.every("reconcile", seconds, self.feed.audit)
 
     def stop(self) -> None:
         """Drain: no new captures, finish running installs, stop jobs, close."""
@@ -327,6 +333,8 @@ class Gateway:
             self.gate = build_gate(settings, self.responder, self._served_here)
         self.jobs.reschedule("evict", settings.evict_interval)
         self.jobs.reschedule("feed", settings.feed_interval)
+        if settings.reconcile_interval != old.reconcile_interval:
+            self._schedule_audit(settings.reconcile_interval)
         events.emit("config_reloaded", idle_timeout=settings.idle_timeout,
                     evict_interval=settings.evict_interval, rate=settings.rate)
 
