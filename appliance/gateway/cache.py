@@ -59,6 +59,7 @@ class CachePolicy:
     # Entries of the feed's epoch stay valid this long after the feed last proved
     # continuous: a dozen polls at the default 5 s interval, so one slow or
     # missed poll on a loaded machine does not send every client to the registry.
+    # A feed polled less often than this leaves entries to their TTLs.
     feed_window: float = 60.0
 
 

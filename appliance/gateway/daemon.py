@@ -227,10 +227,9 @@ class Gateway:
                                  self.metrics, self.evictor.removed_elsewhere,
                                  known=self.known)
         self.feed.check_adopted(adopted)
-        if self.feed.cursor is not None:
-            # Before capture: a continuous feed vouches for the cached peers
-            # (cache.py), so known clients come back without registry lookups.
-            self._poll_feed()
+        # Before capture: a continuous feed vouches for the cached peers
+        # (cache.py), so known clients come back without registry lookups.
+        self.feed.resume()
         self._workers = [threading.Thread(target=self._lookup_worker, name=f"pull_{n}",
                                           daemon=True) for n in range(s.workers)]
         for w in self._workers:

@@ -63,6 +63,7 @@ class FeedFollower:
         # it never saw installed (added by hand, or under another state dir).
         self._unchecked: set[str] = set()
         self._removed: OrderedDict[str, float] = OrderedDict()  # key -> when, oldest first
+        self._defer_reconcile = False  # set by resume()
 
     def removed_since(self, key: str, since: float) -> bool:
         """Did the feed revoke or delete `key` at or after `since` (time.time())?
@@ -114,6 +115,21 @@ class FeedFollower:
             self.metrics.feed_errors.inc()
             log.warning("change feed: registry unavailable (%s); will catch up", e)
             return 0
+
+    def resume(self) -> None:
+        """At start, before capture: follow the feed from the saved cursor if it is
+        still continuous, so cached peers count again at once (cache.py).
+
+        Nothing else: a reconcile, or the checks of adopted peers, may take
+        thousands of registry calls, and are left to the scheduled polls.
+        """
+        self._defer_reconcile = True
+        try:
+            self._follow()
+        except RegistryUnavailable as e:
+            log.warning("change feed: registry unavailable at start (%s)", e)
+        finally:
+            self._defer_reconcile = False
 
     def _poll(self) -> int:
         applied = self._follow()
@@ -196,6 +212,9 @@ class FeedFollower:
 
     def reconcile(self, why: str) -> int:
         """Check every installed peer against the registry, then start the feed afresh."""
+        if self._defer_reconcile:
+            log.info("change feed: full reconcile (%s) left to the first scheduled poll", why)
+            return 0
         log.info("change feed: full reconcile (%s)", why)
         self.metrics.reconciles.inc()
         head = self.registry.changes(0, limit=1)

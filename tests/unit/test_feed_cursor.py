@@ -143,3 +143,39 @@ def test_after_a_reused_cursor_entries_fall_back_to_the_ttl(w: World) -> None:
     w.feed.poll()  # mismatch: reconcile, a new epoch
     _age_past_ttl(w)
     assert w.cache.lookup(a).outcome is Outcome.FETCHED
+
+
+def test_resume_at_start_follows_a_continuous_feed_and_nothing_more(w: World) -> None:
+    a, b = key(), key()
+    w.reg.create(a)
+    w.feed.poll()
+    w.cache.lookup(a)
+    w.restart()
+    w.feed.check_adopted([a])
+    _age_past_ttl(w)
+    w.reg.create(b)
+    calls = w.reg.peer_calls
+    w.feed.resume()
+    assert w.feed.cursor == 2 and w.reg.peer_calls == calls, "adopted checks wait"
+    assert w.cache.lookup(a).outcome is Outcome.HIT
+
+
+def test_resume_leaves_a_reconcile_to_the_scheduled_poll(w: World) -> None:
+    a = key()
+    w.reg.create(a)
+    w.reg.create(key())
+    w.feed.poll()
+    w.install(a)
+    backup = w.reg.backup()
+    w.reg.create(key())
+    w.feed.poll()
+    w.reg.restore_backup(backup)
+    w.reg.revoke(a)
+    w.restart()
+    w.feed.check_adopted(w.inst.adopt())
+    calls = w.reg.peer_calls
+    w.feed.resume()
+    assert w.reg.peer_calls == calls and sample(w.metrics.reconciles) == 0
+    assert not w.feed.healthy and not w.cache.feed_continuous()
+    w.feed.poll()
+    assert sample(w.metrics.reconciles) == 1 and a not in w.dev.table
