@@ -42,9 +42,12 @@ MMAP_BYTES = 1 << 30
 # power cut loses the last commits, and their cursor numbers are handed out
 # again for other changes; a revocation the API had confirmed would vanish.
 # bench/durable_writes.py, 500 peers on the shared 2-core test machine (ext4 on
-# a virtual disk, load ~6): create p50 0.04 -> 0.20 ms, revoke p50 0.02 -> 0.17 ms,
-# p99 under 4 ms either way; far below an API round trip. Bulk imports commit
-# once per 20,000 peers, so they pay one sync per chunk and keep this setting.
+# a virtual disk): at load ~6, create p50 0.04 -> 0.20 ms and revoke p50
+# 0.02 -> 0.17 ms; at load ~9.5, with other tests busy on the same disk, the
+# sync itself costs 2-4 ms (create p50 0.05 -> 3.9 ms, revoke 0.03 -> 2.2 ms).
+# Reads (gateway lookups, the feed) pay nothing. Bulk imports commit once per
+# 20,000 peers: 50,000 peers took 7.5 s under NORMAL and 7.3 s under FULL,
+# so they keep this setting too.
 SYNCHRONOUS = "FULL"
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records
