@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.gateway.evict import EvictionPolicy, Evictor  # noqa: E402
 from appliance.gateway.install import Installer  # noqa: E402
 from appliance.gateway.metrics import GatewayMetrics  # noqa: E402
-from appliance.gateway.pull import RegistryPeer  # noqa: E402
+from appliance.gateway.peer import RegistryPeer  # noqa: E402
 from appliance.keys import encode_key, generate_keypair  # noqa: E402
 from appliance.wg import PeerConfig, open_device  # noqa: E402
 from lab.netns import Cleanup, Netns, create_netns, start_wireguard_go  # noqa: E402

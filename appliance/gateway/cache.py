@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 

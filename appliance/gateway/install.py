@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from appliance.gateway.pull import RegistryPeer
+from appliance.gateway.peer import RegistryPeer
 from appliance.wg import PeerActivity, PeerConfig, WgDevice
 from appliance.wg.model import parse_network
 

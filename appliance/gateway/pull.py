@@ -8,42 +8,15 @@ answers, and what happens when one fails, is `failover.RegistryServers`' job.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import requests
 
 from appliance.gateway.failover import RegistryServers
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.registry.client import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RegistryPeer:
-    """What a gateway needs to install a peer."""
-
-    public_key: str
-    allowed_ips: tuple[str, ...]
-    preshared_key: str | None
-    tenant: str = ""
-
-    @classmethod
-    def from_json(cls, data: dict) -> RegistryPeer:
-        return cls(data["public_key"], tuple(data["allowed_ips"]), data.get("preshared_key"),
-                   data.get("tenant", ""))
-
-    def to_json(self) -> dict:
-        return {"public_key": self.public_key, "allowed_ips": list(self.allowed_ips),
-                "preshared_key": self.preshared_key, "tenant": self.tenant}
-
-
-class PeerNotFound(Exception):
-    """The registry says no: unknown or revoked."""
-
-
-class RegistryUnavailable(Exception):
-    """The registry could not answer (down, timing out, 5xx, refusing our token)."""
 
 
 class GatewayRegistry:

@@ -17,7 +17,7 @@ from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.feed import ADOPTED_CHECKS_PER_POLL, FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.state import GatewayState
 from appliance.keys import encode_key

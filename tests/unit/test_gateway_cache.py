@@ -8,7 +8,7 @@ import time
 import pytest
 
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 KEY = "A" * 42 + "E="
