@@ -42,7 +42,8 @@ from appliance.gateway.keyfilter import KnownKeys, load_filter
 from appliance.gateway.load import LoadSignal
 from appliance.gateway.metrics import GatewayMetrics, serve_http
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE
-from appliance.gateway.pull import PeerNotFound, RegistryUnavailable, build_gateway_registry
+from appliance.gateway.peer import PeerNotFound, RegistryUnavailable
+from appliance.gateway.pull import build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.rawsend import RawUdpSender
 from appliance.gateway.reinject import Reinjector
@@ -171,7 +172,6 @@ class Gateway:
         self._threads: list[threading.Thread] = []
         self._http = None
         self.scheduler: BackgroundScheduler | None = None
-        self.registry_ok: bool | None = None
 
     # -- start and stop ---------------------------------------------------------
 
@@ -216,7 +216,7 @@ class Gateway:
         self.replay_store = ReplayStore(db_path)
         self.replay = ReplayGuard(store=self.replay_store)
         self.repair = EndpointRepair(self.device.set_endpoint)
-        self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
+        self.cache = PeerCache(db_path, self.registry, TokenBucket(s.rate, s.burst),
                                CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
         self.state = GatewayState(db_path)
         self.evictor = Evictor(self.installer,
@@ -309,11 +309,10 @@ class Gateway:
                         "a restart", settings.registry_ca, self.settings.registry_ca)
             settings = dataclasses.replace(settings, registry_ca=self.settings.registry_ca)
         old, self.settings = self.settings, settings
-        self.evictor.policy = EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
-                                             settings.max_peers)
-        self.cache.policy = CachePolicy(settings.positive_ttl, settings.negative_ttl,
-                                        settings.stale_ttl)
-        self.cache.bucket = TokenBucket(settings.rate, settings.burst)
+        self.evictor.set_policy(EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
+                                               settings.max_peers))
+        self.cache.configure(CachePolicy(settings.positive_ttl, settings.negative_ttl,
+                                         settings.stale_ttl), settings.rate, settings.burst)
         if gate_settings(settings) != gate_settings(old):
             # A new gate: fresh per-source buckets and cookie secret (outstanding
             # cookies stop counting; their clients get new ones on their next try).
@@ -432,19 +431,6 @@ class Gateway:
                 self._pull_and_install(work)
             finally:
                 self.queue.done(work.key)
-
-    def _fetch(self, key: str):
-        try:
-            peer = self.registry.peer(key)
-            self.registry_ok = True
-            return peer
-        except Exception as e:
-            if not isinstance(e, PeerNotFound):
-                self.registry_ok = False
-                self.metrics.registry_errors.inc()
-            raise
-        finally:
-            self.metrics.registry_calls.inc()
 
     def _pull_and_install(self, work: Work) -> None:
         key, endpoint, seen_at = work.key, work.endpoint, work.seen_at
@@ -648,7 +634,7 @@ class Gateway:
             "capture": capture_ok,
             "scheduler": sched_ok,
             "installed_peers": len(self.installer) if hasattr(self, "installer") else 0,
-            "registry": {None: "unknown", True: "ok", False: "unavailable"}[self.registry_ok],
+            "registry": self.registry.health(),
             # Served only once start() has built the registry (serve_http comes last).
             "registry_servers": self.registry.servers.health(),
             "feed": "ok" if getattr(self, "feed", None) and self.feed.healthy else "behind",

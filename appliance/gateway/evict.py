@@ -54,6 +54,10 @@ class Evictor:
         self._rx: dict[str, tuple[int, float]] = {}
         self.last_pass: dict = {}
 
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        """A new policy (a reload), used from the next pass on."""
+        self.policy = policy
+
     def _last_active(self, p: PeerActivity, now: float) -> float:
         """The later of the handshake and the last pass where rx_bytes grew.
 

@@ -20,10 +20,18 @@ log = logging.getLogger(__name__)
 
 
 class GatewayRegistry:
-    """The registry's gateway API (peer lookups, change feed) as the daemon uses it."""
+    """The registry's gateway API (peer lookups, change feed) as the daemon uses it.
 
-    def __init__(self, servers: RegistryServers) -> None:
+    Peer lookups are counted here (`wgjit_gateway_registry_calls_total`, and
+    `..._errors_total` for those the registry could not answer), and the last
+    one's result is the registry's health in /healthz; each server's own health
+    is `servers.health()`.
+    """
+
+    def __init__(self, servers: RegistryServers, metrics: GatewayMetrics) -> None:
         self.servers = servers
+        self.metrics = metrics
+        self.lookups_ok: bool | None = None  # None until the first lookup
 
     def _call(self, fn, *args):
         try:
@@ -37,7 +45,22 @@ class GatewayRegistry:
             raise RegistryUnavailable(str(e)) from None
 
     def peer(self, public_key: str) -> RegistryPeer:
-        return RegistryPeer.from_json(self._call(RegistryClient.gateway_peer, public_key))
+        self.metrics.registry_calls.inc()
+        try:
+            data = self._call(RegistryClient.gateway_peer, public_key)
+        except PeerNotFound:
+            self.lookups_ok = True  # an answer
+            raise
+        except RegistryUnavailable:
+            self.lookups_ok = False
+            self.metrics.registry_errors.inc()
+            raise
+        self.lookups_ok = True
+        return RegistryPeer.from_json(data)
+
+    def health(self) -> str:
+        """The last peer lookup: "unknown" (none yet), "ok" or "unavailable"."""
+        return {None: "unknown", True: "ok", False: "unavailable"}[self.lookups_ok]
 
     def keys(self, salt: bytes) -> dict:
         """Salted digests of the active keys (keyfilter.py)."""
@@ -62,4 +85,4 @@ def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics,
         session.mount("https://", adapter)
         clients.append(RegistryClient(url, token, timeout=timeout, session=session,
                                       ca_file=ca_file))
-    return GatewayRegistry(RegistryServers(clients, metrics))
+    return GatewayRegistry(RegistryServers(clients, metrics), metrics)

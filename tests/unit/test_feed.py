@@ -102,7 +102,7 @@ class World:
     def open(self) -> None:
         db = self.path / "gateway.db"
         self.state = GatewayState(db)
-        self.cache = PeerCache(db, self.reg.peer, TokenBucket(1000, 1000), CachePolicy())
+        self.cache = PeerCache(db, self.reg, TokenBucket(1000, 1000), CachePolicy())
         self.feed = FeedFollower(self.reg, self.state, self.cache, self.inst, self.metrics,
                                  lambda k, r: self.removed.append((k, r)))
 

@@ -188,7 +188,7 @@ class Net:
             clients.append(RegistryClient(url, "tok", timeout=1.0, session=session))
         self.servers = RegistryServers(clients, self.metrics, clock=self.clock,
                                        sleep=self.sleeps.append)
-        self.registry = GatewayRegistry(self.servers)
+        self.registry = GatewayRegistry(self.servers, self.metrics)
 
     def up(self, url: str) -> float:
         return sample(self.metrics.registry_up, server=url)
@@ -234,12 +234,29 @@ def test_unknown_key_is_an_answer_from_the_registry(net: Net) -> None:
     assert net.transport.asked() == [A]
 
 
+def test_peer_lookups_count_themselves_and_make_the_registry_health(net: Net) -> None:
+    k = key()
+    net.reg.create(k)
+    assert net.registry.health() == "unknown"
+    net.registry.peer(k)
+    with pytest.raises(PeerNotFound):
+        net.registry.peer(key())
+    assert net.registry.health() == "ok", "a 404 is an answer"
+    assert sample(net.metrics.registry_errors) == 0
+    net.transport.fail = {A: "refused", B: 503}
+    with pytest.raises(RegistryUnavailable):
+        net.registry.peer(k)
+    assert net.registry.health() == "unavailable"
+    assert sample(net.metrics.registry_calls) == 3  # lookups, not HTTP attempts
+    assert sample(net.metrics.registry_errors) == 1
+
+
 def test_the_failover_spends_one_rate_limit_token(net: Net, tmp_path: Path) -> None:
     k, other = key(), key()
     net.reg.create(k)
     net.reg.create(other)
     # One token and (practically) no refill: a second registry call would find none.
-    cache = PeerCache(tmp_path / "gw.db", net.registry.peer, TokenBucket(1e-6, 1),
+    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1e-6, 1),
                       CachePolicy(token_wait=0.0))
     net.transport.fail[A] = "refused"
     assert cache.lookup(k).outcome == Outcome.FETCHED
@@ -314,7 +331,7 @@ def test_the_stale_entry_is_served_when_every_server_is_down(net: Net, tmp_path)
     k = key()
     net.reg.create(k)
     clock = Clock()
-    cache = PeerCache(tmp_path / "gw.db", net.registry.peer, TokenBucket(1000, 1000),
+    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1000, 1000),
                       CachePolicy(positive_ttl=1), clock=clock)
     assert cache.lookup(k).outcome == Outcome.FETCHED
     clock.now += 5
@@ -360,7 +377,7 @@ class FeedWorld:
         self.dev = FakeDevice()
         self.inst = Installer(self.dev)
         self.state = GatewayState(path / "gateway.db")
-        self.cache = PeerCache(path / "gateway.db", net.registry.peer, TokenBucket(1000, 1000))
+        self.cache = PeerCache(path / "gateway.db", net.registry, TokenBucket(1000, 1000))
         self.removed: list[tuple[str, str]] = []
         self.feed = FeedFollower(net.registry, self.state, self.cache, self.inst, net.metrics,
                                  lambda k, r: self.removed.append((k, r)))
@@ -437,7 +454,8 @@ def test_a_reload_keeps_the_registry_servers(caplog) -> None:
 
     rescheduled = []
     gw = SimpleNamespace(settings=GatewaySettings("wg0", [A, B], "/dev/null"),
-                         evictor=SimpleNamespace(), cache=SimpleNamespace(),
+                         evictor=SimpleNamespace(set_policy=lambda p: None),
+                         cache=SimpleNamespace(configure=lambda *a: None),
                          jobs=SimpleNamespace(reschedule=lambda *a: rescheduled.append(a)))
     caplog.set_level(logging.WARNING)
     Gateway.apply(gw, GatewaySettings("wg0", [C], "/dev/null", idle_timeout=600))

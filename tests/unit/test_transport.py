@@ -125,7 +125,8 @@ def test_a_reload_keeps_the_registry_ca(caplog, tmp_path) -> None:
 
     url = ["https://192.0.2.2:8080"]
     gw = SimpleNamespace(settings=GatewaySettings("wg0", url, "/dev/null", registry_ca="/a.pem"),
-                         evictor=SimpleNamespace(), cache=SimpleNamespace(),
+                         evictor=SimpleNamespace(set_policy=lambda p: None),
+                         cache=SimpleNamespace(configure=lambda *a: None),
                          jobs=SimpleNamespace(reschedule=lambda *a: None))
     caplog.set_level(logging.WARNING)
     Gateway.apply(gw, GatewaySettings("wg0", url, "/dev/null", registry_ca="/b.pem",
