@@ -102,7 +102,10 @@ class Evictor:
     def run_pass(self) -> dict:
         started = time.monotonic()
         dumped_at = time.time()
-        peers = self.installer.device.activity()  # the pass's one read of the device
+        with self.installer.device_read() as peers:  # the pass's one read of the device
+            return self._pass(peers, started, dumped_at)
+
+    def _pass(self, peers: list[PeerActivity], started: float, dumped_at: float) -> dict:
         now = time.time()
         present = {p.public_key for p in peers}
         self.installer.forget_missing(present, dumped_at)

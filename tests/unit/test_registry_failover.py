@@ -445,20 +445,3 @@ def test_concurrent_lookups_while_a_server_dies_all_get_answers(net: Net) -> Non
     [a, _] = net.servers.health()
     assert (a["up"], a["failures"], a["probe_in"]) == (False, 1, DOWN_FIRST), \
         "one outage is one backoff step, however many calls it failed"
-
-
-def test_a_reload_keeps_the_registry_servers(caplog) -> None:
-    from types import SimpleNamespace
-
-    from appliance.gateway.daemon import Gateway, GatewaySettings
-
-    rescheduled = []
-    gw = SimpleNamespace(settings=GatewaySettings("wg0", [A, B], "/dev/null"),
-                         evictor=SimpleNamespace(set_policy=lambda p: None),
-                         cache=SimpleNamespace(configure=lambda *a: None),
-                         jobs=SimpleNamespace(reschedule=lambda *a: rescheduled.append(a)))
-    caplog.set_level(logging.WARNING)
-    Gateway.apply(gw, GatewaySettings("wg0", [C], "/dev/null", idle_timeout=600))
-    assert gw.settings.registries == [A, B] and gw.settings.idle_timeout == 600
-    assert "still using" in caplog.text
-    assert ("evict", 30.0) in rescheduled
