@@ -133,7 +133,7 @@ def bench_evictor(ifname: str, n: int) -> dict:
     assert len(installer) >= n and kept_evicted == 0, \
         "a pass that should keep every peer removed some"
     # Now every never-handshaken peer is past its grace: one pass removes them all.
-    evictor.policy = EvictionPolicy(idle_timeout=3600, handshake_grace=0.0)
+    evictor.set_policy(EvictionPolicy(idle_timeout=3600, handshake_grace=0.0))
     with Installs(installer) as evict_installs:
         result = evictor.run_pass()
     left = len(dev.peers())
