@@ -233,17 +233,6 @@ class Capture:
     def interfaces(self) -> list[str]:
         return [name for _, name in self._socks.values()]
 
-    def fileno(self) -> int:
-        """An epoll descriptor: readable when any interface has a frame queued."""
-        return self._epoll.fileno()
-
-    def read(self, max_frames: int = 256) -> list[Datagram]:
-        """Whatever is queued now, up to max_frames per interface; never blocks."""
-        out: list[Datagram] = []
-        for sock, ifname in self._socks.values():
-            self._drain(sock, ifname, max_frames, out)
-        return out
-
     def recv(self, timeout: float | None = None, max_frames: int = 256) -> list[Datagram]:
         """Wait up to `timeout` seconds (None: forever) for frames, then read them."""
         events = self._epoll.poll(-1 if timeout is None else timeout)

@@ -47,7 +47,9 @@ class Evictor:
         self.installer = installer
         self.policy = policy
         self.metrics = metrics
-        self.on_evict = on_evict  # called with each removed key (cache/replay cleanup)
+        # (key, reason) for each removal, a pass's or not: what others remember per
+        # installed peer goes with it (the daemon's served endpoints and repairs).
+        self.on_evict = on_evict
         # key -> (evicted at, reason), oldest first; policy evictions only
         self._recent: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # key -> (rx_bytes at the last pass, when rx_bytes was last seen growing)
@@ -146,6 +148,7 @@ class Evictor:
     def removed_elsewhere(self, key: str, reason: str) -> None:
         """Account for a removal done outside a pass (revocation)."""
         self._evicted(key, reason, time.time())
+        self.metrics.installed.set(len(self.installer))
 
     def note_install(self, key: str) -> None:
         """Count an install of a key this evictor removed within THRASH_WINDOW."""
