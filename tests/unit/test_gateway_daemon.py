@@ -177,3 +177,15 @@ def test_a_reload_takes_new_tunables_through_the_parts(tmp_path, caplog) -> None
         assert gw.gate is not gate
     finally:
         gw.stop()
+
+
+def test_the_parts_that_handle_peers_do_not_import_the_http_client() -> None:
+    import subprocess
+    import sys
+
+    modules = ["cache", "install", "feed", "intake", "provision", "revocation", "handshakes"]
+    code = ("import sys\n" + "".join(f"import appliance.gateway.{m}\n" for m in modules)
+            + "print(sorted({'requests', 'appliance.gateway.pull'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
