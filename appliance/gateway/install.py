@@ -22,14 +22,16 @@ it has two locks with one job each.
 - `_lock` guards the table of installed peers and orders each change to the
   device with the change to the table (install, update, fall back, retrigger,
   clear a keepalive, remove), so that two threads never leave the device and
-  the table disagreeing about a peer. Held only for a device write of a few
-  peers: never across a whole-device read.
+  the table disagreeing about a peer. Held for one peer's device write, or one
+  batch of removals (evict.REMOVE_BATCH): never across a whole-device read.
 - `_read_lock` lets one whole-device read (`device_read`) run at a time: the
   eviction pass, the handshake check and adoption each hold every peer in
   memory while they use the read (~40 MB at 50,000 peers), and two at once
   would double the daemon's peak. Installs do not wait for a read (the device
   orders its own reads and writes); a read sees an install or not, which is
-  why forget_missing looks only at peers installed before the read.
+  why forget_missing looks only at peers installed before the read. A pass
+  removes and adopts while it still holds its read: `_read_lock` is always
+  taken before `_lock`, never the other way round.
 Nobody else takes either lock or writes to an Installed entry: the daemon goes
 through methods (note_endpoint, fall_back, ...).
 """
