@@ -29,8 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 
@@ -77,12 +78,18 @@ CREATE TABLE IF NOT EXISTS cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 EPOCH_COLUMN = "ALTER TABLE peer_cache ADD COLUMN feed_epoch TEXT"
 
 
+class PeerSource(Protocol):
+    """The registry's peer lookup (pull.GatewayRegistry), which counts its own calls."""
+
+    def peer(self, public_key: str) -> RegistryPeer: ...
+
+
 class PeerCache:
-    def __init__(self, path: str | Path, fetch: Callable[[str], RegistryPeer],
+    def __init__(self, path: str | Path, registry: PeerSource,
                  bucket: TokenBucket, policy: CachePolicy = CachePolicy(),
                  clock: Callable[[], float] = time.time) -> None:
-        self._fetch = fetch
-        self.bucket = bucket
+        self._registry = registry
+        self._bucket = bucket
         self.policy = policy
         self._clock = clock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -100,11 +107,15 @@ class PeerCache:
         self._inflight: dict[str, Future[Lookup]] = {}
         self._inflight_lock = threading.Lock()
         self._changed_in_flight: set[str] = set()
-        self.registry_calls = 0
 
     def close(self) -> None:
         with self._db_lock:
             self._db.close()
+
+    def configure(self, policy: CachePolicy, rate: float, burst: int) -> None:
+        """New TTLs and registry rate (a reload); entries and lookups in flight stay."""
+        self.policy = policy
+        self._bucket.configure(rate, burst)
 
     # storage
 
@@ -227,12 +238,11 @@ class PeerCache:
                 self._changed_in_flight.discard(key)
 
     def _ask_registry(self, key: str, cached) -> Lookup:
-        if not self.bucket.acquire(self.policy.token_wait):
+        if not self._bucket.acquire(self.policy.token_wait):
             return self._fallback(cached, Outcome.RATE_LIMITED)
-        self.registry_calls += 1
         epoch = self.feed_epoch  # before the call: the answer reflects at least this epoch
         try:
-            peer = self._fetch(key)
+            peer = self._registry.peer(key)
         except PeerNotFound:
             self._store(key, None)
             return Lookup(None, Outcome.NOT_FOUND)

@@ -86,14 +86,13 @@ def settings_from(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from appliance.gateway.daemon import Gateway
+    from appliance.gateway.daemon import build_gateway
     from appliance.gateway.events import setup_logging
     from appliance.secrets import SecretFileError
     from appliance.wg import WgError
 
     settings, log_format = settings_from(args)
     setup_logging(args.log_level, log_format)
-    gateway = Gateway(settings)
 
     def reload(*_: object) -> None:
         try:
@@ -103,8 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return
         gateway.apply(new)
 
-    signal.signal(signal.SIGHUP, reload)
     try:
+        gateway = build_gateway(settings)
+        signal.signal(signal.SIGHUP, reload)
         return gateway.run()
     except (WgError, SecretFileError, OSError) as e:
         log.error("gateway: %s", e)

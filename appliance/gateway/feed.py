@@ -26,19 +26,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from appliance.gateway import events
 from appliance.gateway.cache import PeerCache
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import (
-    CursorMismatch,
-    GatewayRegistry,
-    PeerNotFound,
-    RegistryUnavailable,
-)
+from appliance.gateway.peer import CursorMismatch, PeerNotFound, RegistryUnavailable
 from appliance.gateway.state import GatewayState
+
+if TYPE_CHECKING:  # the HTTP client; the feed needs only its methods
+    from appliance.gateway.pull import GatewayRegistry
 
 log = logging.getLogger(__name__)
 

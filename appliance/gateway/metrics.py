@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -123,9 +122,11 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-def serve_http(listen: str, metrics: GatewayMetrics,
-               health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
-    """Start /metrics and /healthz on HOST:PORT in a daemon thread."""
+def http_server(listen: str, metrics: GatewayMetrics,
+                health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
+    """/metrics and /healthz on HOST:PORT, bound (a port in use fails here, before
+    the daemon starts anything) but not yet serving: run its serve_forever in a
+    thread."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
 
@@ -153,6 +154,4 @@ def serve_http(listen: str, metrics: GatewayMetrics,
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
 
-    server = Server((host, int(port)), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
+    return Server((host, int(port)), Handler)

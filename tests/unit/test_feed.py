@@ -18,7 +18,7 @@ from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.feed import ADOPTED_CHECKS_PER_POLL, FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import (
+from appliance.gateway.peer import (
     CursorMismatch,
     PeerNotFound,
     RegistryPeer,
@@ -132,7 +132,7 @@ class World:
     def open(self) -> None:
         db = self.path / "gateway.db"
         self.state = GatewayState(db)
-        self.cache = PeerCache(db, self.reg.peer, TokenBucket(1000, 1000), CachePolicy())
+        self.cache = PeerCache(db, self.reg, TokenBucket(1000, 1000), CachePolicy())
         self.feed = FeedFollower(self.reg, self.state, self.cache, self.inst, self.metrics,
                                  lambda k, r: self.removed.append((k, r)))
 
