@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from flask import request
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from appliance.keys import KeyError_, normalize_key
 from appliance.registry import cidr
@@ -14,10 +16,42 @@ MAX_ALLOWED_IPS = 256
 MAX_NAME_LEN = 128
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys; other parsers keep the first, so a
+    # body could mean one thing to a proxy or audit log and another to us.
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def json_body() -> dict[str, Any]:
     if not request.is_json:
         raise APIError(415, "unsupported_media_type", "body must be application/json")
-    body = request.get_json(silent=True)
+    data = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body has no Content-Length to refuse up front: Werkzeug stops
+    # reading at the limit and hands over the cut-off text, which would then be
+    # "invalid JSON". One more byte from the server's stream tells them apart.
+    if (request.content_length is None and len(data) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
+    try:
+        body = json.loads(data, object_pairs_hook=_object)
+    except _DuplicateKey as e:
+        raise invalid(e.key, "appears more than once in the JSON object") from None
+    except RecursionError:
+        raise APIError(400, "invalid_json", "body is nested too deeply") from None
+    except ValueError:
+        raise APIError(400, "invalid_json", "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_json", "body must be a JSON object")
     return body

@@ -143,11 +143,20 @@ TENANT_SELECT = (
 PEER_SELECT = "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id = p.tenant_id"
 
 
+# Retrying soon may succeed: a lock or a pooled connection was not had in time.
+BUSY = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected, pgerrors.SerializationFailure,
+        psycopg_pool.PoolTimeout)
+
+
 class PostgresStore(Store):
     errors = (psycopg.Error, psycopg_pool.PoolTimeout)
 
-    def __init__(self, url: str, password_file: str | None = None) -> None:
+    def __init__(self, url: str, password_file: str | None = None,
+                 busy_timeout_ms: int | None = None) -> None:
+        """busy_timeout_ms: the pooled connections' lock_timeout (None: wait for locks
+        as long as it takes, PostgreSQL's default)."""
         self.url = url
+        self.busy_timeout_ms = busy_timeout_ms
         # Read now so a bad file is refused at startup; libpq reads PGPASSFILE itself.
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password_file is not None:
@@ -164,9 +173,21 @@ class PostgresStore(Store):
             if self._pool_obj is None or self._pool_pid != os.getpid():
                 self._pool_obj = psycopg_pool.ConnectionPool(
                     self.url, kwargs=self._kwargs, min_size=1, max_size=POOL_MAX,
-                    timeout=POOL_TIMEOUT, open=True, name="wgjit-registry")
+                    timeout=POOL_TIMEOUT, open=True, name="wgjit-registry",
+                    configure=self._configure)
                 self._pool_pid = os.getpid()
             return self._pool_obj
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # Only pooled connections: migrate's own connection may wait for the
+        # advisory lock of another process's migration as long as that takes.
+        if self.busy_timeout_ms is not None:
+            conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
+
+    def failure(self, exc: BaseException) -> str | None:
+        if isinstance(exc, BUSY):
+            return "busy"
+        return "full" if isinstance(exc, pgerrors.DiskFull) else None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[psycopg.Cursor]:

@@ -14,6 +14,7 @@ sees cursor N+1 without N.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -31,6 +32,10 @@ from appliance.registry.store.shared import (
     peer_dict,
 )
 
+log = logging.getLogger(__name__)
+
+# How long a writer waits for the write lock before SQLITE_BUSY: the CLI's
+# default (a bulk import holds the lock for a whole chunk); the API passes its own.
 BUSY_TIMEOUT_MS = 10_000
 # SQLite's default page cache is 2 MiB; with a million peers the key and
 # address indexes outgrow it and every insert or lookup goes to the OS.
@@ -135,12 +140,13 @@ TENANT_SELECT = (
 )
 
 
-def connect(path: str | Path, cache_kib: int = CACHE_KIB) -> sqlite3.Connection:
+def connect(path: str | Path, cache_kib: int = CACHE_KIB,
+            busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """Open the database with the registry's pragmas; autocommit, explicit transactions."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA cache_size = -{cache_kib}")
     conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
@@ -159,7 +165,14 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR,
+        # SQLITE_NOMEM); a ROLLBACK then fails with "no transaction is active",
+        # and raising that would replace the error that says what went wrong.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                log.warning("rollback failed after an error: %s", e)
         raise
     conn.execute("COMMIT")
 
@@ -177,12 +190,18 @@ def _statements(script: str) -> Iterator[str]:
         yield buf
 
 
+# sqlite3 exceptions carry the result code's name (Python >= 3.11).
+FAILURES = {"SQLITE_BUSY": "busy", "SQLITE_LOCKED": "busy", "SQLITE_FULL": "full"}
+
+
 class SqliteStore(Store):
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: str, cache_kib: int = CACHE_KIB) -> None:
+    def __init__(self, path: str, cache_kib: int = CACHE_KIB,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.cache_kib = cache_kib
+        self.busy_timeout_ms = busy_timeout_ms
         # Each thread keeps one connection for its whole life: a fresh connection
         # per request would pay for the pragmas every time and start with a cold
         # page cache, which at a million peers costs more than the query.
@@ -193,9 +212,13 @@ class SqliteStore(Store):
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
-            conn = connect(self.path, self.cache_kib)
+            conn = connect(self.path, self.cache_kib, self.busy_timeout_ms)
             local.conn, local.pid = conn, os.getpid()
         return conn
+
+    def failure(self, exc: BaseException) -> str | None:
+        name = getattr(exc, "sqlite_errorname", "")
+        return FAILURES.get(name) if isinstance(exc, sqlite3.Error) else None
 
     def end_request(self) -> None:
         conn = getattr(self._local, "conn", None)
