@@ -39,8 +39,7 @@ def _load(key: str) -> dict:
 
 
 def _optional_psk(body: dict) -> str | None:
-    value = body.get("preshared_key")
-    return None if value is None else validate.key(value, "preshared_key")
+    return validate.preshared_key(body.get("preshared_key"))
 
 
 @bp.post("")
@@ -49,7 +48,7 @@ def create():
     body = validate.json_body()
     validate.reject_unknown(body, {"tenant", "public_key", "allowed_ips", "name", "preshared_key"})
     tenant = validate.name(body.get("tenant"), "tenant", required=True)
-    key = validate.key(body.get("public_key"))
+    key = validate.public_key(body.get("public_key"))
     nets = validate.allowed_ips(body.get("allowed_ips"))
     name = validate.name(body.get("name"))
     psk = _optional_psk(body)

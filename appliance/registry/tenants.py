@@ -21,7 +21,7 @@ def create():
         raise APIError(403, "forbidden", "a tenant-limited token cannot create tenants")
     body = validate.json_body()
     validate.reject_unknown(body, {"name"})
-    name = validate.name(body.get("name"), "name", required=True)
+    name = validate.tenant_name(body.get("name"))
     try:
         tenant = store.current().create_tenant(name)
     except store.Conflict as e:
