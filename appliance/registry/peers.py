@@ -34,7 +34,7 @@ def _load(key: str) -> dict:
     peer = store.current().get_peer(key)
     if peer is None:
         raise _not_found(key)
-    auth.check_tenant(peer["tenant_id"])
+    auth.check_tenant(peer["tenant_id"], _not_found(key))
     return peer
 
 
@@ -81,7 +81,9 @@ def list_():
     tenant = request.args.get("tenant")
     if tenant is not None:
         tid = db.tenant_id(tenant)
-        if tid is None:
+        limit = auth.tenant_limit()
+        # Another tenant's name is as unknown to a limited token as a made-up one.
+        if tid is None or (limit is not None and limit != tid):
             raise invalid("tenant", f"no tenant {tenant!r}")
         tenant_ids.append(tid)
     if auth.tenant_limit() is not None:

@@ -124,6 +124,10 @@ MIGRATIONS: list[str] = [
     """
     SELECT 1;
     """,
+    # 4: a tenant-limited token's feed by index (see sqlite.py).
+    """
+    CREATE INDEX changes_tenant ON changes(tenant, cursor);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -522,28 +526,26 @@ class PostgresStore(Store):
         }
 
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
-        params: list = [since]
-        where = "cursor > %s"
-        if tenant_limit is not None:
-            where += " AND tenant = (SELECT name FROM tenants WHERE id = %s)"
-            params.append(tenant_limit)
+        scope, scope_params = _feed_scope(tenant_limit)
         with self._read() as cur:
             rows = cur.execute(
-                f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE {where}"
-                " ORDER BY cursor LIMIT %s", (*params, limit + 1)).fetchall()
+                f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > %s{scope}"
+                " ORDER BY cursor LIMIT %s", (since, *scope_params, limit + 1)).fetchall()
             bounds = cur.execute("SELECT min(cursor) AS lo, max(cursor) AS hi FROM changes"
-                                 ).fetchone()
+                                 f" WHERE true{scope}", scope_params).fetchone()
             feed = cur.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
                          feed["value"] if feed else "")
 
     def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+        scope, scope_params = _feed_scope(tenant_limit)
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
         if tenant_limit is not None:
             sql += " AND tenant_id = %s"
             params.append(tenant_limit)
         with self._read() as cur:
-            cursor = cur.execute("SELECT max(cursor) AS hi FROM changes").fetchone()["hi"] or 0
+            cursor = cur.execute(f"SELECT max(cursor) AS hi FROM changes WHERE true{scope}",
+                                 scope_params).fetchone()["hi"] or 0
             return cursor, [r["public_key"] for r in cur.execute(sql, params)]
 
     # tokens
@@ -596,6 +598,13 @@ class PostgresStore(Store):
                                " FROM changes").fetchone()
         return {"active": peers["active"], "revoked": peers["revoked"], "tenants": tenants,
                 "latest": feed["latest"], "changes": feed["kept"]}
+
+
+def _feed_scope(tenant_limit: int | None) -> tuple[str, list]:
+    """The feed a token sees, rows and bounds alike (see sqlite.py)."""
+    if tenant_limit is None:
+        return "", []
+    return " AND tenant = (SELECT name FROM tenants WHERE id = %s)", [tenant_limit]
 
 
 def _version(cur: psycopg.Cursor) -> int:

@@ -122,6 +122,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE allowed_ips_v3 RENAME TO allowed_ips;
     CREATE INDEX allowed_ips_range ON allowed_ips(tenant_id, family, lo);
     """,
+    # 4: a tenant-limited token's feed (its rows and its own earliest/latest,
+    # which must not show other tenants' activity) by index, not by scanning
+    # every change.
+    """
+    CREATE INDEX changes_tenant ON changes(tenant, cursor);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -192,6 +198,15 @@ def _statements(script: str) -> Iterator[str]:
 
 # sqlite3 exceptions carry the result code's name (Python >= 3.11).
 FAILURES = {"SQLITE_BUSY": "busy", "SQLITE_LOCKED": "busy", "SQLITE_FULL": "full"}
+
+
+def _feed_scope(tenant_limit: int | None) -> tuple[str, list]:
+    """The feed a token sees, rows and bounds alike: a tenant-limited token's
+    earliest and latest cursors are its tenant's, so they tell nothing about
+    other tenants' activity."""
+    if tenant_limit is None:
+        return "", []
+    return " AND tenant = (SELECT name FROM tenants WHERE id = ?)", [tenant_limit]
 
 
 class SqliteStore(Store):
@@ -539,22 +554,21 @@ class SqliteStore(Store):
 
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
         conn = self.conn()
-        params: list = [since]
-        where = "cursor > ?"
-        if tenant_limit is not None:
-            where += " AND tenant = (SELECT name FROM tenants WHERE id = ?)"
-            params.append(tenant_limit)
+        scope, scope_params = _feed_scope(tenant_limit)
         rows = conn.execute(
-            f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE {where}"
+            f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > ?{scope}"
             " ORDER BY cursor LIMIT ?",
-            (*params, limit + 1),
+            (since, *scope_params, limit + 1),
         ).fetchall()
-        bounds = conn.execute("SELECT min(cursor), max(cursor) FROM changes").fetchone()
+        bounds = conn.execute(f"SELECT min(cursor), max(cursor) FROM changes WHERE 1{scope}",
+                              scope_params).fetchone()
         return feed_page([dict(r) for r in rows], since, limit, bounds, self.feed_id())
 
     def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
         conn = self.conn()
-        cursor = conn.execute("SELECT max(cursor) FROM changes").fetchone()[0] or 0
+        scope, scope_params = _feed_scope(tenant_limit)
+        cursor = conn.execute(f"SELECT max(cursor) FROM changes WHERE 1{scope}",
+                              scope_params).fetchone()[0] or 0
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
         if tenant_limit is not None:
             sql += " AND tenant_id = ?"
