@@ -81,9 +81,9 @@ def list_():
     tenant = request.args.get("tenant")
     if tenant is not None:
         tid = db.tenant_id(tenant)
-        limit = auth.tenant_limit()
+        scope = auth.tenant_limit()
         # Another tenant's name is as unknown to a limited token as a made-up one.
-        if tid is None or (limit is not None and limit != tid):
+        if tid is None or (scope is not None and scope != tid):
             raise invalid("tenant", f"no tenant {tenant!r}")
         tenant_ids.append(tid)
     if auth.tenant_limit() is not None:

@@ -63,6 +63,8 @@ def test_other_tenants_look_like_no_tenant(client, admin, two_tenants):
     absent = client.get("/v1/peers", query_string={"tenant": "nosuch"}, headers=lim)
     assert hidden.status_code == 400 and hidden.json["field"] == "tenant"
     same_answer(hidden, absent, "other", "nosuch")
+    own = client.get("/v1/peers", query_string={"tenant": "acme", "limit": 5}, headers=lim)
+    assert own.status_code == 200 and [p["tenant"] for p in own.json["peers"]] == ["acme"]
     body = {"public_key": new_key(), "allowed_ips": ["198.18.9.0/24"]}
     hidden = client.post("/v1/peers", json=body | {"tenant": "other"}, headers=lim)
     absent = client.post("/v1/peers", json=body | {"tenant": "nosuch"}, headers=lim)
