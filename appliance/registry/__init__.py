@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 64 * 1024
 # How long an API write waits for the database's write lock (SQLite's
 # busy_timeout, PostgreSQL's lock_timeout) before answering 503 with
-# Retry-After. An API write holds the lock for milliseconds, so 2 s is far past
-# any queue of API writers; a longer wait only keeps a gunicorn thread from the
+# Retry-After. An API write holds the lock ~0.07 ms and a bulk import's chunk
+# 0.4-0.55 s (see errors.RETRY_AFTER_S), so 2 s outlasts any queue of API
+# writers and a chunk; a longer wait only keeps a gunicorn thread from the
 # gateways' lookups (2 workers x 4 threads: eight writes stuck behind a bulk
 # import's chunk would stall every lookup) and outlasts clients that gave up.
 # The CLI keeps the engines' longer default.
