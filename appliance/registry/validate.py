@@ -7,7 +7,7 @@ from typing import Any
 from flask import request
 
 from appliance.keys import KeyError_, normalize_key
-from appliance.registry import cidr
+from appliance.registry import breadth, cidr
 from appliance.registry.errors import APIError, invalid
 
 MAX_ALLOWED_IPS = 256
@@ -70,6 +70,23 @@ def allowed_ips(value: Any, field: str = "allowed_ips") -> list[cidr.Net]:
                               f"{net.cidr} overlaps {other.cidr} in the same request")
         nets.append(net)
     return nets
+
+
+def allow_broad(value: Any, field: str = "allow_broad") -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(field, "must be true or false")
+    return value
+
+
+def breadth_ok(nets: list[cidr.Net], allowed: bool, field: str = "allowed_ips") -> None:
+    """Refuse networks broader than breadth.SHORTEST_PREFIX unless `allowed`."""
+    if allowed:
+        return
+    i = breadth.first_too_broad(nets)
+    if i is not None:
+        raise invalid(f"{field}[{i}]", breadth.problem(nets[i]))
 
 
 def int_arg(name_: str, default: int, lo: int, hi: int) -> int:
