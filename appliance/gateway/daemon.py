@@ -42,6 +42,8 @@ from appliance.gateway.keyfilter import KnownKeys, load_filter
 from appliance.gateway.load import LoadSignal
 from appliance.gateway.metrics import GatewayMetrics, serve_http
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE
+from appliance.gateway.overlap import DROP_REASON as OVERLAP
+from appliance.gateway.overlap import OverlapGuard, OverlapRefused
 from appliance.gateway.pull import PeerNotFound, RegistryUnavailable, build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.rawsend import RawUdpSender
@@ -205,7 +207,8 @@ class Gateway:
         if s.install_mode == "reinject":
             self.reinjector = Reinjector()
 
-        self.installer = Installer(self.device, s.trigger_keepalive)
+        self.installer = Installer(self.device, s.trigger_keepalive, OverlapGuard(
+            lambda _refused: self.metrics.drops.labels(OVERLAP).inc()))
         adopted = self.installer.adopt()
         for key in adopted:
             events.emit("peer_adopted", public_key=key)
@@ -466,6 +469,8 @@ class Gateway:
             d, endpoint = work.datagram, work.endpoint
             try:
                 installed = self.installer.install(lookup.peer, endpoint, reinject=reinject)
+            except OverlapRefused:
+                return  # counted and logged (rate-limited) by the installer's guard
             except WgError as e:
                 self.metrics.install_errors.inc()
                 log.error("install of %s failed: %s", key, e)
