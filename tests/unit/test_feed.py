@@ -48,7 +48,7 @@ class FakeRegistry:
     def create(self, k: str, *ips: str) -> None:
         # Each its own address by default: a gateway refuses overlapping peers.
         n = len(self.peers) + 1
-        default = (f"198.18.{n >> 8}.{n & 255}/32",)
+        default = (f"198.18.{1 + (n >> 8)}.{n & 255}/32",)  # the first: 198.18.1.1
         self.peers[k] = RegistryPeer(k, ips or default, None, "t")
         self._change("create", k)
 
