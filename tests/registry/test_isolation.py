@@ -195,3 +195,12 @@ def test_import_command_across_tenants(db, tmp_path):
     assert r.returncode == 1 and "line 2: allowed_ips[0]: 0.0.0.0/0 is broader" in r.stderr
     r = run("--allow-broad", lines=[["198.18.9.1/32"], ["203.0.0.0/8"]])
     assert r.returncode == 0, r.stderr
+
+
+def test_openapi_describes_the_rules(client):
+    schemas = client.get("/openapi.json").json["components"]["schemas"]
+    for name in ("NewPeer", "PeerUpdate"):
+        props = schemas[name]["properties"]
+        assert props["allow_broad"]["type"] == "boolean"
+        assert "across all tenants" in props["allowed_ips"]["description"]
+        assert "/16" in props["allowed_ips"]["description"]
