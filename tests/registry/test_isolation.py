@@ -204,3 +204,31 @@ def test_openapi_describes_the_rules(client):
         assert props["allow_broad"]["type"] == "boolean"
         assert "across all tenants" in props["allowed_ips"]["description"]
         assert "/16" in props["allowed_ips"]["description"]
+
+
+def test_concurrent_writers_in_two_tenants_cannot_both_take_a_network(store):
+    # PostgreSQL runs writers at once: without the address lock, each could check,
+    # find nothing, and insert. Rounds of 8 writers, 4 tenants, one network each round.
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenants = [f"t{i}" for i in range(4)]
+    for t in tenants:
+        store.create_tenant(t)
+
+    def create(tenant: str, text: str) -> bool:
+        try:
+            store.create_peer(tenant, new_key(), [cidr.parse(text)], None, None)
+            return True
+        except Conflict:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        for r in range(10):
+            # Half take the /24, half one /32 inside it: either the /24 alone
+            # or the /32s (which do not overlap one another) get in, never both.
+            wins = list(pool.map(create, tenants * 2, [f"198.18.{r}.0/24"] * 4
+                                 + [f"198.18.{r}.{i}/32" for i in range(1, 5)]))
+            assert wins[:4].count(True) + any(wins[4:]) == 1, (r, wins)
+            assert not any(wins[4:]) or all(wins[4:]), (r, wins)
+    found = [store.find_overlap(cidr.parse(f"198.18.{r}.0/24")) for r in range(10)]
+    assert all(found)

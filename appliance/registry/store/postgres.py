@@ -450,7 +450,7 @@ class PostgresStore(Store):
     def _copy_chunk(self, conn: psycopg.Connection, cur: psycopg.Cursor, tid: int, tenant: str,
                     chunk: list[NewPeer], top: dict[int, bytes | None]) -> None:
         """`top` is the last address of the stored networks per family, kept up to
-        date here (the tenant lock keeps other writers out)."""
+        date here (the address lock, taken by _stored_top, keeps other writers out)."""
         now = utcnow()
         ids = [r["id"] for r in cur.execute(
             "SELECT nextval(pg_get_serial_sequence('peers', 'id')) AS id"
