@@ -44,17 +44,22 @@ from tests.conftest import WGJIT, RegistryProcess  # noqa: E402
 
 TENANTS = 8
 TUNNEL4 = int.from_bytes(socket.inet_aton("198.18.0.0"), "big")  # 198.18.0.0/15
+TUNNEL4_SIZE = 1 << 17
 
 
-def write_import(path: Path, keys: list[str], tenant_no: int) -> None:
-    """One tenant's peers as `wgjit registry import` reads them. Tenants keep
-    their own address plans, so every tenant draws from 198.18.0.0/15 again
-    (131,072 addresses: enough for 8 tenants of 125,000)."""
+def write_import(path: Path, keys: list[str], tenant_no: int, first: int = 0) -> None:
+    """One tenant's peers as `wgjit registry import` reads them. Allowed IPs are
+    unique across tenants (they share every gateway), so tenants take turns in
+    198.18.0.0/15 by the peers' fleet-wide number (`first` + i). It holds
+    131,072 addresses: peers past that get a second IPv6 /128 (fd01::/16)
+    instead, so every peer keeps two networks, as before."""
     with open(path, "w") as f:
         for i, key in enumerate(keys):
-            v4 = socket.inet_ntoa((TUNNEL4 + i).to_bytes(4, "big"))
+            n = first + i
+            second = (f"{socket.inet_ntoa((TUNNEL4 + n).to_bytes(4, 'big'))}/32"
+                      if n < TUNNEL4_SIZE else f"fd01::{n >> 16:x}:{n & 0xffff:x}/128")
             f.write(f'{{"public_key": "{key}", "allowed_ips":'
-                    f' ["{v4}/32", "fd00::{tenant_no:x}:{i >> 16:x}:{i & 0xffff:x}/128"]}}\n')
+                    f' ["{second}", "fd00::{tenant_no:x}:{i >> 16:x}:{i & 0xffff:x}/128"]}}\n')
 
 
 def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
@@ -63,7 +68,7 @@ def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
     files = []
     for t in range(TENANTS):
         files.append(tmp / f"bench-{t}.jsonl")
-        write_import(files[-1], keys[t * per:(t + 1) * per], t)
+        write_import(files[-1], keys[t * per:(t + 1) * per], t, t * per)
     return keys, files
 
 

@@ -51,6 +51,8 @@ from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.load import LoadSignal
 from appliance.gateway.metrics import GatewayMetrics, http_server
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE
+from appliance.gateway.overlap import DROP_REASON as OVERLAP
+from appliance.gateway.overlap import OverlapGuard
 from appliance.gateway.provision import FeedReads, Provisioner
 from appliance.gateway.pull import GatewayRegistry, build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
@@ -221,7 +223,8 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
              registry: GatewayRegistry, db_path: Path) -> Gateway:
     """The parts that need no privileges, wired to the ones opened (build_gateway, or
     a unit test's fakes); adopts the device's peers. `closing` gets every closer."""
-    installer = Installer(device, s.trigger_keepalive)
+    installer = Installer(device, s.trigger_keepalive, OverlapGuard(
+        lambda _refused: metrics.drops.labels(OVERLAP).inc()))
     replay_store = ReplayStore(db_path)
     closing.callback(replay_store.close)
     replay = ReplayGuard(store=replay_store)

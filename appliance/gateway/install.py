@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from appliance.gateway.overlap import OverlapGuard
 from appliance.gateway.peer import RegistryPeer
 from appliance.wg import PeerActivity, PeerConfig, WgDevice
 from appliance.wg.model import parse_network
@@ -89,9 +90,12 @@ class Installed:
 class Installer:
     """Owns which peers this gateway put on the device, and when."""
 
-    def __init__(self, device: WgDevice, trigger_keepalive: int = TRIGGER_KEEPALIVE) -> None:
+    def __init__(self, device: WgDevice, trigger_keepalive: int = TRIGGER_KEEPALIVE,
+                 overlaps: OverlapGuard | None = None) -> None:
         self.device = device
         self.trigger_keepalive = trigger_keepalive
+        # Which installed peer holds which network: a peer overlapping another is refused.
+        self.overlaps = overlaps if overlaps is not None else OverlapGuard()
         self._peers: dict[str, Installed] = {}
         self._lock = threading.Lock()  # the table and per-peer device writes
         self._read_lock = threading.Lock()  # one whole-device read at a time
@@ -177,10 +181,15 @@ class Installer:
         An installed peer is never re-aimed here: the packet that asked for it is
         unauthenticated as far as the data plane is concerned, and WireGuard's
         own roaming moves a live peer's endpoint on authenticated packets.
+        Raises OverlapRefused (counted and logged by the guard) when one of its
+        networks overlaps another installed peer's: installing it would take them.
         """
         with self._lock:
             if peer.public_key in self._peers:
                 return False
+            if (clash := self.overlaps.clash(peer.public_key, peer.allowed_ips)) is not None:
+                self.overlaps.refuse(clash)
+                raise clash
             invert = self.role_inversion and not reinject
             entry = Installed(peer.public_key, time.time(), endpoint, tenant=peer.tenant,
                               allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
@@ -188,6 +197,7 @@ class Installer:
                               reinjected=reinject, first_seen_by_data_plane=reinject)
             self._put(entry)
             self._peers[peer.public_key] = entry
+            self.overlaps.hold(peer.public_key, peer.allowed_ips)
         return True
 
     @property
@@ -261,16 +271,22 @@ class Installer:
         return True
 
     def update(self, peer: RegistryPeer) -> bool:
-        """Apply changed allowed IPs / preshared key to an installed peer, in place."""
+        """Apply changed allowed IPs / preshared key to an installed peer, in place.
+        False, leaving the peer as it was, when the new networks overlap another
+        installed peer's (counted and logged like a refused install)."""
         with self._lock:
             current = self._peers.get(peer.public_key)
             if current is None:
+                return False
+            if (clash := self.overlaps.clash(peer.public_key, peer.allowed_ips)) is not None:
+                self.overlaps.refuse(clash)
                 return False
             self.device.set_peer(PeerConfig(
                 peer.public_key, allowed_ips=peer.allowed_ips,
                 preshared_key=peer.preshared_key or NO_PRESHARED_KEY), update_only=True)
             current.allowed_ips = peer.allowed_ips
             current.preshared_key = peer.preshared_key
+            self.overlaps.hold(peer.public_key, peer.allowed_ips)
         return True
 
     def pending_triggers(self) -> list[str]:
@@ -294,6 +310,7 @@ class Installer:
             return []
         with self._lock:
             self.device.remove_peers(public_keys)
+            self.overlaps.release(public_keys)
             return [k for k in public_keys if self._peers.pop(k, None) is not None]
 
     def forget_missing(self, present: set[str], dumped_at: float) -> list[str]:
@@ -307,6 +324,7 @@ class Installer:
                     if k not in present and e.installed_at < dumped_at]
             for k in gone:
                 del self._peers[k]
+            self.overlaps.release(gone)
         return gone
 
     def differs(self, peer: RegistryPeer) -> bool:

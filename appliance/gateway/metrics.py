@@ -22,6 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from appliance.gateway.overlap import DROP_REASON as OVERLAP
+
 log = logging.getLogger(__name__)
 
 # The policy's own reasons first (those can thrash), then the registry's.
@@ -117,6 +119,7 @@ class GatewayMetrics:
             self.evictions.labels(reason)
         for reason in EVICTION_REASONS[:3]:
             self.reinstalls.labels(reason)
+        self.drops.labels(OVERLAP)  # overlap.py: a peer that would take another's networks
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from appliance.gateway.feed import FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.overlap import OverlapRefused
 from appliance.gateway.reinject import Reinjector
 from appliance.gateway.repair import EndpointRepair
 from appliance.gateway.replay import ReplayGuard
@@ -124,6 +125,8 @@ class Provisioner:
         reinject = self.reinjector is not None
         try:
             installed = self.installer.install(lookup.peer, work.endpoint, reinject=reinject)
+        except OverlapRefused:
+            return  # counted and logged (rate-limited) by the installer's guard
         except WgError as e:
             self.metrics.install_errors.inc()
             log.error("install of %s failed: %s", key, e)

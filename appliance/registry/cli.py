@@ -14,6 +14,7 @@ import sys
 
 from appliance import config, transport
 from appliance.config import Option
+from appliance.registry.breadth import SHORTEST_PREFIX
 from appliance.secrets import read_secret, write_secret
 
 DB_OPTIONS = [Option("db", required=True), Option("db-password-file")]
@@ -33,6 +34,10 @@ CLIENT_OPTIONS = [
     Option("timeout", float, 10.0, check=config.positive),
     *transport.OPTIONS,
 ]
+
+BROAD_HELP = (f"accept networks broader than IPv4 /{SHORTEST_PREFIX[4]} or IPv6"
+              f" /{SHORTEST_PREFIX[6]} (a default route, say), which draw other peers'"
+              " traffic on the shared gateways")
 
 
 def _settings(args: argparse.Namespace, options: list[Option], section: str) -> dict:
@@ -179,7 +184,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with sys.stdin if args.file == "-" else open(args.file, encoding="utf-8") as f:
-            count = store.bulk_create_peers(args.tenant, importer.parse_lines(f),
+            count = store.bulk_create_peers(args.tenant, importer.parse_lines(
+                                                f, allow_broad=args.allow_broad),
                                             batch=args.batch, progress=note)
     except OSError as e:
         print(f"wgjit: import: {e}", file=sys.stderr)
@@ -315,7 +321,8 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
 def cmd_peer_add(args: argparse.Namespace) -> int:
     psk = read_secret(args.preshared_key_file, what="preshared key") \
         if args.preshared_key_file else None
-    p = _client(args).create_peer(args.tenant, args.public_key, args.allowed_ip, args.name, psk)
+    p = _client(args).create_peer(args.tenant, args.public_key, args.allowed_ip, args.name, psk,
+                                  allow_broad=args.allow_broad)
     _print(args, p, f"added {_peer_line(p)}")
     return 0
 
@@ -341,6 +348,8 @@ def cmd_peer_update(args: argparse.Namespace) -> int:
     fields: dict = {}
     if args.allowed_ip:
         fields["allowed_ips"] = args.allowed_ip
+        if args.allow_broad:
+            fields["allow_broad"] = True
     if args.name is not None:
         fields["name"] = args.name
     if args.preshared_key_file:
@@ -401,6 +410,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, metavar="N",
                    help="commit every N peers (other writers get turns; a failure keeps"
                    " the batches before it)")
+    p.add_argument("--allow-broad", action="store_true",
+                   help=BROAD_HELP + " (the import runs with the database's own rights)")
     p.add_argument("file", metavar="FILE", help="JSON Lines file, or - for stdin")
     p.set_defaults(func=cmd_import)
 
@@ -450,6 +461,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", required=True, metavar="B64")
     p.add_argument("--allowed-ip", action="append", required=True, metavar="CIDR")
     p.add_argument("--name")
+    p.add_argument("--allow-broad", action="store_true",
+                   help=BROAD_HELP + " (needs an admin token without a tenant limit)")
     p.add_argument("--preshared-key-file", metavar="FILE")
     p.set_defaults(func=cmd_peer_add)
     p = psub.add_parser("list", help="list peers")
@@ -472,6 +485,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-ip", action="append", metavar="CIDR")
     p.add_argument("--name")
     p.add_argument("--preshared-key-file", metavar="FILE")
+    p.add_argument("--allow-broad", action="store_true",
+                   help=BROAD_HELP + " (needs an admin token without a tenant limit)")
     p.add_argument("--clear-preshared-key", action="store_true")
     p.set_defaults(func=cmd_peer_update)
 

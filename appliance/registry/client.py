@@ -69,9 +69,12 @@ class RegistryClient:
 
     # peers
     def create_peer(self, tenant: str, public_key: str, allowed_ips: list[str],
-                    name: str | None = None, preshared_key: str | None = None) -> dict:
+                    name: str | None = None, preshared_key: str | None = None,
+                    allow_broad: bool = False) -> dict:
         body: dict[str, Any] = {"tenant": tenant, "public_key": public_key,
                                 "allowed_ips": allowed_ips}
+        if allow_broad:
+            body["allow_broad"] = True
         if name is not None:
             body["name"] = name
         if preshared_key is not None:

@@ -21,8 +21,10 @@ class ImportError_(ValueError):
     """A line the registry would refuse; the message names the line and the field."""
 
 
-def parse_lines(lines: Iterable[str]) -> Iterator[NewPeer]:
-    """NewPeers from JSON Lines; blank lines and lines starting with # are skipped."""
+def parse_lines(lines: Iterable[str], allow_broad: bool = False) -> Iterator[NewPeer]:
+    """NewPeers from JSON Lines; blank lines and lines starting with # are skipped.
+    Networks broader than breadth.py's limit only with `allow_broad` (the
+    operator's --allow-broad: the import runs with the database's own rights)."""
     number = 0
     it = iter(lines)
     while True:
@@ -38,19 +40,21 @@ def parse_lines(lines: Iterable[str]) -> Iterator[NewPeer]:
         if not text or text.startswith("#"):
             continue
         try:
-            yield _peer(text)
+            yield _peer(text, allow_broad)
         except APIError as e:
             raise ImportError_(f"line {number}: {e.message}") from None
         except ValueError as e:
             raise ImportError_(f"line {number}: {e}") from None
 
 
-def _peer(text: str) -> NewPeer:
+def _peer(text: str, allow_broad: bool) -> NewPeer:
     body = validate.json_object(text, "the line")
     validate.reject_unknown(body, FIELDS)
+    nets = validate.allowed_ips(body.get("allowed_ips"))
+    validate.breadth_ok(nets, allow_broad)
     return NewPeer(
         validate.public_key(body.get("public_key")),
-        validate.allowed_ips(body.get("allowed_ips")),
+        nets,
         validate.name(body.get("name")),
         validate.preshared_key(body.get("preshared_key")),
     )

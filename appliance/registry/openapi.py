@@ -8,9 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.registry.breadth import SHORTEST_PREFIX
+
 KEY = {"type": "string", "description": "WireGuard public key, 32 bytes of base64",
        "pattern": "^[A-Za-z0-9+/_-]{43}=$"}
 CIDR = {"type": "string", "examples": ["198.18.0.2/32", "fd00::2/128"]}
+ALLOWED_IPS = {
+    "type": "array", "items": CIDR, "minItems": 1, "maxItems": 256,
+    "description": "Networks routed to this peer. Unique across all tenants (they share"
+    " every gateway): one overlapping a network of any other peer is a 409 naming the"
+    " field `allowed_ips`; a token limited to a tenant is not told which network, peer or"
+    f" tenant holds it. Broader than IPv4 /{SHORTEST_PREFIX[4]} or IPv6"
+    f" /{SHORTEST_PREFIX[6]} (0.0.0.0/0, ::/0, ...) only with `allow_broad`, else a 400"
+    " naming the entry (`allowed_ips[i]`).",
+}
+ALLOW_BROAD = {
+    "type": "boolean", "default": False,
+    "description": "Accept networks broader than the limit above in `allowed_ips` (a site"
+    " router's default route, say). Only an admin token without a tenant limit may send"
+    " true; a token limited to a tenant gets a 403 naming the field `allow_broad`.",
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -41,15 +58,15 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "tenant": {"type": "string"}, "public_key": KEY, "name": {"type": "string"},
-            "allowed_ips": {"type": "array", "items": CIDR, "minItems": 1, "maxItems": 256},
-            "preshared_key": KEY,
+            "allowed_ips": ALLOWED_IPS, "preshared_key": KEY, "allow_broad": ALLOW_BROAD,
         },
     },
     "PeerUpdate": {
         "type": "object", "additionalProperties": False, "minProperties": 1,
         "properties": {"name": {"type": ["string", "null"]},
-                       "allowed_ips": {"type": "array", "items": CIDR, "minItems": 1},
-                       "preshared_key": {"anyOf": [KEY, {"type": "null"}]}},
+                       "allowed_ips": ALLOWED_IPS,
+                       "preshared_key": {"anyOf": [KEY, {"type": "null"}]},
+                       "allow_broad": ALLOW_BROAD},
     },
     "PeerPage": {
         "type": "object",

@@ -38,6 +38,27 @@ def _load(key: str) -> dict:
     return peer
 
 
+def _conflict(e: store.Conflict) -> APIError:
+    """The 409 for a write the data refused; a caller confined to one tenant
+    hears nothing about what another tenant holds."""
+    limit = auth.tenant_limit()
+    message = e.message
+    if e.masked is not None and limit is not None and e.owner != limit:
+        message = e.masked
+    extra = {} if e.field is None else {"field": e.field}
+    return APIError(409, e.error, message, **extra)
+
+
+def _breadth(body: dict, nets: list) -> None:
+    """Over-broad networks only with allow_broad, which only an admin token
+    without a tenant limit may send (breadth.py says why)."""
+    allowed = validate.allow_broad(body.get("allow_broad"))
+    if allowed and auth.tenant_limit() is not None:
+        raise APIError(403, "forbidden", "allow_broad: a token limited to a tenant cannot"
+                       " allow over-broad networks", field="allow_broad")
+    validate.breadth_ok(nets, allowed)
+
+
 def _optional_psk(body: dict) -> str | None:
     return validate.preshared_key(body.get("preshared_key"))
 
@@ -46,10 +67,12 @@ def _optional_psk(body: dict) -> str | None:
 @auth.require("admin")
 def create():
     body = validate.json_body()
-    validate.reject_unknown(body, {"tenant", "public_key", "allowed_ips", "name", "preshared_key"})
+    validate.reject_unknown(body, {"tenant", "public_key", "allowed_ips", "name", "preshared_key",
+                                   "allow_broad"})
     tenant = validate.name(body.get("tenant"), "tenant", required=True)
     key = validate.public_key(body.get("public_key"))
     nets = validate.allowed_ips(body.get("allowed_ips"))
+    _breadth(body, nets)
     name = validate.name(body.get("name"))
     psk = _optional_psk(body)
     db = store.current()
@@ -60,7 +83,7 @@ def create():
     try:
         db.create_peer(tenant, key, nets, name, psk)
     except store.Conflict as e:
-        raise APIError(409, e.error, e.message) from e
+        raise _conflict(e) from e
     except LookupError as e:  # the tenant vanished between the check and the write
         raise invalid("tenant", f"no tenant {tenant!r}") from e
     peer = _public(db.get_peer(key))
@@ -109,12 +132,13 @@ def update(key: str):
     key = path_key(key)
     peer = _load(key)
     body = validate.json_body()
-    validate.reject_unknown(body, {"allowed_ips", "name", "preshared_key"})
-    if not body:
+    validate.reject_unknown(body, {"allowed_ips", "name", "preshared_key", "allow_broad"})
+    if not body.keys() - {"allow_broad"}:
         raise APIError(400, "invalid_json", "nothing to update")
     kwargs: dict = {"nets": None}
     if "allowed_ips" in body:
         kwargs["nets"] = validate.allowed_ips(body["allowed_ips"])
+        _breadth(body, kwargs["nets"])
     if "name" in body:
         kwargs["name"] = validate.name(body["name"])
     if "preshared_key" in body:
@@ -123,7 +147,7 @@ def update(key: str):
     try:
         db.update_peer(key, expect_tenant=peer["tenant_id"], **kwargs)
     except store.Conflict as e:
-        raise APIError(409, e.error, e.message) from e
+        raise _conflict(e) from e
     except LookupError as e:
         raise _not_found(key) from e
     return jsonify(_public(db.get_peer(key)))

@@ -10,7 +10,7 @@ from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from appliance.keys import KeyError_, decode_key, is_low_order, normalize_key
-from appliance.registry import cidr
+from appliance.registry import breadth, cidr
 from appliance.registry.errors import APIError, invalid
 
 MAX_ALLOWED_IPS = 256
@@ -155,6 +155,23 @@ def allowed_ips(value: Any, field: str = "allowed_ips") -> list[cidr.Net]:
                               f"{net.cidr} overlaps {other.cidr} in the same request")
         nets.append(net)
     return nets
+
+
+def allow_broad(value: Any, field: str = "allow_broad") -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(field, "must be true or false")
+    return value
+
+
+def breadth_ok(nets: list[cidr.Net], allowed: bool, field: str = "allowed_ips") -> None:
+    """Refuse networks broader than breadth.SHORTEST_PREFIX unless `allowed`."""
+    if allowed:
+        return
+    i = breadth.first_too_broad(nets)
+    if i is not None:
+        raise invalid(f"{field}[{i}]", breadth.problem(nets[i]))
 
 
 def int_arg(name_: str, default: int, lo: int, hi: int) -> int:

@@ -67,7 +67,10 @@ class FakeRegistry:
         return copy
 
     def create(self, k: str, *ips: str) -> None:
-        self.peers[k] = RegistryPeer(k, ips or ("198.18.1.1/32",), None, "t")
+        # Each its own address by default: a gateway refuses overlapping peers.
+        n = len(self.peers) + 1
+        default = (f"198.18.{1 + (n >> 8)}.{n & 255}/32",)  # the first: 198.18.1.1
+        self.peers[k] = RegistryPeer(k, ips or default, None, "t")
         self._change("create", k)
 
     def revoke(self, k: str) -> None:

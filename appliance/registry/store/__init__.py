@@ -26,12 +26,37 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class Conflict(Exception):
-    """A write the data forbids (duplicate key, overlapping networks, ...)."""
+    """A write the data forbids (duplicate key, overlapping networks, ...).
 
-    def __init__(self, error: str, message: str) -> None:
+    `field` names the request field at fault. When the clash is with data of
+    tenant `owner`, `masked` is the message for a caller confined to another
+    tenant: it must not learn which network, peer or tenant holds the address.
+    """
+
+    def __init__(self, error: str, message: str, *, field: str | None = None,
+                 owner: int | None = None, masked: str | None = None) -> None:
         super().__init__(message)
         self.error = error
         self.message = message
+        self.field = field
+        self.owner = owner
+        self.masked = masked
+
+
+class Overlap(NamedTuple):
+    """A stored network that overlaps one being written, and the tenant holding it."""
+    cidr: str
+    tenant_id: int
+
+
+def overlap_conflict(net: Net, clash: Overlap, tenant_id: int,
+                     where: str = "allowed_ips") -> Conflict:
+    """The 409 for `net` (being written to tenant `tenant_id`) overlapping `clash`."""
+    scope = "in this tenant" if clash.tenant_id == tenant_id else "in another tenant"
+    return Conflict("allowed_ip_overlap",
+                    f"{where}: {net.cidr} overlaps {clash.cidr} of another peer {scope}",
+                    field="allowed_ips", owner=clash.tenant_id,
+                    masked=f"{where}: {net.cidr} overlaps a network already registered")
 
 
 class DatabaseURLError(ValueError):
@@ -107,7 +132,7 @@ class Store(abc.ABC):
     def create_peer(self, tenant: str, public_key: str, nets: list[Net], name: str | None,
                     preshared_key: str | None) -> int:
         """Returns the new peer's id; LookupError for an unknown tenant, Conflict for a
-        key that exists or a network overlapping another peer's in the tenant."""
+        key that exists or a network overlapping another peer's in any tenant."""
 
     @abc.abstractmethod
     def update_peer(self, public_key: str, *, nets: list[Net] | None, name: Any = UNSET,
@@ -132,8 +157,12 @@ class Store(abc.ABC):
         tenant in `tenant_ids`; returns the page and the cursor of the next one."""
 
     @abc.abstractmethod
-    def find_overlap(self, tenant_id: int, net: Net) -> str | None:
-        """The stored CIDR in this tenant that overlaps `net`, if any."""
+    def find_overlap(self, net: Net) -> Overlap | None:
+        """A stored network of any tenant that overlaps `net`, if there is one.
+
+        Across all tenants: every gateway today carries every tenant's peers on
+        one interface, where an allowed IP goes to whichever peer set it last.
+        Once gateways serve pools of tenants, uniqueness per pool would do."""
 
     @abc.abstractmethod
     def bulk_create_peers(self, tenant: str, peers: Iterable[NewPeer],

@@ -19,9 +19,12 @@ Concurrency, which SQLite never had to think about (it has one writer):
   is that feed-recording commits are serialized, as every SQLite write is;
   the row is taken last in each transaction to keep the locked span short.
 - Overlapping allowed IPs: two writers could each check and find no clash,
-  then both insert. Writes that add networks lock their tenant's row first
-  (FOR NO KEY UPDATE, which foreign-key checks do not wait for), so address
-  changes within one tenant are serialized and the check stays exact.
+  then both insert. Allowed IPs are unique across tenants (every tenant shares
+  every gateway), so writes that add networks take one transaction-level
+  advisory lock (ADDRESS_LOCK) before they look, and address changes are
+  serialized across tenants: the check stays exact. They also lock their
+  tenant's row (FOR NO KEY UPDATE, which foreign-key checks do not wait for),
+  so the tenant cannot vanish under them.
 - Lost updates on one peer: its row is locked (FOR UPDATE) before it is read.
 """
 
@@ -40,7 +43,16 @@ from psycopg.rows import dict_row
 
 from appliance.registry import cidr
 from appliance.registry.cidr import Net
-from appliance.registry.store import BULK_CHUNK, UNSET, Conflict, NewPeer, Store, utcnow
+from appliance.registry.store import (
+    BULK_CHUNK,
+    UNSET,
+    Conflict,
+    NewPeer,
+    Overlap,
+    Store,
+    overlap_conflict,
+    utcnow,
+)
 from appliance.registry.store.shared import (
     check_chunk_overlaps,
     chunks,
@@ -57,6 +69,7 @@ POOL_MAX = 8
 # the first connect) before it fails and /healthz reports the database down.
 POOL_TIMEOUT = 10.0
 MIGRATE_LOCK = 0x77676A6974  # "wgjit": serializes concurrent `migrate` runs
+ADDRESS_LOCK = 0x77676A6961  # serializes writes that add allowed IPs (module docstring)
 
 # The same schema versions as sqlite.py, in PostgreSQL's dialect. Never edit
 # a released entry: append a new one.
@@ -127,6 +140,11 @@ MIGRATIONS: list[str] = [
     # 4: a tenant-limited token's feed by index (see sqlite.py).
     """
     CREATE INDEX changes_tenant ON changes(tenant, cursor);
+    """,
+    # 5: allowed IPs unique across tenants (see sqlite.py): the GiST index on net
+    # alone already serves the global check; kept so both engines count alike.
+    """
+    SELECT 1;
     """,
 ]
 
@@ -284,9 +302,9 @@ class PostgresStore(Store):
 
     # peers
 
-    def find_overlap(self, tenant_id: int, net: Net) -> str | None:
+    def find_overlap(self, net: Net) -> Overlap | None:
         with self._read() as cur:
-            return _overlap(cur, tenant_id, net)
+            return _overlap(cur, net)
 
     def _lock_tenant(self, cur: psycopg.Cursor, name: str) -> int:
         row = cur.execute("SELECT id FROM tenants WHERE name = %s FOR NO KEY UPDATE",
@@ -303,11 +321,11 @@ class PostgresStore(Store):
 
     def _insert_ips(self, cur: psycopg.Cursor, peer_id: int, tid: int,
                     nets: Iterable[Net]) -> None:
+        _lock_addresses(cur)
         for position, net in enumerate(nets):
-            clash = _overlap(cur, tid, net)
+            clash = _overlap(cur, net)
             if clash is not None:
-                raise Conflict("allowed_ip_overlap", f"allowed_ips: {net.cidr} overlaps {clash}"
-                               " of another peer in this tenant")
+                raise overlap_conflict(net, clash, tid)
             cur.execute("INSERT INTO allowed_ips (peer_id, tenant_id, position, cidr, net)"
                         " VALUES (%s, %s, %s, %s, %s::cidr)",
                         (peer_id, tid, position, net.cidr, net.cidr))
@@ -457,7 +475,7 @@ class PostgresStore(Store):
     def _copy_chunk(self, conn: psycopg.Connection, cur: psycopg.Cursor, tid: int, tenant: str,
                     chunk: list[NewPeer], top: dict[int, bytes | None]) -> None:
         """`top` is the last address of the stored networks per family, kept up to
-        date here (the tenant lock keeps other writers out)."""
+        date here (the address lock, taken by _stored_top, keeps other writers out)."""
         now = utcnow()
         ids = [r["id"] for r in cur.execute(
             "SELECT nextval(pg_get_serial_sequence('peers', 'id')) AS id"
@@ -476,14 +494,15 @@ class PostgresStore(Store):
         if probe:
             cur.execute("SET LOCAL enable_seqscan = off")
             clash = cur.execute(
-                "SELECT n.i, o.cidr FROM unnest(%s::text[]) WITH ORDINALITY AS n(cidr, i)"
-                " CROSS JOIN LATERAL (SELECT cidr FROM allowed_ips WHERE net && n.cidr::cidr"
-                " AND tenant_id = %s LIMIT 1) o LIMIT 1",
-                ([r[3] for r in probe], tid)).fetchone()
+                "SELECT n.i, o.cidr, o.tenant_id FROM unnest(%s::text[]) WITH ORDINALITY"
+                " AS n(cidr, i) CROSS JOIN LATERAL (SELECT cidr, tenant_id FROM allowed_ips"
+                " WHERE net && n.cidr::cidr LIMIT 1) o LIMIT 1",
+                ([r[3] for r in probe],)).fetchone()
             if clash is not None:
                 pid, _tid, _pos, text, *_ = probe[clash["i"] - 1]
                 key = chunk[ids.index(pid)].public_key
-                raise Conflict("allowed_ip_overlap", f"{key}: {text} overlaps {clash['cidr']}")
+                raise overlap_conflict(cidr.parse(text), Overlap(clash["cidr"],
+                                       clash["tenant_id"]), tid, where=key)
         for family in (4, 6):
             ends = [r[6] for r in ip_rows if r[4] == family]
             if ends:
@@ -617,25 +636,33 @@ def _version(cur: psycopg.Cursor) -> int:
     return row["v"] or 0
 
 
-def _overlap(cur: psycopg.Cursor, tenant_id: int, net: Net) -> str | None:
+def _overlap(cur: psycopg.Cursor, net: Net) -> Overlap | None:
     # Never a prepared statement: PostgreSQL's generic plan for it (no value to
     # estimate `&&` with, and LIMIT 1) is a sequential scan hoping to stop
     # early, 10-40 ms a check with 100,000 peers; planned for the value, the
     # GiST index answers in 0.5-1.4 ms (a btree predecessor query, SQLite's
     # approach on (tenant_id, net), took 0.06-0.4 ms on the same loaded machine).
-    row = cur.execute("SELECT cidr FROM allowed_ips WHERE net && %s::cidr AND tenant_id = %s"
-                      " LIMIT 1", (net.cidr, tenant_id), prepare=False).fetchone()
-    return row["cidr"] if row else None
+    row = cur.execute("SELECT cidr, tenant_id FROM allowed_ips WHERE net && %s::cidr"
+                      " LIMIT 1", (net.cidr,), prepare=False).fetchone()
+    return Overlap(row["cidr"], row["tenant_id"]) if row else None
+
+
+def _lock_addresses(cur: psycopg.Cursor) -> None:
+    """Serialize writes that add allowed IPs, until commit (see the module docstring)."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADDRESS_LOCK,))
 
 
 def _stored_top(cur: psycopg.Cursor, tenant_id: int) -> dict[int, bytes | None]:
-    """The last address of this tenant's networks per family (4 or 16 bytes).
-    Stored networks never overlap, so the greatest one also ends last."""
+    """The last address of every tenant's networks per family (4 or 16 bytes).
+    Stored networks never overlap, so the greatest one also ends last. Takes
+    the address lock first: the bulk path's overlap check trusts this answer
+    until its transaction commits, and other tenants' writers could move it.
+    `tenant_id` no longer narrows the answer; kept so the bulk path's calls stay."""
+    _lock_addresses(cur)
     top: dict[int, bytes | None] = {}
     for family in (4, 6):
         row = cur.execute("SELECT max(net)::text AS net FROM allowed_ips"
-                          " WHERE tenant_id = %s AND family(net) = %s",
-                          (tenant_id, family)).fetchone()
+                          " WHERE family(net) = %s", (family,)).fetchone()
         top[family] = None if row["net"] is None else cidr.parse(row["net"]).hi
     return top
 

@@ -38,7 +38,8 @@ def check_chunk_overlaps(ip_rows: list[tuple]) -> None:
     ordered = sorted(ip_rows, key=lambda r: (r[4], r[5]))
     for a, b in zip(ordered, ordered[1:], strict=False):
         if a[4] == b[4] and b[5] <= a[6]:
-            raise Conflict("allowed_ip_overlap", f"{b[3]} overlaps {a[3]} in the same import")
+            raise Conflict("allowed_ip_overlap", f"{b[3]} overlaps {a[3]} in the same import",
+                           field="allowed_ips")
 
 
 def duplicate(keys: list[str], stored_before: Callable[[str], bool]) -> Conflict:

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from appliance.registry.cidr import Net
-from appliance.registry.store import BULK_CHUNK, UNSET, Conflict, NewPeer, Store, utcnow
+from appliance.registry.store import (
+    BULK_CHUNK,
+    UNSET,
+    Conflict,
+    NewPeer,
+    Overlap,
+    Store,
+    overlap_conflict,
+    utcnow,
+)
 from appliance.registry.store.shared import (
     check_chunk_overlaps,
     chunks,
@@ -138,6 +147,17 @@ MIGRATIONS: list[str] = [
     # every change.
     """
     CREATE INDEX changes_tenant ON changes(tenant, cursor);
+    """,
+    # 5: allowed IPs unique across tenants (issue 12): every tenant's peers share
+    # each gateway's interface, so the overlap check looks at all of them and
+    # its range index no longer starts with the tenant. Replaced, not added: a
+    # second index would cost every import another B-tree write per network.
+    # Overlaps between tenants stored before this version stay (the gateways
+    # refuse to install the second of two overlapping peers); the check assumes
+    # stored ranges do not overlap, so it may miss a clash with one of those.
+    """
+    DROP INDEX allowed_ips_range;
+    CREATE INDEX allowed_ips_span ON allowed_ips(family, lo);
     """,
 ]
 
@@ -327,17 +347,17 @@ class SqliteStore(Store):
 
     # peers
 
-    def find_overlap(self, tenant_id: int, net: Net) -> str | None:
-        """In O(log n): stored ranges inside a tenant never overlap (this check keeps
-        it so), hence sorted by start they are also sorted by end: only the last
-        range starting at or before our end can reach into us."""
+    def find_overlap(self, net: Net) -> Overlap | None:
+        """In O(log n): stored ranges never overlap (this check keeps it so), hence
+        sorted by start they are also sorted by end: only the last range starting
+        at or before our end can reach into us."""
         row = self.conn().execute(
-            "SELECT cidr, hi FROM allowed_ips WHERE tenant_id = ? AND family = ? AND lo <= ?"
+            "SELECT cidr, hi, tenant_id FROM allowed_ips WHERE family = ? AND lo <= ?"
             " ORDER BY lo DESC LIMIT 1",
-            (tenant_id, net.family, net.hi),
+            (net.family, net.hi),
         ).fetchone()
         if row is not None and row["hi"] >= net.lo:
-            return row["cidr"]
+            return Overlap(row["cidr"], row["tenant_id"])
         return None
 
     def _record_change(self, conn: sqlite3.Connection, op: str, public_key: str,
@@ -348,10 +368,9 @@ class SqliteStore(Store):
     def _insert_ips(self, conn: sqlite3.Connection, peer_id: int, tid: int,
                     nets: Iterable[Net]) -> None:
         for position, net in enumerate(nets):
-            clash = self.find_overlap(tid, net)
+            clash = self.find_overlap(net)
             if clash is not None:
-                raise Conflict("allowed_ip_overlap", f"allowed_ips: {net.cidr} overlaps {clash}"
-                               " of another peer in this tenant")
+                raise overlap_conflict(net, clash, tid)
             conn.execute(
                 "INSERT INTO allowed_ips (peer_id, tenant_id, position, cidr, family, lo, hi)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -514,8 +533,8 @@ class SqliteStore(Store):
         # range that starts last also ends last (an index probe, not max(hi)'s scan).
         top = {}
         for family in (4, 6):
-            row = conn.execute("SELECT hi FROM allowed_ips WHERE tenant_id = ? AND family = ?"
-                               " ORDER BY lo DESC LIMIT 1", (tid, family)).fetchone()
+            row = conn.execute("SELECT hi FROM allowed_ips WHERE family = ?"
+                               " ORDER BY lo DESC LIMIT 1", (family,)).fetchone()
             top[family] = row[0] if row else None
         peer_rows, ip_rows = [], []
         for pid, (key, nets, name, psk) in enumerate(chunk, next_id):
@@ -523,10 +542,9 @@ class SqliteStore(Store):
             for position, net in enumerate(nets):
                 stored_top = top[net.family]
                 if stored_top is not None and net.lo <= stored_top:
-                    clash = self.find_overlap(tid, net)
+                    clash = self.find_overlap(net)
                     if clash is not None:
-                        raise Conflict("allowed_ip_overlap",
-                                       f"{key}: {net.cidr} overlaps {clash}")
+                        raise overlap_conflict(net, clash, tid, where=key)
                 ip_rows.append((pid, tid, position, net.cidr, net.family, net.lo, net.hi))
         check_chunk_overlaps(ip_rows)
         try:
