@@ -100,6 +100,7 @@ def flooder(dest: str, port: int, rate: float, seconds: float, packets_file: str
 
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    print("ready", flush=True)
     sent = 0
     start = time.monotonic()
     end = start + seconds
@@ -130,6 +131,10 @@ class Flood:
         self.proc = lab.worker(host).call(subprocess.Popen, argv, stdout=subprocess.PIPE,
                                           text=True)
         self.path = path
+        # Until it says so the flooder is still starting Python (seconds on a busy
+        # machine): a row that went on at once could stop it before it sent anything.
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"flooder did not start (exit {self.proc.wait(timeout=10)})")
 
     def wait(self) -> int:
         out, _ = self.proc.communicate(timeout=120)
