@@ -124,8 +124,10 @@ class GatewayMetrics:
 
 
 def serve_http(listen: str, metrics: GatewayMetrics,
-               health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
-    """Start /metrics and /healthz on HOST:PORT in a daemon thread."""
+               health: Callable[[], tuple[bool, dict]],
+               status: Callable[[], dict] | None = None) -> ThreadingHTTPServer:
+    """Start /metrics, /healthz and /status (`wgjit gateway status`) on HOST:PORT in
+    a daemon thread."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
 
@@ -136,6 +138,8 @@ def serve_http(listen: str, metrics: GatewayMetrics,
             elif self.path == "/healthz":
                 ok, detail = health()
                 self._send(200 if ok else 503, json.dumps(detail).encode(), "application/json")
+            elif self.path == "/status" and status is not None:
+                self._send(200, json.dumps(status()).encode(), "application/json")
             else:
                 self._send(404, b'{"error": "not_found"}', "application/json")
 
