@@ -44,6 +44,7 @@ from tests.lab.gateway_e2e import (
     replies,
     send_udp,
     wait_for,
+    wait_for_evict_passes_after,
 )
 
 pytestmark = [pytest.mark.lab]
@@ -277,14 +278,7 @@ def test_replayed_initiation_from_elsewhere_installs_nothing(lab: Lab) -> None:
     #    key's last timestamp): nothing is installed.
     lab_gateway.remove_peer(g, victim.public_key)
     removed_at = time.time()
-
-    def last_pass() -> float:
-        return lab.health(GW)[1]["last_evict_pass"].get("at", 0.0)
-
-    # The first pass stamped after the removal may have read the device just
-    # before it; the pass after that one cannot have.
-    first = wait_for(lambda: last_pass() > removed_at and last_pass(), 5, "an eviction pass")
-    wait_for(lambda: last_pass() > first, 5, "a second eviction pass")
+    wait_for_evict_passes_after(lab, GW, removed_at)
 
     counters = Counters(lab)
     source = replay(counters)
