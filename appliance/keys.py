@@ -10,6 +10,21 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 KEY_LEN = 32
 
+_P = 2**255 - 19
+# Curve25519 u-coordinates of the points of order 1, 2, 4 and 8 (on the curve
+# or its twist): 0, 1, p-1 and the two of order 8; also spelled p and p+1,
+# which X25519 reduces to 0 and 1. X25519 ignores bit 255, so each has a second
+# spelling with it set. A clamped private key (a multiple of 8) times any of
+# these is zero: no shared secret, and WireGuard refuses the handshake.
+# tests/unit/test_keys.py checks every entry against the cryptography library.
+_LOW_ORDER_U = (
+    0, 1, _P - 1, _P, _P + 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+)
+LOW_ORDER_POINTS = frozenset(
+    (u | top).to_bytes(KEY_LEN, "little") for u in _LOW_ORDER_U for top in (0, 1 << 255))
+
 
 class KeyError_(ValueError):
     """A key that is not 32 bytes of base64 (or hex, for UAPI)."""
@@ -27,6 +42,11 @@ def decode_key(text: str) -> bytes:
     if len(raw) != KEY_LEN:
         raise KeyError_(f"must decode to {KEY_LEN} bytes, got {len(raw)}")
     return raw
+
+
+def is_low_order(raw: bytes) -> bool:
+    """A public key no private key can agree a secret with (all-zero included)."""
+    return raw in LOW_ORDER_POINTS
 
 
 def encode_key(raw: bytes) -> str:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.gateway.evict import EvictionPolicy, Evictor  # noqa: E402
 from appliance.gateway.install import Installer  # noqa: E402
 from appliance.gateway.metrics import GatewayMetrics  # noqa: E402
-from appliance.gateway.pull import RegistryPeer  # noqa: E402
+from appliance.gateway.peer import RegistryPeer  # noqa: E402
 from appliance.keys import encode_key, generate_keypair  # noqa: E402
 from appliance.wg import PeerConfig, open_device  # noqa: E402
 from lab.netns import Cleanup, Netns, create_netns, start_wireguard_go  # noqa: E402
@@ -133,7 +133,7 @@ def bench_evictor(ifname: str, n: int) -> dict:
     assert len(installer) >= n and kept_evicted == 0, \
         "a pass that should keep every peer removed some"
     # Now every never-handshaken peer is past its grace: one pass removes them all.
-    evictor.policy = EvictionPolicy(idle_timeout=3600, handshake_grace=0.0)
+    evictor.set_policy(EvictionPolicy(idle_timeout=3600, handshake_grace=0.0))
     with Installs(installer) as evict_installs:
         result = evictor.run_pass()
     left = len(dev.peers())

@@ -3,7 +3,8 @@ wg_interface = "wgjit0"
 wg_listen_port = 51820
 wg_backend = "netlink"
 metrics_listen = "127.0.0.1:9587"
-# See design.md "Defaults that matter": keep the idle timeout above 180 s in production.
+# Keep the idle timeout above 180 s (REJECT_AFTER_TIME) in production: README,
+# "Defaults that matter".
 idle_timeout = 300
 evict_interval = 30
 handshake_grace = 15

@@ -505,8 +505,8 @@ def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dic
         if "gateway" in v.roles:
             n = 1 + gateways.index(v)
             data["wg_address"] = list(addressing.gateway_tunnel(n))
-            # Quick eviction, so tests see it within minutes (see design.md on why
-            # production keeps it above 180 s).
+            # Quick eviction, so tests see it within minutes (the README's "Defaults
+            # that matter" says why production keeps it above 180 s).
             data.update(idle_timeout=20, evict_interval=5)
         if "registry" in v.roles:
             # The registry's database in PostgreSQL on the same VM (the fleet engine;

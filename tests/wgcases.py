@@ -255,6 +255,11 @@ def case_big_dump(rig: Rig, n: int = 300, ips: int = 20) -> None:
         assert got.allowed_ips == peer.allowed_ips, f"peer {i}: allowed IPs lost or mixed"
         assert got.endpoint == peer.endpoint, f"peer {i}: endpoint lost"
         assert got.persistent_keepalive == peer.persistent_keepalive, f"peer {i}: keepalive"
+    # Housekeeping's cheap read: each peer once here too, with its own keepalive.
+    activity = dev.activity()
+    assert sorted(a.public_key for a in activity) == sorted(seen)
+    assert {a.public_key: a.persistent_keepalive for a in activity} == \
+        {p.public_key: p.persistent_keepalive for p in peers}
     dev.remove_peers(seen)
     assert dev.peers() == []
 
@@ -444,6 +449,12 @@ def case_handshake(rig: Rig, timeout: float = 20.0) -> None:
     assert started - timedelta(seconds=2) <= hs <= now + timedelta(seconds=2), (started, hs, now)
     assert peer.rx_bytes > 0 and peer.tx_bytes > 0
     assert peer.endpoint == Endpoint(ipaddress.ip_address(CLIENT_UNDERLAY), 51821)
+    # The cheap read agrees: the handshake time to the microsecond, no fewer bytes.
+    cheap = {a.public_key: a for a in dev.activity()}
+    assert cheap[bystander.public_key].last_handshake is None
+    assert abs(cheap[cl_public].last_handshake - hs.timestamp()) < 0.001 or \
+        cheap[cl_public].last_handshake > hs.timestamp()  # a rekey since
+    assert cheap[cl_public].rx_bytes >= peer.rx_bytes
     # The client's own view agrees (wg(8) reads it with the other backend's code).
     assert "latest handshake" in wg_in(cl_ns, "show", cl_if)
 

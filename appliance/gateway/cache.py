@@ -6,12 +6,22 @@ have a TTL. When the registry cannot answer, a positive entry up to
 the gateway already knew. Concurrent lookups of one key share one registry
 call (single flight), and every call spends a token from the bucket. On disk,
 so a restarted gateway still knows its clients while the registry is down.
+
+Entries that stay valid while the feed is followed: the change feed drops the
+entry of every key that changes (feed.py), so a positive entry fetched under
+the current feed epoch is still right whatever its age, as long as the feed
+has proved continuous within the last `feed_window` seconds. A reconcile
+(gap, new feed identity, reused cursor) starts a new epoch, and a feed that
+stops answering stops confirming: either way entries fall back to the TTLs.
+A restarted gateway whose cursor still holds thus re-admits its known
+clients without asking the registry, instead of one lookup each (issue 17).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -19,8 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 
@@ -46,6 +57,11 @@ class CachePolicy:
     negative_ttl: float = 30.0
     stale_ttl: float = 86_400.0
     token_wait: float = 1.0  # how long a lookup may wait for a registry token
+    # Entries of the feed's epoch stay valid this long after the feed last proved
+    # continuous: a dozen polls at the default 5 s interval, so one slow or
+    # missed poll on a loaded machine does not send every client to the registry.
+    # A feed polled less often than this leaves entries to their TTLs.
+    feed_window: float = 60.0
 
 
 SCHEMA = """
@@ -55,51 +71,96 @@ CREATE TABLE IF NOT EXISTS peer_cache (
     data TEXT,
     fetched_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# The feed epoch an entry was fetched under (NULL: TTL only); added to caches
+# made before it existed.
+EPOCH_COLUMN = "ALTER TABLE peer_cache ADD COLUMN feed_epoch TEXT"
+
+
+class PeerSource(Protocol):
+    """The registry's peer lookup (pull.GatewayRegistry), which counts its own calls."""
+
+    def peer(self, public_key: str) -> RegistryPeer: ...
 
 
 class PeerCache:
-    def __init__(self, path: str | Path, fetch: Callable[[str], RegistryPeer],
+    def __init__(self, path: str | Path, registry: PeerSource,
                  bucket: TokenBucket, policy: CachePolicy = CachePolicy(),
                  clock: Callable[[], float] = time.time) -> None:
-        self._fetch = fetch
-        self.bucket = bucket
+        self._registry = registry
+        self._bucket = bucket
         self.policy = policy
         self._clock = clock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(peer_cache)")}
+        if "feed_epoch" not in columns:
+            self._db.execute(EPOCH_COLUMN)
+        row = self._db.execute("SELECT value FROM cache_meta WHERE key = 'feed_epoch'"
+                               ).fetchone()
+        self.feed_epoch: str | None = row[0] if row else None
+        self._feed_ok_at = float("-inf")  # not confirmed by this process yet
         self._db_lock = threading.Lock()
         self._inflight: dict[str, Future[Lookup]] = {}
         self._inflight_lock = threading.Lock()
-        self.registry_calls = 0
+        self._changed_in_flight: set[str] = set()
 
     def close(self) -> None:
         with self._db_lock:
             self._db.close()
+
+    def configure(self, policy: CachePolicy, rate: float, burst: int) -> None:
+        """New TTLs and registry rate (a reload); entries and lookups in flight stay."""
+        self.policy = policy
+        self._bucket.configure(rate, burst)
 
     # storage
 
     def _row(self, key: str) -> tuple[bool, RegistryPeer | None, float] | None:
         with self._db_lock:
             row = self._db.execute(
-                "SELECT found, data, fetched_at FROM peer_cache WHERE public_key = ?", (key,)
+                "SELECT found, data, fetched_at, feed_epoch FROM peer_cache"
+                " WHERE public_key = ?", (key,)
             ).fetchone()
         if row is None:
             return None
-        found, data, fetched_at = row
+        found, data, fetched_at, epoch = row
         peer = RegistryPeer.from_json(json.loads(data)) if found else None
+        if found and self._feed_vouches(epoch):
+            fetched_at = self._clock()  # as good as fetched now
         return bool(found), peer, fetched_at
 
-    def _store(self, key: str, peer: RegistryPeer | None) -> None:
+    def _store(self, key: str, peer: RegistryPeer | None, epoch: str | None = None) -> None:
         data = json.dumps(peer.to_json()) if peer else None
         with self._db_lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at)"
-                " VALUES (?, ?, ?, ?)",
-                (key, int(peer is not None), data, self._clock()),
+                "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at,"
+                " feed_epoch) VALUES (?, ?, ?, ?, ?)",
+                (key, int(peer is not None), data, self._clock(), epoch),
             )
+
+    # feed continuity (feed.py drives these)
+
+    def new_feed_epoch(self) -> None:
+        """The feed restarts (reconcile): entries fetched before fall back to TTLs."""
+        epoch = secrets.token_hex(8)
+        with self._db_lock:
+            self._db.execute("INSERT OR REPLACE INTO cache_meta (key, value)"
+                             " VALUES ('feed_epoch', ?)", (epoch,))
+        self.feed_epoch = epoch
+
+    def feed_confirmed(self) -> None:
+        """The feed was just read through without a gap in the current epoch."""
+        self._feed_ok_at = self._clock()
+
+    def feed_continuous(self) -> bool:
+        return self._clock() - self._feed_ok_at < self.policy.feed_window
+
+    def _feed_vouches(self, epoch: str | None) -> bool:
+        return epoch is not None and epoch == self.feed_epoch and self.feed_continuous()
 
     def knows(self, key: str) -> bool:
         """Has the registry ever said yes to this key (a positive entry, of any age)?
@@ -113,11 +174,17 @@ class PeerCache:
 
     def invalidate(self, key: str) -> None:
         """Forget a key (revoked, deleted, changed): the next lookup asks the registry."""
+        with self._inflight_lock:
+            if key in self._inflight:
+                # The answer in flight may predate this change: when it lands it
+                # gets the TTLs only, not the feed's word.
+                self._changed_in_flight.add(key)
         with self._db_lock:
             self._db.execute("DELETE FROM peer_cache WHERE public_key = ?", (key,))
 
     def put(self, peer: RegistryPeer) -> None:
-        self._store(peer.public_key, peer)
+        """A fresh answer from the registry, fetched by the feed's own thread."""
+        self._store(peer.public_key, peer, self.feed_epoch)
 
     def clear(self) -> None:
         with self._db_lock:
@@ -126,17 +193,25 @@ class PeerCache:
     def expire(self) -> int:
         """Drop entries too old to serve even as stale; returns how many."""
         now = self._clock()
+        kept_epoch = self.feed_epoch if self.feed_continuous() else None
         with self._db_lock:
             cur = self._db.execute(
-                "DELETE FROM peer_cache WHERE (found = 1 AND fetched_at < ?)"
-                " OR (found = 0 AND fetched_at < ?)",
-                (now - self.policy.stale_ttl, now - self.policy.negative_ttl),
+                "DELETE FROM peer_cache WHERE (found = 1 AND fetched_at < ?"
+                " AND feed_epoch IS NOT ?) OR (found = 0 AND fetched_at < ?)",
+                (now - self.policy.stale_ttl, kept_epoch, now - self.policy.negative_ttl),
             )
         return cur.rowcount
 
     def __len__(self) -> int:
         with self._db_lock:
             return self._db.execute("SELECT count(*) FROM peer_cache").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        """Entries by kind: "found" (a peer) and "not_found" (a key the registry denied)."""
+        with self._db_lock:
+            rows = self._db.execute("SELECT found, count(*) FROM peer_cache GROUP BY found")
+            by = dict(rows.fetchall())
+        return {"found": by.get(1, 0), "not_found": by.get(0, 0)}
 
     # lookup
 
@@ -167,19 +242,21 @@ class PeerCache:
         finally:
             with self._inflight_lock:
                 del self._inflight[key]
+                self._changed_in_flight.discard(key)
 
     def _ask_registry(self, key: str, cached) -> Lookup:
-        if not self.bucket.acquire(self.policy.token_wait):
+        if not self._bucket.acquire(self.policy.token_wait):
             return self._fallback(cached, Outcome.RATE_LIMITED)
-        self.registry_calls += 1
+        epoch = self.feed_epoch  # before the call: the answer reflects at least this epoch
         try:
-            peer = self._fetch(key)
+            peer = self._registry.peer(key)
         except PeerNotFound:
             self._store(key, None)
             return Lookup(None, Outcome.NOT_FOUND)
         except RegistryUnavailable:
             return self._fallback(cached, Outcome.UNAVAILABLE)
-        self._store(key, peer)
+        with self._inflight_lock:  # held so no invalidate() slips between check and store
+            self._store(key, peer, None if key in self._changed_in_flight else epoch)
         return Lookup(peer, Outcome.FETCHED)
 
     def _fallback(self, cached, outcome: Outcome) -> Lookup:

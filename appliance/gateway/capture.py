@@ -217,7 +217,6 @@ class Capture:
         self.snaplen = snaplen
         self.received = 0  # frames read from the kernel
         self.malformed: Counter[str] = Counter()
-        self.kernel_drops = 0  # frames the kernel dropped for want of buffer
         self._socks: dict[int, tuple[socket.socket, str]] = {}
         self._epoll = select.epoll()
         try:
@@ -232,17 +231,6 @@ class Capture:
     @property
     def interfaces(self) -> list[str]:
         return [name for _, name in self._socks.values()]
-
-    def fileno(self) -> int:
-        """An epoll descriptor: readable when any interface has a frame queued."""
-        return self._epoll.fileno()
-
-    def read(self, max_frames: int = 256) -> list[Datagram]:
-        """Whatever is queued now, up to max_frames per interface; never blocks."""
-        out: list[Datagram] = []
-        for sock, ifname in self._socks.values():
-            self._drain(sock, ifname, max_frames, out)
-        return out
 
     def recv(self, timeout: float | None = None, max_frames: int = 256) -> list[Datagram]:
         """Wait up to `timeout` seconds (None: forever) for frames, then read them."""
@@ -272,12 +260,11 @@ class Capture:
     def kernel_stats(self) -> dict[str, tuple[int, int]]:
         """Per interface (frames passed by the filter, frames dropped) since the last call.
 
-        The kernel resets its counters on each read; drops also add to kernel_drops.
+        The kernel resets its counters on each read.
         """
         stats = {}
         for sock, ifname in self._socks.values():
             packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
-            self.kernel_drops += drops
             stats[ifname] = (packets, drops)
         return stats
 

@@ -51,6 +51,7 @@ OPTIONS = [
     Option("handshake-grace", float, 15.0, check=config.positive),
     Option("max-peers", int, 0, check=_non_negative),
     Option("feed-interval", float, 5.0, check=config.positive),
+    Option("reconcile-interval", float, 3600.0, check=_non_negative),
     Option("backend", default="auto", check=_backend),
     Option("capture-interface", config.LIST, []),
     Option("address", config.LIST, []),
@@ -86,14 +87,13 @@ def settings_from(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from appliance.gateway.daemon import Gateway
+    from appliance.gateway.daemon import build_gateway
     from appliance.gateway.events import setup_logging
     from appliance.secrets import SecretFileError
     from appliance.wg import WgError
 
     settings, log_format = settings_from(args)
     setup_logging(args.log_level, log_format)
-    gateway = Gateway(settings)
 
     def reload(*_: object) -> None:
         try:
@@ -103,8 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return
         gateway.apply(new)
 
-    signal.signal(signal.SIGHUP, reload)
     try:
+        gateway = build_gateway(settings)
+        signal.signal(signal.SIGHUP, reload)
         return gateway.run()
     except (WgError, SecretFileError, OSError) as e:
         log.error("gateway: %s", e)
@@ -160,6 +161,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
       help="evict installed peers that never handshook after this (15)")
     a("--max-peers", type=int, metavar="N", help="cap on installed peers, 0 = none (0)")
     a("--feed-interval", type=float, metavar="SECONDS", help="change-feed poll period (5)")
+    a("--reconcile-interval", type=float, metavar="SECONDS",
+      help="check every installed peer against the registry this often, whatever the "
+           "feed says; 0: never (3600)")
     a("--backend", metavar="auto|netlink|uapi", help="device backend (auto)")
     a("--capture-interface", action="append", metavar="IFNAME",
       help="underlay interface to watch (repeatable; default: every Ethernet interface)")

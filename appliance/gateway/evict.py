@@ -47,12 +47,18 @@ class Evictor:
         self.installer = installer
         self.policy = policy
         self.metrics = metrics
-        self.on_evict = on_evict  # called with each removed key (cache/replay cleanup)
+        # (key, reason) for each removal, a pass's or not: what others remember per
+        # installed peer goes with it (the daemon's served endpoints and repairs).
+        self.on_evict = on_evict
         # key -> (evicted at, reason), oldest first; policy evictions only
         self._recent: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # key -> (rx_bytes at the last pass, when rx_bytes was last seen growing)
         self._rx: dict[str, tuple[int, float]] = {}
         self.last_pass: dict = {}
+
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        """A new policy (a reload), used from the next pass on."""
+        self.policy = policy
 
     def _last_active(self, p: PeerActivity, now: float) -> float:
         """The later of the handshake and the last pass where rx_bytes grew.
@@ -98,7 +104,10 @@ class Evictor:
     def run_pass(self) -> dict:
         started = time.monotonic()
         dumped_at = time.time()
-        peers = self.installer.device.activity()  # the pass's one read of the device
+        with self.installer.device_read() as peers:  # the pass's one read of the device
+            return self._pass(peers, started, dumped_at)
+
+    def _pass(self, peers: list[PeerActivity], started: float, dumped_at: float) -> dict:
         now = time.time()
         present = {p.public_key for p in peers}
         self.installer.forget_missing(present, dumped_at)
@@ -139,6 +148,7 @@ class Evictor:
     def removed_elsewhere(self, key: str, reason: str) -> None:
         """Account for a removal done outside a pass (revocation)."""
         self._evicted(key, reason, time.time())
+        self.metrics.installed.set(len(self.installer))
 
     def note_install(self, key: str) -> None:
         """Count an install of a key this evictor removed within THRASH_WINDOW."""

@@ -6,10 +6,19 @@ seconds the gateway reads `/v1/gateway/changes?since=CURSOR` and
 - on revoke or delete: removes the peer from the device and the cache;
 - on update: refreshes the cache and updates an installed peer in place;
 - on create or restore: drops a negative cache entry so the key works now.
-The cursor is saved after each applied page. When the feed cannot be trusted
-to be complete (first start, a different database behind the registry, or
+The cursor is saved after each applied page, with the digest of the change at
+it: a restored backup (or commits lost to a power cut) hands the same cursor
+numbers out again for other changes, and only the digest tells (the registry
+answers 409 cursor_mismatch). When the feed cannot be trusted to be complete
+(first start, a different database behind the registry, a reused cursor, or
 changes older than our cursor already trimmed), every installed peer is
-checked against the registry instead: a full reconcile.
+checked against the registry instead: a full reconcile. As a last line of
+defence, `audit` has every installed peer checked again on a long period
+(`--reconcile-interval`), spread over the polls like adopted peers.
+
+While the feed is continuous the peer cache may keep entries past their TTL
+(cache.py): each reconcile starts a new feed epoch, and every poll that proves
+continuity says so to the cache.
 """
 
 from __future__ import annotations
@@ -17,14 +26,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from appliance.gateway import events
 from appliance.gateway.cache import PeerCache
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import GatewayRegistry, PeerNotFound, RegistryUnavailable
+from appliance.gateway.peer import CursorMismatch, PeerNotFound, RegistryUnavailable
 from appliance.gateway.state import GatewayState
+
+if TYPE_CHECKING:  # the HTTP client; the feed needs only its methods
+    from appliance.gateway.pull import GatewayRegistry
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +57,13 @@ class FeedFollower:
         self.on_removed = on_removed  # (key, reason): eviction bookkeeping
         self.known = known  # the known-key filter, kept current here
         self.healthy = False
+        self.caught_up_at: float | None = None  # time.time(): last reached the registry's head
         # Peers found on the device at start: checked against the registry once
         # even when the cursor is fine, since the feed cannot speak for peers
         # it never saw installed (added by hand, or under another state dir).
         self._unchecked: set[str] = set()
         self._removed: OrderedDict[str, float] = OrderedDict()  # key -> when, oldest first
+        self._defer_reconcile = False  # set by resume()
 
     def removed_since(self, key: str, since: float) -> bool:
         """Did the feed revoke or delete `key` at or after `since` (time.time())?
@@ -71,10 +86,24 @@ class FeedFollower:
         """Have these adopted peers checked against the registry on the next polls."""
         self._unchecked.update(keys)
 
+    def audit(self) -> None:
+        """Check every installed peer against the registry over the next polls.
+
+        The feed should make this redundant; it is what catches a change the
+        feed lost in a way no check above can see.
+        """
+        self._unchecked.update(self.installer.snapshot())
+
     @property
     def cursor(self) -> int | None:
         value = self.state.get("feed_cursor")
         return int(value) if value is not None else None
+
+    def _save(self, cursor: int, feed_id: str, digest: str | None) -> None:
+        self.state.set(feed_cursor=str(cursor), feed_id=feed_id, feed_digest=digest or "")
+        self.metrics.feed_cursor.set(cursor)
+        self.healthy = True
+        self.cache.feed_confirmed()
 
     def poll(self) -> int:
         """Apply everything new; returns how many changes were applied."""
@@ -86,6 +115,21 @@ class FeedFollower:
             self.metrics.feed_errors.inc()
             log.warning("change feed: registry unavailable (%s); will catch up", e)
             return 0
+
+    def resume(self) -> None:
+        """At start, before capture: follow the feed from the saved cursor if it is
+        still continuous, so cached peers count again at once (cache.py).
+
+        Nothing else: a reconcile, or the checks of adopted peers, may take
+        thousands of registry calls, and are left to the scheduled polls.
+        """
+        self._defer_reconcile = True
+        try:
+            self._follow()
+        except RegistryUnavailable as e:
+            log.warning("change feed: registry unavailable at start (%s)", e)
+        finally:
+            self._defer_reconcile = False
 
     def _poll(self) -> int:
         applied = self._follow()
@@ -101,13 +145,22 @@ class FeedFollower:
     def _follow(self) -> int:
         cursor = self.cursor
         feed_id = self.state.get("feed_id")
+        digest = self.state.get("feed_digest") or None
         if cursor is None:
             return self.reconcile("first start")
         applied = 0
         while True:
-            page = self.registry.changes(cursor)
+            try:
+                page = self.registry.changes(cursor, digest=digest)
+            except CursorMismatch:
+                return applied + self.reconcile("cursor reused: registry database restored"
+                                                " or rolled back")
             if feed_id and page["feed_id"] != feed_id:
                 return applied + self.reconcile("registry database replaced")
+            if digest is None and cursor > 0 and "since_digest" in page:
+                # A cursor saved before gateways kept digests (or with no change
+                # at it) cannot be checked: once, check everything instead.
+                return applied + self.reconcile("cursor without a digest")
             if page["changes"] and page["changes"][0]["cursor"] != cursor + 1 \
                     and page["earliest"] > cursor + 1:
                 return applied + self.reconcile("feed gap")
@@ -116,11 +169,10 @@ class FeedFollower:
             for change in page["changes"]:
                 self.apply(change)
                 applied += 1
-            cursor = page["cursor"]
-            self.state.set(feed_cursor=str(cursor), feed_id=page["feed_id"])
-            self.metrics.feed_cursor.set(cursor)
-            self.healthy = True
+            cursor, digest = page["cursor"], page.get("cursor_digest")
+            self._save(cursor, page["feed_id"], digest)
             if not page["more"]:
+                self._caught_up()
                 return applied
 
     def apply(self, change: dict) -> None:
@@ -161,9 +213,15 @@ class FeedFollower:
 
     def reconcile(self, why: str) -> int:
         """Check every installed peer against the registry, then start the feed afresh."""
+        if self._defer_reconcile:
+            log.info("change feed: full reconcile (%s) left to the first scheduled poll", why)
+            return 0
         log.info("change feed: full reconcile (%s)", why)
         self.metrics.reconciles.inc()
         head = self.registry.changes(0, limit=1)
+        # After the head is read: an entry fetched from here on reflects every
+        # change up to the head, and the feed resumes at the head.
+        self.cache.new_feed_epoch()
         if why != "first start":
             # Cache entries may predate changes we never saw; installed peers
             # are put back by the refresh below.
@@ -171,7 +229,10 @@ class FeedFollower:
         for key in list(self.installer.snapshot()):
             self._refresh(key)
         self._unchecked.clear()
-        self.state.set(feed_cursor=str(head["latest"]), feed_id=head["feed_id"])
-        self.metrics.feed_cursor.set(head["latest"])
-        self.healthy = True
+        self._save(head["latest"], head["feed_id"], head.get("latest_digest"))
+        self._caught_up()
         return 0
+
+    def _caught_up(self) -> None:
+        self.caught_up_at = time.time()
+        self.metrics.feed_caught_up.set(self.caught_up_at)

@@ -42,12 +42,10 @@ LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 
 MESSAGE_INITIATION_TYPE = 1
-MESSAGE_RESPONSE_TYPE = 2
 MESSAGE_COOKIE_REPLY_TYPE = 3
 MESSAGE_TRANSPORT_TYPE = 4
 
 NOISE_PUBLIC_KEY_SIZE = 32
-NOISE_HASH_SIZE = 32
 AEAD_TAG_SIZE = 16
 TAI64N_SIZE = 12
 MAC_SIZE = 16  # mac1 and mac2 are keyed BLAKE2s truncated to 128 bits
@@ -72,7 +70,6 @@ TAI64_BASE = 0x400000000000000A
 
 # AEAD nonce for counter 0: 32 zero bits then the 64-bit little-endian counter.
 _ZERO_NONCE = bytes(12)
-_EMPTY = b""
 
 # Every reason InitiationError can carry, in the order the checks run.
 REASONS = (

@@ -13,7 +13,27 @@ so nobody answered it, and the client would retry only after REKEY_TIMEOUT
 and a persistent keepalive makes the data plane send a handshake towards the
 client at once: the gateway becomes the session's initiator. The keepalive is
 only the trigger; once the handshake completed it is turned off again, so an
-idle peer really goes idle and can be evicted.
+idle peer really goes idle and can be evicted. If the handshake has not
+completed after RETRIGGER_AFTER (the client's initiation and ours crossed, or
+ours was lost), the peer is installed afresh, up to MAX_RETRIGGERS times.
+
+Locks: the Installer is the one place that touches the device for peers, and
+it has two locks with one job each.
+- `_lock` guards the table of installed peers and orders each change to the
+  device with the change to the table (install, update, fall back, retrigger,
+  clear a keepalive, remove), so that two threads never leave the device and
+  the table disagreeing about a peer. Held for one peer's device write, or one
+  batch of removals (evict.REMOVE_BATCH): never across a whole-device read.
+- `_read_lock` lets one whole-device read (`device_read`) run at a time: the
+  eviction pass, the handshake check and adoption each hold every peer in
+  memory while they use the read (~40 MB at 50,000 peers), and two at once
+  would double the daemon's peak. Installs do not wait for a read (the device
+  orders its own reads and writes); a read sees an install or not, which is
+  why forget_missing looks only at peers installed before the read. A pass
+  removes and adopts while it still holds its read: `_read_lock` is always
+  taken before `_lock`, never the other way round.
+Nobody else takes either lock or writes to an Installed entry: the daemon goes
+through methods (note_endpoint, fall_back, ...).
 """
 
 from __future__ import annotations
@@ -21,9 +41,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from appliance.gateway.pull import RegistryPeer
+from appliance.gateway.peer import RegistryPeer
 from appliance.wg import PeerActivity, PeerConfig, WgDevice
 from appliance.wg.model import parse_network
 
@@ -71,7 +93,8 @@ class Installer:
         self.device = device
         self.trigger_keepalive = trigger_keepalive
         self._peers: dict[str, Installed] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the table and per-peer device writes
+        self._read_lock = threading.Lock()  # one whole-device read at a time
 
     def __contains__(self, public_key: str) -> bool:
         return public_key in self._peers
@@ -86,6 +109,34 @@ class Installer:
         with self._lock:
             return dict(self._peers)
 
+    @contextmanager
+    def device_read(self, *, wait: bool = True) -> Iterator[list[PeerActivity] | None]:
+        """The device's cheap activity read, the only one running while the block runs.
+
+        wait=False: None at once if another read is under way (a periodic job
+        skips its tick rather than queue behind a one-second read). Use the
+        list inside the block only: the point of the lock is that no two such
+        copies exist at once.
+        """
+        if not self._read_lock.acquire(blocking=wait):
+            yield None
+            return
+        try:
+            yield self.device.activity()
+        finally:
+            self._read_lock.release()
+
+    def note_endpoint(self, public_key: str, endpoint: str) -> bool:
+        """An installed peer's client initiated again, from `endpoint`: remember it
+        as the peer's endpoint (repair.py puts it back after a replay). False if
+        the peer is not installed."""
+        with self._lock:
+            entry = self._peers.get(public_key)
+            if entry is None:
+                return False
+            entry.endpoint = endpoint
+        return True
+
     def adopt(self, peers: list[PeerActivity] | None = None) -> list[str]:
         """Take over the peers the device holds (a restart loses nothing); returns their keys.
 
@@ -99,10 +150,13 @@ class Installer:
         handshake check turns it off. Left on, it would make the device rekey
         every REKEY_AFTER_TIME and the peer would never look idle.
         """
+        if peers is None:
+            with self.device_read() as read:
+                return self.adopt(read)
         now = time.time()
         adopted = []
         with self._lock:
-            for p in self.device.activity() if peers is None else peers:
+            for p in peers:
                 if p.public_key in self._peers:
                     continue
                 # A peer that never handshook gets the full grace period from now.
@@ -196,7 +250,7 @@ class Installer:
         return True
 
     def retrigger(self, public_key: str) -> bool:
-        """Install a peer afresh to break a crossed handshake (see the module doc)."""
+        """Install a peer afresh: its handshake did not complete within RETRIGGER_AFTER."""
         with self._lock:
             entry = self._peers.get(public_key)
             if entry is None or not entry.trigger_pending:

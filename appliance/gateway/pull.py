@@ -8,49 +8,35 @@ answers, and what happens when one fails, is `failover.RegistryServers`' job.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import requests
 
 from appliance.gateway.failover import RegistryServers
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.peer import (
+    CursorMismatch,
+    PeerNotFound,
+    RegistryPeer,
+    RegistryUnavailable,
+)
 from appliance.registry.client import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RegistryPeer:
-    """What a gateway needs to install a peer."""
-
-    public_key: str
-    allowed_ips: tuple[str, ...]
-    preshared_key: str | None
-    tenant: str = ""
-
-    @classmethod
-    def from_json(cls, data: dict) -> RegistryPeer:
-        return cls(data["public_key"], tuple(data["allowed_ips"]), data.get("preshared_key"),
-                   data.get("tenant", ""))
-
-    def to_json(self) -> dict:
-        return {"public_key": self.public_key, "allowed_ips": list(self.allowed_ips),
-                "preshared_key": self.preshared_key, "tenant": self.tenant}
-
-
-class PeerNotFound(Exception):
-    """The registry says no: unknown or revoked."""
-
-
-class RegistryUnavailable(Exception):
-    """The registry could not answer (down, timing out, 5xx, refusing our token)."""
-
-
 class GatewayRegistry:
-    """The registry's gateway API (peer lookups, change feed) as the daemon uses it."""
+    """The registry's gateway API (peer lookups, change feed) as the daemon uses it.
 
-    def __init__(self, servers: RegistryServers) -> None:
+    Peer lookups are counted here (`wgjit_gateway_registry_calls_total`, and
+    `..._errors_total` for those the registry could not answer), and the last
+    one's result is the registry's health in /healthz; each server's own health
+    is `servers.health()`.
+    """
+
+    def __init__(self, servers: RegistryServers, metrics: GatewayMetrics) -> None:
         self.servers = servers
+        self.metrics = metrics
+        self.lookups_ok: bool | None = None  # None until the first lookup
 
     def _call(self, fn, *args):
         try:
@@ -58,20 +44,38 @@ class GatewayRegistry:
         except RegistryError as e:
             if e.status == 404:
                 raise PeerNotFound(str(e)) from None
+            if e.status == 409 and e.error == "cursor_mismatch":
+                raise CursorMismatch(e.message) from None
             if e.status in (401, 403):
                 # Retrying will not fix a bad token; say so loudly, once per call.
                 log.error("registry refused the gateway token: %s", e.message)
             raise RegistryUnavailable(str(e)) from None
 
     def peer(self, public_key: str) -> RegistryPeer:
-        return RegistryPeer.from_json(self._call(RegistryClient.gateway_peer, public_key))
+        self.metrics.registry_calls.inc()
+        try:
+            data = self._call(RegistryClient.gateway_peer, public_key)
+        except PeerNotFound:
+            self.lookups_ok = True  # an answer
+            raise
+        except RegistryUnavailable:
+            self.lookups_ok = False
+            self.metrics.registry_errors.inc()
+            raise
+        self.lookups_ok = True
+        return RegistryPeer.from_json(data)
+
+    def health(self) -> str:
+        """The last peer lookup: "unknown" (none yet), "ok" or "unavailable"."""
+        return {None: "unknown", True: "ok", False: "unavailable"}[self.lookups_ok]
 
     def keys(self, salt: bytes) -> dict:
         """Salted digests of the active keys (keyfilter.py)."""
         return self._call(RegistryClient.gateway_keys, salt)
 
-    def changes(self, since: int, limit: int = 1000) -> dict:
-        return self._call(RegistryClient.changes, since, limit)
+    def changes(self, since: int, limit: int = 1000, digest: str | None = None) -> dict:
+        """A feed page; CursorMismatch when `digest` no longer names the change at `since`."""
+        return self._call(RegistryClient.changes, since, limit, digest)
 
 
 def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics, *,
@@ -89,4 +93,4 @@ def build_gateway_registry(urls: list[str], token: str, metrics: GatewayMetrics,
         session.mount("https://", adapter)
         clients.append(RegistryClient(url, token, timeout=timeout, session=session,
                                       ca_file=ca_file))
-    return GatewayRegistry(RegistryServers(clients, metrics))
+    return GatewayRegistry(RegistryServers(clients, metrics), metrics)

@@ -22,6 +22,15 @@ class TokenBucket:
         self._stamp = clock()
         self._lock = threading.Lock()
 
+    def configure(self, rate: float, burst: int) -> None:
+        """A new rate and burst (a reload); tokens already earned stay, up to the new burst."""
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        with self._lock:
+            self._refill(self._clock())
+            self.rate, self.burst = rate, burst
+            self._tokens = min(self._tokens, float(burst))
+
     def _refill(self, now: float) -> None:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now

@@ -75,6 +75,14 @@ class Jobs:
         self.scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)
         self.scheduler.modify_job(job_id, misfire_grace_time=max(1, math.ceil(seconds)))
 
+    def remove(self, job_id: str) -> None:
+        """Stop running job_id, if it is scheduled."""
+        with self._lock:
+            self._period.pop(job_id, None)
+            self._last_slot.pop(job_id, None)
+        if self.scheduler.get_job(job_id) is not None:
+            self.scheduler.remove_job(job_id)
+
     def start(self) -> None:
         self.scheduler.start()
 

@@ -10,11 +10,21 @@ if TYPE_CHECKING:
     from flask import Flask
 
 MAX_BODY_BYTES = 64 * 1024
+# How long an API write waits for the database's write lock (SQLite's
+# busy_timeout, PostgreSQL's lock_timeout) before answering 503 with
+# Retry-After. An API write holds the lock ~0.07 ms and a bulk import's chunk
+# 0.4-0.55 s (see errors.RETRY_AFTER_S), so 2 s outlasts any queue of API
+# writers and a chunk; a longer wait only keeps a gunicorn thread from the
+# gateways' lookups (2 workers x 4 threads: eight writes stuck behind a bulk
+# import's chunk would stall every lookup) and outlasts clients that gave up.
+# The CLI keeps the engines' longer default.
+API_BUSY_TIMEOUT_MS = 2_000
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """App factory. `config["DATABASE"]` is the --db value (required): a SQLite path or
-    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file."""
+    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file;
+    `config["DB_BUSY_TIMEOUT_MS"]` replaces API_BUSY_TIMEOUT_MS."""
     from flask import Flask
     from werkzeug.routing import BaseConverter
 
@@ -34,7 +44,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     if not app.config.get("DATABASE"):
         raise ValueError("create_app: DATABASE (a SQLite path or postgresql:// URL) is required")
-    store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"))
+    store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"),
+                       busy_timeout_ms=app.config.get("DB_BUSY_TIMEOUT_MS", API_BUSY_TIMEOUT_MS))
     if not app.config.get("SKIP_MIGRATE"):
         store.migrate()
     app.extensions["wgjit_store"] = store

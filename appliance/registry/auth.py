@@ -71,8 +71,9 @@ def tenant_limit() -> int | None:
     return g.token.tenant_id
 
 
-def check_tenant(tenant_id: int) -> None:
-    """Hide other tenants' objects from a limited token: they look like 404s."""
+def check_tenant(tenant_id: int, missing: APIError) -> None:
+    """Hide other tenants' objects from a limited token: `missing` is the caller's
+    error for an object that does not exist, so both answers are the same bytes."""
     limit = tenant_limit()
     if limit is not None and limit != tenant_id:
-        raise APIError(404, "not_found", "no such object")
+        raise missing

@@ -118,5 +118,8 @@ class RegistryClient:
     def gateway_keys(self, salt: bytes) -> dict:
         return self.request("GET", "/v1/gateway/keys", params={"salt": salt.hex()})
 
-    def changes(self, since: int = 0, limit: int = 1000) -> dict:
-        return self.request("GET", "/v1/gateway/changes", params={"since": since, "limit": limit})
+    def changes(self, since: int = 0, limit: int = 1000, digest: str | None = None) -> dict:
+        params: dict = {"since": since, "limit": limit}
+        if digest is not None:
+            params["digest"] = digest
+        return self.request("GET", "/v1/gateway/changes", params=params)

@@ -7,7 +7,9 @@ on two cores the registry could not reach its lookup target. This WSGI layer
 answers only the successful lookup itself, with the same functions that decide
 it in the blueprint (`auth.verify_cached`, `Store.gateway_lookup`), and hands every
 other request, and every request it would answer with an error, to Flask
-unchanged: errors keep their one JSON shape from `errors.py`.
+unchanged: errors keep their one JSON shape from `errors.py`. An exception on
+the way (the database failing) is answered here with `errors.unexpected`, as
+Flask's handler would: handing the request on would repeat the failing query.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 
 from appliance.keys import KeyError_, normalize_key
-from appliance.registry import auth, metrics
+from appliance.registry import auth, errors, metrics
 from appliance.registry.store import Store
 
 PREFIX = "/v1/gateway/peers/"
@@ -34,11 +37,22 @@ class GatewayLookupFastPath:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") != "GET" or not path.startswith(PREFIX):
             return self.next(environ, start_response)
-        body = self._answer(environ, path[len(PREFIX):])
+        try:
+            body = self._answer(environ, path[len(PREFIX):])
+        except Exception as e:  # noqa: BLE001 - every failure becomes the JSON 500/503
+            status, fields, headers = errors.unexpected(e, self.store)
+            metrics.REQUESTS.labels("GET", RULE, str(status)).inc()
+            return self._respond(start_response, f"{status} {HTTPStatus(status).phrase}",
+                                 json.dumps(fields).encode(), list(headers.items()))
         if body is None:
             return self.next(environ, start_response)
-        start_response("200 OK", [("Content-Type", "application/json"),
-                                  ("Content-Length", str(len(body)))])
+        return self._respond(start_response, "200 OK", body)
+
+    @staticmethod
+    def _respond(start_response: Callable, status: str, body: bytes,
+                 headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(body))), *(headers or [])])
         return [body]
 
     def _answer(self, environ: dict, raw_key: str) -> bytes | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 
 from flask import Blueprint, jsonify, request
 
@@ -25,6 +26,7 @@ bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
 MAX_CHANGES = 1000
 KEY_DIGEST_SIZE = 4  # bytes per key in /keys: 4 MB for 1M keys
 SALT_SIZE = 16
+DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # store.shared.change_digest
 
 
 @bp.get("/peers/<wgkey:key>")
@@ -44,10 +46,27 @@ def changes():
     `cursor` is where to continue; `feed_id` changes when the database was
     replaced, and `earliest` is the oldest cursor still kept: a gateway whose
     cursor is older, or whose feed_id differs, must reconcile in full.
+    Each change carries a `digest`; a follower that sends the one of the change
+    at its cursor (`digest`, the page's `cursor_digest`) gets 409 cursor_mismatch
+    when a different change now holds that number. Without `digest` nothing is
+    checked, as before (older gateways).
     """
     since = validate.int_arg("since", 0, 0, 2**62)
     limit = validate.int_arg("limit", MAX_CHANGES, 1, MAX_CHANGES)
-    return jsonify(store.current().changes(since, limit, auth.tenant_limit()))
+    digest = request.args.get("digest")
+    if digest is not None and not DIGEST_RE.fullmatch(digest):
+        raise invalid("digest", "must be the 16 hex digits of a change's `digest`")
+    page = store.current().changes(since, limit, auth.tenant_limit())
+    if digest is not None and since > 0 and page["since_digest"] != digest:
+        # The change this follower applied at `since` is not the one stored
+        # there now (a restored backup or a lost commit reused the number):
+        # its position means nothing, and the changes after it may skip ones
+        # it never saw. It must check what it holds against the registry.
+        raise APIError(409, "cursor_mismatch",
+                       f"the change at cursor {since} is not the one this digest names;"
+                       " reconcile in full and restart the feed from `latest`",
+                       latest=page["latest"], latest_digest=page["latest_digest"])
+    return jsonify(page)
 
 
 def key_digest(salt: bytes, public_key: bytes) -> bytes:

@@ -8,7 +8,6 @@ go in through the bulk path, which runs them against the database too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 
 from appliance.registry import validate
@@ -47,14 +46,11 @@ def parse_lines(lines: Iterable[str]) -> Iterator[NewPeer]:
 
 
 def _peer(text: str) -> NewPeer:
-    body = json.loads(text)
-    if not isinstance(body, dict):
-        raise ValueError("must be a JSON object")
+    body = validate.json_object(text, "the line")
     validate.reject_unknown(body, FIELDS)
-    psk = body.get("preshared_key")
     return NewPeer(
-        validate.key(body.get("public_key")),
+        validate.public_key(body.get("public_key")),
         validate.allowed_ips(body.get("allowed_ips")),
         validate.name(body.get("name")),
-        None if psk is None else validate.key(psk, "preshared_key"),
+        validate.preshared_key(body.get("preshared_key")),
     )

@@ -3,13 +3,14 @@
 With PROMETHEUS_MULTIPROC_DIR set (`wgjit registry serve` sets it before the
 workers fork), each worker writes its samples to files there and /metrics
 merges them; without it (tests, a single process) the default registry is used.
-Gauges about the data (peer counts, feed position) are read from the database
-at scrape time, so every worker reports the same truth.
+Gauges about the data (peer counts, feed position) are read from the database,
+so every worker reports the same truth, and kept for STATS_TTL.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from flask import Flask, Response, g, request
@@ -36,14 +37,38 @@ LATENCY = Histogram(
 )
 
 
-class DataCollector:
-    """Gauges computed from the database when scraped."""
+# Counting peers scans the table: 0.25 s at 1M peers. /metrics needs no token,
+# so uncached anyone could keep every gunicorn thread scanning; cached, a worker
+# scans at most once per STATS_TTL whatever the request rate (at 1M peers and
+# two workers, under 2% of one core). Counts kept by triggers were the other
+# way: a counter row rewritten on every peer write (a million times in a bulk
+# import), paid on the write path to save a scan this bound already makes
+# cheap. 30 s is one or two Prometheus scrape intervals: totals, and the feed
+# cursor shown beside them, may lag by that much.
+STATS_TTL = 30.0
 
-    def __init__(self, db: Store) -> None:
+
+class DataCollector:
+    """Gauges computed from the database, cached for `ttl` seconds."""
+
+    def __init__(self, db: Store, ttl: float = STATS_TTL) -> None:
         self.db = db
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._stats: dict[str, int] | None = None
+        self._expires = 0.0
+
+    def stats(self) -> dict[str, int]:
+        # Held across the query: concurrent scrapes wait for one scan, not run their own.
+        with self._lock:
+            now = time.monotonic()
+            if self._stats is None or now >= self._expires:
+                self._stats = self.db.stats()
+                self._expires = now + self.ttl
+            return self._stats
 
     def collect(self):
-        stats = self.db.stats()
+        stats = self.stats()
         peers = GaugeMetricFamily("wgjit_registry_peers", "Peers by state", labels=["state"])
         peers.add_metric(["active"], stats["active"])
         peers.add_metric(["revoked"], stats["revoked"])
@@ -54,6 +79,8 @@ class DataCollector:
 
 
 def init_app(app: Flask) -> None:
+    data = DataCollector(app.extensions["wgjit_store"])
+
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
@@ -73,7 +100,7 @@ def init_app(app: Flask) -> None:
             MultiProcessCollector(registry)
         else:
             registry = _single_process_registry(registry)
-        registry.register(DataCollector(app.extensions["wgjit_store"]))
+        registry.register(data)
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 

@@ -80,8 +80,13 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"cursor": {"type": "integer"},
                                "op": {"enum": ["create", "update", "revoke", "restore", "delete"]},
                                "public_key": KEY, "tenant": {"type": "string"},
-                               "at": {"type": "string"}}}},
+                               "at": {"type": "string"},
+                               "digest": {"type": "string", "description": "identifies "
+                                          "this change beyond its cursor number"}}}},
             "cursor": {"type": "integer"}, "latest": {"type": "integer"},
+            "cursor_digest": {"type": ["string", "null"]},
+            "since_digest": {"type": ["string", "null"]},
+            "latest_digest": {"type": ["string", "null"]},
             "earliest": {"type": "integer"}, "more": {"type": "boolean"},
             "feed_id": {"type": "string"},
         },
@@ -100,14 +105,19 @@ def _json(name: str, description: str = "OK") -> dict:
 ERR = {code: _json("Error", text) for code, text in {
     "400": "invalid input", "401": "missing, invalid or revoked token",
     "403": "the token's scope does not allow this", "404": "not found",
-    "409": "conflict", "413": "body too large", "415": "body is not JSON",
+    "409": "conflict", "413": "body too large", "414": "request line too long (gunicorn's limit)",
+    "415": "body is not JSON", "500": "internal error (details only in the registry's log)",
+    "503": "the database is busy or not answering; retry after the Retry-After seconds",
+    "507": "the database is out of space; nothing was written",
 }.items()}
+# What any authenticated request may meet, whatever the route.
+ALWAYS = "500 503"
 
 
 def _op(summary: str, ok: dict, errors: str, *, body: str | None = None,
         params: list | None = None, secured: bool = True) -> dict:
     op: dict[str, Any] = {"summary": summary, "responses": {**ok}}
-    for code in errors.split():
+    for code in errors.split() + (ALWAYS.split() if secured else []):
         op["responses"][code] = ERR[code]
     if body:
         op["requestBody"] = {"required": True,
@@ -133,7 +143,7 @@ def spec() -> dict:
     peer_ok = {"200": _json("Peer")}
     paths = {
         "/healthz": {"get": _op("Liveness and database check",
-                                {"200": {"description": "healthy"}}, "", secured=False)},
+                                {"200": {"description": "healthy"}}, "503", secured=False)},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text format"}},
                                 "", secured=False)},
         "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI"}}, "",
@@ -141,13 +151,13 @@ def spec() -> dict:
         "/v1/tenants": {
             "get": _op("List tenants", {"200": {"description": "tenants"}}, "401 403"),
             "post": _op("Create a tenant", {"201": _json("Tenant", "created")},
-                        "400 401 403 409 413 415", body="NewTenant"),
+                        "400 401 403 409 413 415 507", body="NewTenant"),
         },
         "/v1/tenants/{name}": {
             "parameters": [NAME_PARAM],
             "get": _op("Show a tenant", {"200": _json("Tenant")}, "401 403 404"),
             "delete": _op("Delete an empty tenant", {"204": {"description": "deleted"}},
-                          "401 403 404 409"),
+                          "401 403 404 409 507"),
         },
         "/v1/peers": {
             "get": _op("List peers, keyset-paginated", {"200": _json("PeerPage")}, "400 401 403",
@@ -157,22 +167,24 @@ def spec() -> dict:
                                _q("tenant", {"type": "string"}, "only this tenant"),
                                _q("revoked", {"enum": ["true", "false"]}, "filter by state")]),
             "post": _op("Create a peer", {"201": _json("Peer", "created")},
-                        "400 401 403 409 413 415", body="NewPeer"),
+                        "400 401 403 409 413 415 507", body="NewPeer"),
         },
         "/v1/peers/{key}": {
             "parameters": [KEY_PARAM],
             "get": _op("Show a peer", peer_ok, "401 403 404"),
             "patch": _op("Update a peer's name, allowed IPs or preshared key", peer_ok,
-                         "400 401 403 404 409 413 415", body="PeerUpdate"),
-            "delete": _op("Delete a peer", {"204": {"description": "deleted"}}, "401 403 404"),
+                         "400 401 403 404 409 413 415 507", body="PeerUpdate"),
+            "delete": _op("Delete a peer", {"204": {"description": "deleted"}},
+                          "401 403 404 507"),
         },
         "/v1/peers/{key}/revoke": {
             "parameters": [KEY_PARAM],
-            "post": _op("Revoke a peer: gateways drop it within seconds", peer_ok, "401 403 404"),
+            "post": _op("Revoke a peer: gateways drop it within seconds", peer_ok,
+                        "401 403 404 507"),
         },
         "/v1/peers/{key}/restore": {
             "parameters": [KEY_PARAM],
-            "post": _op("Undo a revocation", peer_ok, "401 403 404"),
+            "post": _op("Undo a revocation", peer_ok, "401 403 404 507"),
         },
         "/v1/gateway/peers/{key}": {
             "parameters": [KEY_PARAM],
@@ -180,8 +192,12 @@ def spec() -> dict:
                        {"200": _json("GatewayPeer")}, "401 403 404"),
         },
         "/v1/gateway/changes": {
-            "get": _op("Change feed after a cursor", {"200": _json("Changes")}, "400 401 403",
+            "get": _op("Change feed after a cursor; 409 cursor_mismatch when `digest` does "
+                       "not name the change stored at `since`", {"200": _json("Changes")},
+                       "400 401 403 409",
                        params=[_q("since", {"type": "integer", "minimum": 0}, "last cursor seen"),
+                               _q("digest", {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                  "digest of the change at `since` (cursor_digest)"),
                                _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                                   "page size")]),
         },

@@ -34,13 +34,12 @@ def _load(key: str) -> dict:
     peer = store.current().get_peer(key)
     if peer is None:
         raise _not_found(key)
-    auth.check_tenant(peer["tenant_id"])
+    auth.check_tenant(peer["tenant_id"], _not_found(key))
     return peer
 
 
 def _optional_psk(body: dict) -> str | None:
-    value = body.get("preshared_key")
-    return None if value is None else validate.key(value, "preshared_key")
+    return validate.preshared_key(body.get("preshared_key"))
 
 
 @bp.post("")
@@ -49,7 +48,7 @@ def create():
     body = validate.json_body()
     validate.reject_unknown(body, {"tenant", "public_key", "allowed_ips", "name", "preshared_key"})
     tenant = validate.name(body.get("tenant"), "tenant", required=True)
-    key = validate.key(body.get("public_key"))
+    key = validate.public_key(body.get("public_key"))
     nets = validate.allowed_ips(body.get("allowed_ips"))
     name = validate.name(body.get("name"))
     psk = _optional_psk(body)
@@ -82,7 +81,9 @@ def list_():
     tenant = request.args.get("tenant")
     if tenant is not None:
         tid = db.tenant_id(tenant)
-        if tid is None:
+        scope = auth.tenant_limit()
+        # Another tenant's name is as unknown to a limited token as a made-up one.
+        if tid is None or (scope is not None and scope != tid):
             raise invalid("tenant", f"no tenant {tenant!r}")
         tenant_ids.append(tid)
     if auth.tenant_limit() is not None:

@@ -13,7 +13,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from appliance.config import ConfigError
-from appliance.registry import create_app
+from appliance.registry import create_app, errors
 from appliance.registry.store import open_store
 from appliance.secrets import SecretFileError, check_private
 from appliance.transport import is_loopback
@@ -94,6 +94,12 @@ class RegistryServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
+        # gunicorn's own error pages (414 for a long request line, 400 for a
+        # malformed request) become JSON: see errors.gunicorn_error for why this
+        # replaces a gunicorn function rather than setting an option.
+        from gunicorn import util
+
+        util.write_error = errors.gunicorn_error
         # Each worker opens its own store after the fork: connections and pools
         # must not be shared across processes.
         return create_app({"DATABASE": self.db, "DB_PASSWORD_FILE": self.password_file,

@@ -21,7 +21,7 @@ def create():
         raise APIError(403, "forbidden", "a tenant-limited token cannot create tenants")
     body = validate.json_body()
     validate.reject_unknown(body, {"name"})
-    name = validate.name(body.get("name"), "name", required=True)
+    name = validate.tenant_name(body.get("name"))
     try:
         tenant = store.current().create_tenant(name)
     except store.Conflict as e:
@@ -35,11 +35,15 @@ def list_():
     return jsonify(tenants=[_tenant(r) for r in store.current().list_tenants(auth.tenant_limit())])
 
 
+def _missing(name: str) -> APIError:
+    return APIError(404, "not_found", f"no tenant {name!r}")
+
+
 def _get(name: str) -> dict:
     row = store.current().get_tenant(name)
     if row is None:
-        raise APIError(404, "not_found", f"no tenant {name!r}")
-    auth.check_tenant(row["id"])
+        raise _missing(name)
+    auth.check_tenant(row["id"], _missing(name))
     return row
 
 
@@ -58,5 +62,5 @@ def delete(name: str):
     except store.Conflict as e:
         raise APIError(409, e.error, e.message) from e
     except LookupError as e:
-        raise APIError(404, "not_found", f"no tenant {name!r}") from e
+        raise _missing(name) from e
     return "", 204

@@ -47,7 +47,8 @@ from .errors import (
     WgError,
     errno_text,
 )
-from .model import MAX_PORT, DeviceDump, IPInterface, PeerConfig, check_key
+from .model import MAX_PORT, DeviceDump, IPInterface, PeerActivity, PeerConfig, check_key
+from .netlink_dump import activity as dump_activity
 from .netlink_dump import merge_dump
 from .nsenter import netlink_socket_fd
 
@@ -215,6 +216,11 @@ class NetlinkDevice(WgDevice):
 
     def dump(self) -> DeviceDump:
         return merge_dump(self.dump_messages(), self.ifname)
+
+    def activity(self) -> list[PeerActivity]:
+        """The same dump from the kernel (it has no smaller one), decoded only as far
+        as housekeeping needs (netlink_dump.activity)."""
+        return dump_activity(self.dump_messages(), self.ifname)
 
     def dump_messages(self) -> list[bytes]:
         """The raw messages of one consistent WG_CMD_GET_DEVICE dump."""

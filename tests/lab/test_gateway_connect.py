@@ -20,6 +20,7 @@ from the daemon's /metrics as differences across a test.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from pathlib import Path
@@ -332,3 +333,19 @@ def test_garbage_is_counted_and_the_daemon_keeps_serving(lab: Lab) -> None:
     lab.connect("c6", fresh=True)
     c6 = lab.client("c6")
     assert_just_in_time(lab, "c6", f"[{c6.underlay6}]:{listen_port(lab, 'c6')}")
+
+
+def test_gateway_status_reports_what_the_daemon_holds(lab: Lab) -> None:
+    """`wgjit gateway status --json`, run in the gateway's namespace, against the
+    device and the daemon's own /healthz."""
+    lab.connect("c1")
+    report = json.loads(lab.status(GW, as_json=True))
+    assert report["status"] == "ok"
+    assert report["peers"]["installed"] == len(installed(lab, GW))
+    assert report["peers"]["installed"] >= 1
+    assert report["interface"] == lab.gateway(GW).ifname
+    assert [s["up"] for s in report["registry_servers"]] == [True]
+    assert report["feed"]["healthy"] is True
+    assert report["feed"]["caught_up_seconds_ago"] is not None
+    assert report["known_keys"] >= len(lab.state.clients)
+    assert report["cache"]["found"] >= 1

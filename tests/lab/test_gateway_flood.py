@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.gateway.daemon import FEED_CATCH_UP_EVERY
 from appliance.gateway.handshake import OFFSET_MAC2
+from appliance.gateway.provision import FEED_CATCH_UP_EVERY
 from appliance.gateway.sourcelimit import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from appliance.keys import decode_key, generate_keypair, generate_private_key
 from appliance.secrets import write_secret

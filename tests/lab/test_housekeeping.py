@@ -268,7 +268,9 @@ def test_kill_9_and_restart_loses_nothing(lab: Lab) -> None:
                     "c4 removed after the restart")
     assert ev["reason"] == "revoked"
     assert metric(lab, "wgjit_gateway_reconciles_total") == 0
-    assert metric(lab, "wgjit_gateway_feed_cursor") > cursor
+    # The gauge is set once the page is applied, just after the eviction's event.
+    wait_for(lambda: metric(lab, "wgjit_gateway_feed_cursor") > cursor, WAIT,
+             "the feed cursor past the one before the restart")
     # The leftover trigger keepalive is cleared, so c1 can go idle.
     wait_for(lambda: installed(lab, GW)[c1.public_key].persistent_keepalive == 0, WAIT,
              "c1's keepalive cleared")

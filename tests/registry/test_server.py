@@ -3,6 +3,7 @@ on both engines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -157,3 +158,74 @@ def test_kill9_mid_load_keeps_every_acknowledged_write(registry_server, db):
     missing = set(acked) - stored
     assert not missing, f"{len(missing)} acknowledged writes lost"
     assert requests.get(srv2.url + "/healthz", timeout=5).json()["status"] == "ok"
+
+
+def _raw_http(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (requests would refuse or fix them); read one response."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                headers = dict(line.split(": ", 1) for line in
+                               head.decode("latin-1").split("\r\n")[1:])
+                length = int(headers.get("Content-Length", "-1"))
+                if len(body) >= length >= 0:
+                    break
+    status = int(head.split(b" ", 2)[1])
+    return status, headers, body
+
+
+def test_every_error_gunicorn_serves_is_json(registry_server, db):
+    """Errors decided below Flask: gunicorn's own parser, the fast path, chunked bodies."""
+    admin = make_token(db, "admin")
+    gateway = make_token(db, "gateway")
+    srv = registry_server(db)
+    # gunicorn's request-line limit (4094 bytes) answers before any WSGI code runs.
+    status, headers, body = _raw_http(
+        srv.url, b"GET /v1/peers/" + b"A" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 414 and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"] == "uri_too_long"
+    # A chunked body (no Content-Length) past the limit is "too large", as a
+    # sized one is, not a parse error.
+    h = {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}
+    big = (b'{"name": "' + b"x" * 100_000 + b'"}' for _ in range(1))
+    r = requests.post(srv.url + "/v1/tenants", data=big, headers=h, timeout=10)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    # Nesting deeper than the parser's recursion limit is bad input, not a crash.
+    r = requests.post(srv.url + "/v1/tenants", data="[" * 20_000 + "]" * 20_000,
+                      headers=h, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+    # A database error on the gateway lookup's fast path: the same JSON 500 as
+    # every route (the table disappears under the running server).
+    RegistryClient(srv.url, admin).create_tenant("acme")
+    key = generate_keypair()[1]
+    RegistryClient(srv.url, admin).create_peer("acme", key, ["198.18.0.2/32"])
+    assert RegistryClient(srv.url, gateway).gateway_peer(key)["public_key"] == key
+    _rename_table(db, "allowed_ips", "allowed_ips_gone")
+    r = requests.get(f"{srv.url}/v1/gateway/peers/{key.replace('/', '_').replace('+', '-')}",
+                     headers={"Authorization": f"Bearer {gateway}"}, timeout=10)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal_error", "message": "internal server error"}
+    assert "allowed_ips" not in r.text
+    _rename_table(db, "allowed_ips_gone", "allowed_ips")
+    assert RegistryClient(srv.url, gateway).gateway_peer(key)["public_key"] == key
+
+
+def _rename_table(db: str, old: str, new: str) -> None:
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    else:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute(f"ALTER TABLE {old} RENAME TO {new}")

@@ -16,7 +16,7 @@ import pytest
 from appliance.gateway.evict import REMOVE_BATCH, EvictionPolicy, Evictor
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import RegistryPeer
+from appliance.gateway.peer import RegistryPeer
 from appliance.keys import encode_key
 from appliance.wg import Peer, PeerConfig, WgDevice
 from appliance.wg.model import DeviceDump, DeviceInfo

@@ -6,6 +6,7 @@ daemon and wireguard-go (revoke, restore, allowed-IP change, kill -9, outage).
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
@@ -17,10 +18,16 @@ from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.feed import ADOPTED_CHECKS_PER_POLL, FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import (
+    CursorMismatch,
+    PeerNotFound,
+    RegistryPeer,
+    RegistryUnavailable,
+)
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.state import GatewayState
 from appliance.keys import encode_key
+from appliance.registry.store.shared import change_digest
 from tests.unit.test_evict import FakeDevice, sample
 
 
@@ -39,11 +46,25 @@ class FakeRegistry:
         self.feed_id = uuid.uuid4().hex
         self.down = False
         self.peer_calls = 0
+        self.legacy = False
+        self.feed_reads: list[tuple[int, str | None]] = []  # a registry from before change digests
+        self._clock = itertools.count(1)
 
     def _change(self, op: str, k: str) -> None:
-        self.log.append({"cursor": self.next_cursor, "op": op, "public_key": k,
-                         "tenant": "t", "at": 0})
+        row = {"cursor": self.next_cursor, "op": op, "public_key": k, "tenant": "t",
+               "at": next(self._clock)}
+        self.log.append({**row, "digest": change_digest(row)})
         self.next_cursor += 1
+
+    def restore_backup(self, backup: FakeRegistry) -> None:
+        """The database rolled back to an earlier copy; the feed_id stays the same."""
+        self.peers, self.revoked = dict(backup.peers), set(backup.revoked)
+        self.log, self.next_cursor = list(backup.log), backup.next_cursor
+
+    def backup(self) -> FakeRegistry:
+        copy = FakeRegistry()
+        copy.restore_backup(self)
+        return copy
 
     def create(self, k: str, *ips: str) -> None:
         self.peers[k] = RegistryPeer(k, ips or ("198.18.1.1/32",), None, "t")
@@ -77,16 +98,25 @@ class FakeRegistry:
             raise PeerNotFound(k)
         return self.peers[k]
 
-    def changes(self, since: int, limit: int = 1000) -> dict:
+    def changes(self, since: int, limit: int = 1000, digest: str | None = None) -> dict:
         if self.down:
             raise RegistryUnavailable("down")
+        self.feed_reads.append((since, digest))
         rows = [c for c in self.log if c["cursor"] > since][: limit + 1]
         more = len(rows) > limit
         rows = rows[:limit]
-        return {"changes": rows, "cursor": rows[-1]["cursor"] if rows else since,
-                "latest": self.log[-1]["cursor"] if self.log else 0,
-                "earliest": self.log[0]["cursor"] if self.log else 0,
+        at = {c["cursor"]: c["digest"] for c in self.log}
+        latest = self.log[-1]["cursor"] if self.log else 0
+        page = {"changes": rows, "cursor": rows[-1]["cursor"] if rows else since,
+                "latest": latest, "earliest": self.log[0]["cursor"] if self.log else 0,
                 "more": more, "feed_id": self.feed_id}
+        if self.legacy:
+            return {**page, "changes": [{k: v for k, v in c.items() if k != "digest"}
+                                        for c in rows]}
+        if digest is not None and since > 0 and at.get(since) != digest:
+            raise CursorMismatch(f"cursor {since}")
+        return {**page, "cursor_digest": rows[-1]["digest"] if rows else at.get(since),
+                "since_digest": at.get(since), "latest_digest": at.get(latest)}
 
 
 class World:
@@ -102,7 +132,7 @@ class World:
     def open(self) -> None:
         db = self.path / "gateway.db"
         self.state = GatewayState(db)
-        self.cache = PeerCache(db, self.reg.peer, TokenBucket(1000, 1000), CachePolicy())
+        self.cache = PeerCache(db, self.reg, TokenBucket(1000, 1000), CachePolicy())
         self.feed = FeedFollower(self.reg, self.state, self.cache, self.inst, self.metrics,
                                  lambda k, r: self.removed.append((k, r)))
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
-from appliance.gateway.pull import PeerNotFound, RegistryPeer, RegistryUnavailable
+from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 KEY = "A" * 42 + "E="
@@ -29,7 +29,7 @@ class FakeRegistry:
         self.down = False
         self.delay = 0.0
 
-    def __call__(self, key: str) -> RegistryPeer:
+    def peer(self, key: str) -> RegistryPeer:
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
@@ -154,3 +154,26 @@ def test_token_bucket_wait_is_bounded():
     started = time.monotonic()
     assert not slow.acquire(0.05)
     assert time.monotonic() - started < 0.05
+
+
+def test_a_reload_changes_the_ttls_and_the_rate_in_place(setup):
+    cache, reg, clock = setup
+    reg.peers[KEY] = peer()
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED
+    clock.now += 100
+    assert cache.lookup(KEY).outcome is Outcome.HIT
+    cache.configure(CachePolicy(positive_ttl=60, negative_ttl=30, stale_ttl=3600,
+                                token_wait=0.0), 0.001, 1)
+    assert cache.lookup(KEY).outcome is Outcome.FETCHED, "100 s old is past the new 60 s TTL"
+    assert cache.lookup("other").outcome is Outcome.RATE_LIMITED, "the new burst of 1 is spent"
+
+
+def test_a_token_bucket_takes_a_new_rate_keeping_earned_tokens_up_to_the_burst():
+    t = [0.0]
+    bucket = TokenBucket(rate=10, burst=5, clock=lambda: t[0])
+    bucket.configure(100, 2)
+    assert sum(bucket.try_acquire() for _ in range(5)) == 2
+    t[0] += 0.01
+    assert bucket.try_acquire() and not bucket.try_acquire()  # 100 a second now
+    with pytest.raises(ValueError):
+        bucket.configure(0, 1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 import pytest
 
 from appliance.cli import main
-from appliance.gateway.metrics import GatewayMetrics, serve_http
+from appliance.gateway.metrics import GatewayMetrics, http_server
 from appliance.gateway.status import RecentCounts, counter_by_label, render
 
 DOC = {
@@ -77,7 +78,8 @@ def _free_port() -> int:
 def endpoint():
     port = _free_port()
     doc = dict(DOC)
-    server = serve_http(f"127.0.0.1:{port}", GatewayMetrics(), lambda: (True, {}), lambda: doc)
+    server = http_server(f"127.0.0.1:{port}", GatewayMetrics(), lambda: (True, {}), lambda: doc)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{port}", doc
     server.shutdown()
     server.server_close()

@@ -13,7 +13,7 @@ from appliance.config import ConfigError
 from appliance.gateway.cli import settings_from
 from appliance.gateway.install import REINJECT_DEADLINE, TRIGGER_KEEPALIVE, Installer
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE
-from appliance.gateway.pull import RegistryPeer
+from appliance.gateway.peer import RegistryPeer
 from tests.unit.test_evict import FakeDevice, key
 
 ENDPOINT = "198.51.100.2:41000"

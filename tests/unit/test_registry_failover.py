@@ -27,6 +27,7 @@ from appliance.gateway.feed import FeedFollower
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.pull import (
+    CursorMismatch,
     GatewayRegistry,
     PeerNotFound,
     RegistryUnavailable,
@@ -142,7 +143,12 @@ class FakeServers(requests.adapters.BaseAdapter):
                 return self._response(request, 404, {"error": "not_found", "message": k})
         if url.path == "/v1/gateway/changes":
             q = dict(urllib.parse.parse_qsl(url.query))
-            return self._response(request, 200, reg.changes(int(q["since"]), int(q["limit"])))
+            try:
+                page = reg.changes(int(q["since"]), int(q["limit"]), q.get("digest"))
+            except CursorMismatch as e:
+                return self._response(request, 409, {"error": "cursor_mismatch",
+                                                     "message": str(e)})
+            return self._response(request, 200, page)
         return self._response(request, 404, {"error": "not_found", "message": url.path})
 
     @staticmethod
@@ -188,7 +194,7 @@ class Net:
             clients.append(RegistryClient(url, "tok", timeout=1.0, session=session))
         self.servers = RegistryServers(clients, self.metrics, clock=self.clock,
                                        sleep=self.sleeps.append)
-        self.registry = GatewayRegistry(self.servers)
+        self.registry = GatewayRegistry(self.servers, self.metrics)
 
     def up(self, url: str) -> float:
         return sample(self.metrics.registry_up, server=url)
@@ -234,12 +240,29 @@ def test_unknown_key_is_an_answer_from_the_registry(net: Net) -> None:
     assert net.transport.asked() == [A]
 
 
+def test_peer_lookups_count_themselves_and_make_the_registry_health(net: Net) -> None:
+    k = key()
+    net.reg.create(k)
+    assert net.registry.health() == "unknown"
+    net.registry.peer(k)
+    with pytest.raises(PeerNotFound):
+        net.registry.peer(key())
+    assert net.registry.health() == "ok", "a 404 is an answer"
+    assert sample(net.metrics.registry_errors) == 0
+    net.transport.fail = {A: "refused", B: 503}
+    with pytest.raises(RegistryUnavailable):
+        net.registry.peer(k)
+    assert net.registry.health() == "unavailable"
+    assert sample(net.metrics.registry_calls) == 3  # lookups, not HTTP attempts
+    assert sample(net.metrics.registry_errors) == 1
+
+
 def test_the_failover_spends_one_rate_limit_token(net: Net, tmp_path: Path) -> None:
     k, other = key(), key()
     net.reg.create(k)
     net.reg.create(other)
     # One token and (practically) no refill: a second registry call would find none.
-    cache = PeerCache(tmp_path / "gw.db", net.registry.peer, TokenBucket(1e-6, 1),
+    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1e-6, 1),
                       CachePolicy(token_wait=0.0))
     net.transport.fail[A] = "refused"
     assert cache.lookup(k).outcome == Outcome.FETCHED
@@ -314,7 +337,7 @@ def test_the_stale_entry_is_served_when_every_server_is_down(net: Net, tmp_path)
     k = key()
     net.reg.create(k)
     clock = Clock()
-    cache = PeerCache(tmp_path / "gw.db", net.registry.peer, TokenBucket(1000, 1000),
+    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1000, 1000),
                       CachePolicy(positive_ttl=1), clock=clock)
     assert cache.lookup(k).outcome == Outcome.FETCHED
     clock.now += 5
@@ -360,7 +383,7 @@ class FeedWorld:
         self.dev = FakeDevice()
         self.inst = Installer(self.dev)
         self.state = GatewayState(path / "gateway.db")
-        self.cache = PeerCache(path / "gateway.db", net.registry.peer, TokenBucket(1000, 1000))
+        self.cache = PeerCache(path / "gateway.db", net.registry, TokenBucket(1000, 1000))
         self.removed: list[tuple[str, str]] = []
         self.feed = FeedFollower(net.registry, self.state, self.cache, self.inst, net.metrics,
                                  lambda k, r: self.removed.append((k, r)))
@@ -428,19 +451,3 @@ def test_concurrent_lookups_while_a_server_dies_all_get_answers(net: Net) -> Non
     [a, _] = net.servers.health()
     assert (a["up"], a["failures"], a["probe_in"]) == (False, 1, DOWN_FIRST), \
         "one outage is one backoff step, however many calls it failed"
-
-
-def test_a_reload_keeps_the_registry_servers(caplog) -> None:
-    from types import SimpleNamespace
-
-    from appliance.gateway.daemon import Gateway, GatewaySettings
-
-    rescheduled = []
-    gw = SimpleNamespace(settings=GatewaySettings("wg0", [A, B], "/dev/null"),
-                         evictor=SimpleNamespace(), cache=SimpleNamespace(),
-                         jobs=SimpleNamespace(reschedule=lambda *a: rescheduled.append(a)))
-    caplog.set_level(logging.WARNING)
-    Gateway.apply(gw, GatewaySettings("wg0", [C], "/dev/null", idle_timeout=600))
-    assert gw.settings.registries == [A, B] and gw.settings.idle_timeout == 600
-    assert "still using" in caplog.text
-    assert ("evict", 30.0) in rescheduled

@@ -115,21 +115,3 @@ def test_a_loose_ca_key_is_refused(tmp_path):
     ca.key_file.chmod(0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         CertificateAuthority(tmp_path / "ca")
-
-
-def test_a_reload_keeps_the_registry_ca(caplog, tmp_path) -> None:
-    import logging
-    from types import SimpleNamespace
-
-    from appliance.gateway.daemon import Gateway, GatewaySettings
-
-    url = ["https://192.0.2.2:8080"]
-    gw = SimpleNamespace(settings=GatewaySettings("wg0", url, "/dev/null", registry_ca="/a.pem"),
-                         evictor=SimpleNamespace(), cache=SimpleNamespace(),
-                         jobs=SimpleNamespace(reschedule=lambda *a: None))
-    caplog.set_level(logging.WARNING)
-    Gateway.apply(gw, GatewaySettings("wg0", url, "/dev/null", registry_ca="/b.pem",
-                                      idle_timeout=600))
-    # The clients were built with the old CA: the settings must say what is in use.
-    assert gw.settings.registry_ca == "/a.pem" and gw.settings.idle_timeout == 600
-    assert "registry_ca changed" in caplog.text

@@ -23,7 +23,7 @@ from appliance.keys import encode_key
 from appliance.wg import Endpoint, ProtocolError
 from appliance.wg.model import PeerConfig
 from appliance.wg.netlink import MAX_SET_MESSAGE, peer_batches, remove_batches
-from appliance.wg.netlink_dump import merge_dump
+from appliance.wg.netlink_dump import activity, merge_dump
 from appliance.wg.netlink_wire import wg_request_msg
 
 KEY_SIZE = 36
@@ -272,3 +272,27 @@ def test_update_only_and_remove_flags():
     assert [p.get_attr("WGPEER_A_PUBLIC_KEY").decode() for p in decoded] == keys
     assert {p.get_attr("WGPEER_A_FLAGS") for p in decoded} == {1}
 
+
+
+def test_activity_agrees_with_the_full_read_over_split_messages():
+    peers = make_peers(40, 20)
+    peers.append({"key": key(), "allowed": ["fd00::9/128"], "hs": 0})  # never handshook
+    messages = kernel_dump(peers, budget=4096)
+    full = merge_dump(messages, "wg0").peers
+    got = activity(messages, "wg0")
+    assert [a.public_key for a in got] == [p.public_key for p in full], "each peer once"
+    for a, p in zip(got, full, strict=True):
+        assert (a.rx_bytes, a.persistent_keepalive) == (p.rx_bytes, p.persistent_keepalive)
+        if p.last_handshake is None:
+            assert a.last_handshake is None
+        else:
+            assert abs(a.last_handshake - p.last_handshake.timestamp()) < 1e-5
+
+
+def test_activity_refuses_malformed_dumps_like_the_full_read():
+    msg = _encode_decode([["WGDEVICE_A_PEERS", [{"attrs": [["WGPEER_A_RX_BYTES", 1]]}]]])
+    with pytest.raises(ProtocolError, match="without a public key"):
+        activity([msg.data], "wg0")
+    good = kernel_dump(make_peers(2, 3), budget=4096)[0]
+    with pytest.raises(ProtocolError, match="malformed"):
+        activity([good[:-7]], "wg0")

@@ -62,6 +62,11 @@ class Store(abc.ABC):
     #: Exceptions meaning "the database is not answering" (healthz turns them into 503).
     errors: tuple[type[BaseException], ...] = ()
 
+    def failure(self, exc: BaseException) -> str | None:
+        """What a database exception means for the API: "busy" (a lock or connection
+        was not had in time: try again soon), "full" (out of disk), else None."""
+        return None
+
     # schema
 
     @abc.abstractmethod

@@ -124,6 +124,10 @@ MIGRATIONS: list[str] = [
     """
     SELECT 1;
     """,
+    # 4: a tenant-limited token's feed by index (see sqlite.py).
+    """
+    CREATE INDEX changes_tenant ON changes(tenant, cursor);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -143,11 +147,20 @@ TENANT_SELECT = (
 PEER_SELECT = "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id = p.tenant_id"
 
 
+# Retrying soon may succeed: a lock or a pooled connection was not had in time.
+BUSY = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected, pgerrors.SerializationFailure,
+        psycopg_pool.PoolTimeout)
+
+
 class PostgresStore(Store):
     errors = (psycopg.Error, psycopg_pool.PoolTimeout)
 
-    def __init__(self, url: str, password_file: str | None = None) -> None:
+    def __init__(self, url: str, password_file: str | None = None,
+                 busy_timeout_ms: int | None = None) -> None:
+        """busy_timeout_ms: the pooled connections' lock_timeout (None: wait for locks
+        as long as it takes, PostgreSQL's default)."""
         self.url = url
+        self.busy_timeout_ms = busy_timeout_ms
         # Read now so a bad file is refused at startup; libpq reads PGPASSFILE itself.
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password_file is not None:
@@ -164,9 +177,21 @@ class PostgresStore(Store):
             if self._pool_obj is None or self._pool_pid != os.getpid():
                 self._pool_obj = psycopg_pool.ConnectionPool(
                     self.url, kwargs=self._kwargs, min_size=1, max_size=POOL_MAX,
-                    timeout=POOL_TIMEOUT, open=True, name="wgjit-registry")
+                    timeout=POOL_TIMEOUT, open=True, name="wgjit-registry",
+                    configure=self._configure)
                 self._pool_pid = os.getpid()
             return self._pool_obj
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # Only pooled connections: migrate's own connection may wait for the
+        # advisory lock of another process's migration as long as that takes.
+        if self.busy_timeout_ms is not None:
+            conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
+
+    def failure(self, exc: BaseException) -> str | None:
+        if isinstance(exc, BUSY):
+            return "busy"
+        return "full" if isinstance(exc, pgerrors.DiskFull) else None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[psycopg.Cursor]:
@@ -501,28 +526,29 @@ class PostgresStore(Store):
         }
 
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
-        params: list = [since]
-        where = "cursor > %s"
-        if tenant_limit is not None:
-            where += " AND tenant = (SELECT name FROM tenants WHERE id = %s)"
-            params.append(tenant_limit)
+        scope, scope_params = _feed_scope(tenant_limit)
         with self._read() as cur:
             rows = cur.execute(
-                f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE {where}"
-                " ORDER BY cursor LIMIT %s", (*params, limit + 1)).fetchall()
+                f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > %s{scope}"
+                " ORDER BY cursor LIMIT %s", (since, *scope_params, limit + 1)).fetchall()
             bounds = cur.execute("SELECT min(cursor) AS lo, max(cursor) AS hi FROM changes"
-                                 ).fetchone()
+                                 f" WHERE true{scope}", scope_params).fetchone()
+            anchors = cur.execute("SELECT cursor, op, public_key, tenant, at FROM changes"
+                                  " WHERE cursor IN (%s, %s)",
+                                  (since, bounds["hi"] or 0)).fetchall()
             feed = cur.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
-                         feed["value"] if feed else "")
+                         feed["value"] if feed else "", anchors)
 
     def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+        scope, scope_params = _feed_scope(tenant_limit)
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
         if tenant_limit is not None:
             sql += " AND tenant_id = %s"
             params.append(tenant_limit)
         with self._read() as cur:
-            cursor = cur.execute("SELECT max(cursor) AS hi FROM changes").fetchone()["hi"] or 0
+            cursor = cur.execute(f"SELECT max(cursor) AS hi FROM changes WHERE true{scope}",
+                                 scope_params).fetchone()["hi"] or 0
             return cursor, [r["public_key"] for r in cur.execute(sql, params)]
 
     # tokens
@@ -575,6 +601,13 @@ class PostgresStore(Store):
                                " FROM changes").fetchone()
         return {"active": peers["active"], "revoked": peers["revoked"], "tenants": tenants,
                 "latest": feed["latest"], "changes": feed["kept"]}
+
+
+def _feed_scope(tenant_limit: int | None) -> tuple[str, list]:
+    """The feed a token sees, rows and bounds alike (see sqlite.py)."""
+    if tenant_limit is None:
+        return "", []
+    return " AND tenant = (SELECT name FROM tenants WHERE id = %s)", [tenant_limit]
 
 
 def _version(cur: psycopg.Cursor) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -53,13 +54,39 @@ def duplicate(keys: list[str], stored_before: Callable[[str], bool]) -> Conflict
     return Conflict("peer_exists", "a peer in the import already exists")
 
 
-def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str) -> dict:
+CHANGE_FIELDS = ("cursor", "op", "public_key", "tenant", "at")
+DIGEST_BYTES = 8  # 16 hex characters: a reused cursor gets a matching digest 1 in 2**64
+
+
+def change_digest(row: Any) -> str:
+    """What identifies one change beyond its cursor number.
+
+    A restored backup, or a commit lost to a power cut, makes the registry hand
+    out cursor numbers again for different changes (the feed_id stays the same).
+    A follower that keeps the digest of the change at its cursor can ask whether
+    that change is still there (`since` + `digest`); the millisecond timestamp
+    makes two changes differ even for the same op on the same key.
+    """
+    text = "\x1f".join(str(row[f]) for f in CHANGE_FIELDS)
+    return hashlib.blake2s(text.encode(), digest_size=DIGEST_BYTES).hexdigest()
+
+
+def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str,
+              anchors: list[Any] = ()) -> dict:
+    """One page of the feed. `anchors` are the stored rows at `since` and at the
+    latest cursor (either may be absent), for the digests a follower keeps."""
     more = len(rows) > limit
-    rows = rows[:limit]
+    rows = [{**r, "digest": change_digest(r)} for r in rows[:limit]]
+    at = {a["cursor"]: change_digest(a) for a in anchors}
+    latest = bounds[1] or 0
     return {
         "changes": rows,
         "cursor": rows[-1]["cursor"] if rows else since,
-        "latest": bounds[1] or 0,
+        # The digest of the change at `cursor`: what to send back as `digest`.
+        "cursor_digest": rows[-1]["digest"] if rows else at.get(since),
+        "since_digest": at.get(since),
+        "latest": latest,
+        "latest_digest": at.get(latest),
         "earliest": bounds[0] or 0,
         "more": more,
         "feed_id": feed_id,

@@ -1,0 +1,92 @@
+"""What becomes of an initiation that proved its sender's key: the admission decision.
+
+In order, each outcome a drop reason or a place in the lookup queue:
+- replay: its timestamp is not newer than one already seen for the key. Judged
+  for installed peers too: when a peer came in by role inversion the data plane
+  never saw the initiation that brought it (it had no such peer then), so it has
+  no timestamp to refuse a replay of it by, accepts one and aims the peer at the
+  replayer. We ask repair.py to put the endpoint back;
+- already_installed: a rekey or retry of a peer the data plane has; a fresh
+  initiation is the client's own, so its source becomes the peer's endpoint to
+  repair towards;
+- queued, or pending (the key is queued or being looked up already: the queue
+  keeps the newest initiation). Displacements inside the queue (a full lane, a
+  source at its cap) are the queue's own drop reasons (admission.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from appliance.gateway import events
+from appliance.gateway.admission import FairQueue, Work
+from appliance.gateway.capture import Datagram
+from appliance.gateway.install import Installer
+from appliance.gateway.keyfilter import KnownKeys
+from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.ratelimit import TokenBucket
+from appliance.gateway.repair import EndpointRepair
+from appliance.gateway.replay import ReplayGuard
+from appliance.gateway.served import ServedEndpoints
+from appliance.gateway.sourcelimit import source_key
+from appliance.keys import encode_key
+
+REPLAY = "replay"
+INSTALLED = "already_installed"
+QUEUED = "queued"
+PENDING = "pending"
+# Replay events logged at most this often (a token bucket); the rest are counted.
+REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
+
+
+class Intake:
+    def __init__(self, replay: ReplayGuard, installer: Installer, served: ServedEndpoints,
+                 queue: FairQueue, known: KnownKeys, cache_knows: Callable[[str], bool],
+                 repair: EndpointRepair, metrics: GatewayMetrics) -> None:
+        self.replay = replay
+        self.installer = installer
+        self.served = served
+        self.queue = queue
+        self.known = known
+        self.cache_knows = cache_knows  # PeerCache.knows: the registry said yes once
+        self.repair = repair
+        self.metrics = metrics
+        self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
+        self._replays_unlogged = 0
+
+    def admit(self, static: bytes, timestamp: bytes, d: Datagram, seen_at: float) -> str:
+        """Decide for one verified initiation (its sender's key and TAI64N); returns
+        REPLAY, INSTALLED, QUEUED or PENDING, having counted it."""
+        key = encode_key(static)
+        if not self.replay.accept(static, timestamp):
+            self._replayed(key, d, timestamp)
+            return REPLAY
+        if self.installer.note_endpoint(key, d.endpoint):
+            self.served.note(key, d.endpoint)
+            self.metrics.drops.labels(INSTALLED).inc()
+            return INSTALLED
+        self.metrics.verified.inc()
+        known = self.known.knows(static)
+        if known is None:  # no filter yet: what the gateway itself has seen
+            known = self.replay.kept(static) or self.cache_knows(key)
+        # d goes along: only this verified, fresh initiation may be re-injected.
+        work = Work(key, d.endpoint, source_key(d.src_ip), known, seen_at, timestamp, d)
+        return self.queue.put(work) or QUEUED  # a refusal is counted by the queue
+
+    def _replayed(self, key: str, d: Datagram, timestamp: bytes) -> None:
+        self.metrics.drops.labels(REPLAY).inc()
+        installed = self.installer.get(key)
+        if installed is not None and not installed.first_seen_by_data_plane and \
+                installed.endpoint not in (None, d.endpoint):
+            outcome = self.repair.request(key, d.endpoint, installed.endpoint, timestamp)
+            self.metrics.endpoint_repairs.labels(outcome).inc()
+        # A replay flood must not become a log flood: REPLAY_LOG_RATE lines a
+        # second, each saying how many went unlogged before it.
+        if not self._replay_log.try_acquire():
+            self._replays_unlogged += 1
+            return
+        events.emit("initiation_replayed", level=logging.WARNING, public_key=key,
+                    endpoint=d.endpoint, installed=installed is not None,
+                    unlogged=self._replays_unlogged)
+        self._replays_unlogged = 0

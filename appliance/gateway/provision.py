@@ -1,0 +1,165 @@
+"""A lookup worker's job: one queued key, from the filter to the device.
+
+filter (keyfilter.py, catching up with the feed for a key it does not know yet)
+-> cache lookup (cache.py, which asks the registry) -> install (install.py) ->
+undo if revoked meanwhile (revocation.py) -> re-inject the client's initiation
+(reinject.py) when that is the install mode. Each step counts its outcome and
+tells its story as an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from appliance.gateway import events
+from appliance.gateway.admission import FairQueue, Work
+from appliance.gateway.cache import Outcome, PeerCache
+from appliance.gateway.evict import Evictor
+from appliance.gateway.feed import FeedFollower
+from appliance.gateway.install import Installer
+from appliance.gateway.keyfilter import KnownKeys
+from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.reinject import Reinjector
+from appliance.gateway.repair import EndpointRepair
+from appliance.gateway.replay import ReplayGuard
+from appliance.gateway.revocation import undo_if_revoked
+from appliance.gateway.served import ServedEndpoints
+from appliance.keys import decode_key
+from appliance.wg import WgError
+
+log = logging.getLogger(__name__)
+
+# A key the filter does not know makes a worker read the change feed at most
+# this often before refusing it: a peer created a moment ago gets in at once,
+# a flood of random keys costs one feed read a second and no peer lookups.
+FEED_CATCH_UP_EVERY = 1.0
+SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
+
+
+class FeedReads:
+    """The change feed read one poll at a time, by the scheduled job or a worker."""
+
+    def __init__(self, feed: FeedFollower, clock: Callable[[], float] = time.monotonic) -> None:
+        self.feed = feed
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._caught_up_at = float("-inf")
+
+    def poll(self) -> None:
+        """The scheduled poll: waits for a worker's read to end."""
+        with self._lock:
+            self.feed.poll()
+
+    def catch_up(self) -> None:
+        """A worker's read for a key the filter did not know: at most every
+        FEED_CATCH_UP_EVERY, and never waiting for another read. Under a flood of
+        unknown keys the workers would all queue behind it while the unknown lane
+        filled up (and that lane filling is a load signal)."""
+        if self._clock() - self._caught_up_at < FEED_CATCH_UP_EVERY or \
+                not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._caught_up_at = self._clock()
+            self.feed.poll()
+        finally:
+            self._lock.release()
+
+
+class Provisioner:
+    def __init__(self, *, queue: FairQueue, known: KnownKeys, feed: FeedFollower,
+                 feed_reads: FeedReads, cache: PeerCache, installer: Installer,
+                 evictor: Evictor, served: ServedEndpoints, replay: ReplayGuard,
+                 repair: EndpointRepair, reinjector: Reinjector | None,
+                 metrics: GatewayMetrics) -> None:
+        self.queue = queue
+        self.known = known  # never loaded with --key-filter off: every key is looked up
+        self.feed = feed
+        self.feed_reads = feed_reads
+        self.cache = cache
+        self.installer = installer
+        self.evictor = evictor
+        self.served = served
+        self.replay = replay
+        self.repair = repair
+        self.reinjector = reinjector  # None: install mode invert
+        self.metrics = metrics
+
+    def work(self) -> None:
+        """A worker thread: take keys until the queue closes."""
+        while (work := self.queue.get()) is not None:
+            try:
+                self.provision(work)
+            except Exception:
+                log.exception("pull/install of %s failed", work.key)
+            finally:
+                self.queue.done(work.key)
+
+    def filter_admits(self, key: str) -> bool:
+        """May a key the filter did not know be looked up? Yes if there is no filter
+        (not loaded), or if the change feed, read now, adds it."""
+        raw = decode_key(key)
+        if self.known.knows(raw) is not False:
+            return True
+        self.feed_reads.catch_up()
+        return self.known.knows(raw) is not False
+
+    def provision(self, work: Work) -> None:
+        key, seen_at = work.key, work.seen_at
+        if not work.known and not self.filter_admits(key):
+            self.metrics.lookups.labels("filtered").inc()
+            events.emit("peer_unknown", public_key=key, reason="filtered")
+            return
+        lookup = self.cache.lookup(key)
+        self.metrics.lookups.labels(lookup.outcome.value).inc()
+        if lookup.peer is None:
+            events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)
+            return
+        events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
+                    ms=round(1000 * (time.time() - seen_at), 2))
+        # The client's latest initiation, should it have retried during a slow pull.
+        work = self.queue.latest(key) or work
+        reinject = self.reinjector is not None
+        try:
+            installed = self.installer.install(lookup.peer, work.endpoint, reinject=reinject)
+        except WgError as e:
+            self.metrics.install_errors.inc()
+            log.error("install of %s failed: %s", key, e)
+            installed = None
+        if undo_if_revoked(key, seen_at, bool(installed), feed=self.feed, cache=self.cache,
+                           installer=self.installer, on_removed=self.evictor.removed_elsewhere):
+            return
+        if not installed:
+            return
+        self.served.note(key, work.endpoint)
+        self.replay.keep(decode_key(key), work.timestamp)
+        self.repair.forget(key)  # a new peer on the device: a new history
+        elapsed = time.time() - seen_at
+        self.metrics.installs.inc()
+        self.metrics.install_latency.observe(elapsed)
+        self.metrics.installed.set(len(self.installer))
+        self.evictor.note_install(key)
+        events.emit("peer_installed", public_key=key, endpoint=work.endpoint,
+                    allowed_ips=list(lookup.peer.allowed_ips), ms=round(1000 * elapsed, 2),
+                    mode=("reinject" if reinject else "invert"
+                          if self.installer.role_inversion else "responder"))
+        if reinject:
+            self._reinject(work)
+
+    def _reinject(self, work: Work) -> None:
+        assert self.reinjector is not None
+        d = work.datagram
+        try:
+            self.reinjector.send(d)
+        except OSError as e:
+            self.metrics.reinjections.labels("failed").inc()
+            log.error("re-injecting the initiation of %s failed: %s", work.key, e)
+            if self.installer.fall_back(work.key):
+                events.emit("reinjection_fallback", level=logging.WARNING,
+                            public_key=work.key, endpoint=d.endpoint, reason="send_failed")
+            return
+        self.metrics.reinjections.labels("sent").inc()
+        events.emit("initiation_reinjected", public_key=work.key, endpoint=d.endpoint,
+                    ms=round(1000 * (time.time() - work.seen_at), 2))
