@@ -215,6 +215,8 @@ def main(args: argparse.Namespace) -> int:
             baseline(lab, w, base)
             jit_story(lab, w, jit_clients, args.idle_timeout, args.evict_interval)
             inversion(lab, w, inverted)
+            tl.heading("g1 as its operator sees it: wgjit gateway status")
+            print(lab.status("g1"), flush=True)
             tl.heading("Summary: ms from a client's first ping to each step")
             print(tl.summary(), flush=True)
             print(verdict(tl), flush=True)

@@ -159,6 +159,16 @@ def health(w: NetnsWorker, g: Gateway, session: requests.Session) -> tuple[int, 
     return r.status_code, r.json()
 
 
+def status(g: Gateway, *, as_json: bool = False) -> str:
+    """What `wgjit gateway status` prints for this gateway, run in its namespace."""
+    argv = [*wgjit_argv(), "gateway", "status", "--metrics-listen", g.metrics]
+    p = sh(["ip", "netns", "exec", g.ns, *argv, *(["--json"] if as_json else [])],
+           check=False, timeout=30)
+    if p.returncode not in (0, 1):
+        raise LabError(f"wgjit gateway status on {g.name}: {p.stderr.strip()[-300:]}")
+    return p.stdout
+
+
 def events(g: Gateway) -> list[dict]:
     """Every JSON event the daemon logged so far, oldest first (other lines skipped)."""
     out = []

@@ -653,6 +653,10 @@ class Lab:
         w, s = self._session(gateway_name)
         return gateway.health(w, self.gateway(gateway_name), s)
 
+    def status(self, gateway_name: str, *, as_json: bool = False) -> str:
+        """The output of `wgjit gateway status` for the gateway's daemon."""
+        return gateway.status(self.gateway(gateway_name), as_json=as_json)
+
     def events(self, gateway_name: str) -> list[dict]:
         """The gateway daemon's JSON events so far."""
         return gateway.events(self.gateway(gateway_name))

@@ -206,6 +206,13 @@ class PeerCache:
         with self._db_lock:
             return self._db.execute("SELECT count(*) FROM peer_cache").fetchone()[0]
 
+    def counts(self) -> dict[str, int]:
+        """Entries by kind: "found" (a peer) and "not_found" (a key the registry denied)."""
+        with self._db_lock:
+            rows = self._db.execute("SELECT found, count(*) FROM peer_cache GROUP BY found")
+            by = dict(rows.fetchall())
+        return {"found": by.get(1, 0), "not_found": by.get(0, 0)}
+
     # lookup
 
     def lookup(self, key: str) -> Lookup:

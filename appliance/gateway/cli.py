@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -112,6 +113,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+
+    from appliance.gateway import status
+
+    # The address comes from where the daemon's does (flag, WGJIT_METRICS_LISTEN,
+    # the [gateway] table of --config, the option's default), so pointing both
+    # commands at one config file is enough.
+    optional = [dataclasses.replace(o, required=False) for o in OPTIONS]
+    flags = {o.key: None for o in optional} | {"metrics_listen": args.metrics_listen}
+    listen = config.resolve(optional, flags, config.read_config_file(args.config),
+                            "gateway")["metrics_listen"]
+    try:
+        report = status.fetch(listen)
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        print(f"wgjit gateway status: no gateway answering on {listen}: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return 0 if report.get("status") == "ok" else 1
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     gw = sub.add_parser("gateway", help="the just-in-time gateway daemon")
     gsub = gw.add_subparsers(dest="gateway_command", required=True, metavar="COMMAND")
@@ -176,3 +198,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
            "loaded from the registry at start and kept current by the change feed (on)")
     a("--log-format", metavar="json|text", help="event log format (json)")
     run.set_defaults(func=cmd_run)
+
+    st = gsub.add_parser(
+        "status", help="what a running gateway holds and how it is doing",
+        description="Read a running gateway's status from its local metrics endpoint "
+                    "(read-only). Exit 0 when healthy, 1 when it reports failing, 3 when no "
+                    "gateway answers (2: a usage or config error).")
+    st.add_argument("--metrics-listen", metavar="HOST:PORT",
+                    help="the daemon's --metrics-listen (127.0.0.1:9587)")
+    st.add_argument("--config", metavar="FILE", help="the daemon's TOML config file")
+    st.add_argument("--json", action="store_true", help="print the JSON document as it came")
+    st.set_defaults(func=cmd_status)

@@ -14,7 +14,7 @@ Threads, and why:
 - repair: puts back endpoints that replayed initiations stole (repair.py).
 - scheduler (APScheduler, one instance): eviction, change feed, known-key
   filter, the handshake check (handshakes.py), cache expiry, registry probes.
-- http: /metrics and /healthz.
+- http: /metrics, /healthz and /status (`wgjit gateway status`).
 The interface outlives the daemon: a restart adopts the peers it holds.
 """
 
@@ -64,6 +64,7 @@ from appliance.gateway.schedule import Jobs
 from appliance.gateway.served import ServedEndpoints
 from appliance.gateway.sourcelimit import PACKETS_BURSTABLE, PACKETS_PER_SECOND, SourceLimiter
 from appliance.gateway.state import GatewayState
+from appliance.gateway.status import SAMPLE_SECONDS, RecentCounts, counter_by_label
 from appliance.keys import decode_key, encode_key
 from appliance.secrets import read_secret
 from appliance.wg import WgDevice, WgError, ensure_device
@@ -289,7 +290,9 @@ class Gateway:
         self._workers = [threading.Thread(target=p.provisioner.work, name=f"pull_{n}",
                                           daemon=True) for n in range(settings.workers)]
         self._http: ThreadingHTTPServer = http_server(settings.metrics_listen, p.metrics,
-                                                      self.health)
+                                                      self.health, self.status)
+        self._drops = RecentCounts(counter_by_label(p.metrics.drops))
+        self._started = time.monotonic()
         p.closing.callback(self._http.server_close)
         self._serving = threading.Thread(target=self._http.serve_forever, name="metrics-http",
                                          daemon=True)
@@ -318,6 +321,7 @@ class Gateway:
             p.jobs.every("known_keys", KNOWN_KEYS_RETRY, p.filter_loader.run, now=True)
         p.watch.schedule()
         p.jobs.every("cache_expire", CACHE_EXPIRE_EVERY, p.cache.expire)
+        p.jobs.every("drops_window", SAMPLE_SECONDS, self._drops.sample)
         self._schedule_audit(s.reconcile_interval)
         p.jobs.every("registry_probe", PROBE_EVERY, p.registry.servers.probe)
         p.jobs.start()
@@ -456,6 +460,33 @@ class Gateway:
         except WgError as e:
             log.error("eviction pass: device error: %s", e)
             return {}
+
+    def status(self) -> dict:
+        """What `wgjit gateway status` shows (served at /status, loopback by default)."""
+        p, s = self.parts, self.settings
+        now = time.time()
+        last = dict(p.evictor.last_pass)
+        if "at" in last:
+            last["seconds_ago"] = round(now - last.pop("at"), 1)
+        caught_up = p.feed.caught_up_at
+        return {
+            "status": self.health()[1]["status"],
+            "interface": s.interface, "backend": p.device.backend,
+            "listen_port": p.listen_port, "install_mode": s.install_mode,
+            "uptime_seconds": round(time.monotonic() - self._started, 1),
+            "peers": {"installed": len(p.installer),
+                      "awaiting_handshake": len(p.installer.pending_triggers()),
+                      "max": s.max_peers},
+            "cache": p.cache.counts(),
+            "registry_servers": p.registry.servers.health(),
+            "feed": {"cursor": p.feed.cursor, "healthy": p.feed.healthy,
+                     "caught_up_seconds_ago": None if caught_up is None
+                     else round(now - caught_up, 1)},
+            "known_keys": len(p.known) if p.known.loaded else None,
+            "under_load": self.gate.load.under_load,
+            "last_evict_pass": last,
+            "drops_last_minute": self._drops.last_window(),
+        }
 
     def health(self) -> tuple[bool, dict]:
         p = self.parts

@@ -57,6 +57,7 @@ class FeedFollower:
         self.on_removed = on_removed  # (key, reason): eviction bookkeeping
         self.known = known  # the known-key filter, kept current here
         self.healthy = False
+        self.caught_up_at: float | None = None  # time.time(): last reached the registry's head
         # Peers found on the device at start: checked against the registry once
         # even when the cursor is fine, since the feed cannot speak for peers
         # it never saw installed (added by hand, or under another state dir).
@@ -171,6 +172,7 @@ class FeedFollower:
             cursor, digest = page["cursor"], page.get("cursor_digest")
             self._save(cursor, page["feed_id"], digest)
             if not page["more"]:
+                self._caught_up()
                 return applied
 
     def apply(self, change: dict) -> None:
@@ -228,4 +230,9 @@ class FeedFollower:
             self._refresh(key)
         self._unchecked.clear()
         self._save(head["latest"], head["feed_id"], head.get("latest_digest"))
+        self._caught_up()
         return 0
+
+    def _caught_up(self) -> None:
+        self.caught_up_at = time.time()
+        self.metrics.feed_caught_up.set(self.caught_up_at)

@@ -86,6 +86,12 @@ class GatewayMetrics:
                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.feed_cursor = Gauge("wgjit_gateway_feed_cursor", "Change-feed cursor applied",
                                  registry=r)
+        # A time, not a cursor distance: with a tenant-limited token the
+        # gateway's cursor counts only its tenants' changes.
+        self.feed_caught_up = Gauge(
+            "wgjit_gateway_feed_caught_up_timestamp_seconds",
+            "When a feed poll last reached the registry's latest change (Unix time)",
+            registry=r)
         self.feed_polls = Counter("wgjit_gateway_feed_polls_total",
                                   "Change-feed polls started", registry=r)
         self.feed_errors = Counter("wgjit_gateway_feed_errors_total",
@@ -126,10 +132,11 @@ class GatewayMetrics:
 
 
 def http_server(listen: str, metrics: GatewayMetrics,
-                health: Callable[[], tuple[bool, dict]]) -> ThreadingHTTPServer:
-    """/metrics and /healthz on HOST:PORT, bound (a port in use fails here, before
-    the daemon starts anything) but not yet serving: run its serve_forever in a
-    thread."""
+                health: Callable[[], tuple[bool, dict]],
+                report: Callable[[], dict] | None = None) -> ThreadingHTTPServer:
+    """/metrics, /healthz and /status (`wgjit gateway status`) on HOST:PORT, bound (a
+    port in use fails here, before the daemon starts anything) but not yet serving:
+    run its serve_forever in a thread."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
 
@@ -140,6 +147,8 @@ def http_server(listen: str, metrics: GatewayMetrics,
             elif self.path == "/healthz":
                 ok, detail = health()
                 self._send(200 if ok else 503, json.dumps(detail).encode(), "application/json")
+            elif self.path == "/status" and report is not None:
+                self._send(200, json.dumps(report()).encode(), "application/json")
             else:
                 self._send(404, b'{"error": "not_found"}', "application/json")
 

@@ -45,6 +45,19 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, every: float = 0
         time.sleep(every)
 
 
+def wait_for_evict_passes_after(lab: Lab, gateway: str, since: float) -> None:
+    """Wait until the daemon's view of its device is newer than wall-clock `since`.
+
+    The first eviction pass stamped after `since` may have read the device just
+    before it; the pass after that one cannot have."""
+
+    def last_pass() -> float:
+        return lab.health(gateway)[1]["last_evict_pass"].get("at", 0.0)
+
+    first = wait_for(lambda: last_pass() > since and last_pass(), 5, "an eviction pass")
+    wait_for(lambda: last_pass() > first, 5, "a second eviction pass")
+
+
 def replies(lab: Lab, name: str) -> list[float]:
     """Unix times of the echo replies in the client's current ping run."""
     text = Path(lab.client(name).ping_log).read_text(errors="replace")

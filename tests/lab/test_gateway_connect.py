@@ -20,6 +20,7 @@ from the daemon's /metrics as differences across a test.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from tests.lab.gateway_e2e import (
     replies,
     send_udp,
     wait_for,
+    wait_for_evict_passes_after,
 )
 
 pytestmark = [pytest.mark.lab]
@@ -277,14 +279,7 @@ def test_replayed_initiation_from_elsewhere_installs_nothing(lab: Lab) -> None:
     #    key's last timestamp): nothing is installed.
     lab_gateway.remove_peer(g, victim.public_key)
     removed_at = time.time()
-
-    def last_pass() -> float:
-        return lab.health(GW)[1]["last_evict_pass"].get("at", 0.0)
-
-    # The first pass stamped after the removal may have read the device just
-    # before it; the pass after that one cannot have.
-    first = wait_for(lambda: last_pass() > removed_at and last_pass(), 5, "an eviction pass")
-    wait_for(lambda: last_pass() > first, 5, "a second eviction pass")
+    wait_for_evict_passes_after(lab, GW, removed_at)
 
     counters = Counters(lab)
     source = replay(counters)
@@ -338,3 +333,19 @@ def test_garbage_is_counted_and_the_daemon_keeps_serving(lab: Lab) -> None:
     lab.connect("c6", fresh=True)
     c6 = lab.client("c6")
     assert_just_in_time(lab, "c6", f"[{c6.underlay6}]:{listen_port(lab, 'c6')}")
+
+
+def test_gateway_status_reports_what_the_daemon_holds(lab: Lab) -> None:
+    """`wgjit gateway status --json`, run in the gateway's namespace, against the
+    device and the daemon's own /healthz."""
+    lab.connect("c1")
+    report = json.loads(lab.status(GW, as_json=True))
+    assert report["status"] == "ok"
+    assert report["peers"]["installed"] == len(installed(lab, GW))
+    assert report["peers"]["installed"] >= 1
+    assert report["interface"] == lab.gateway(GW).ifname
+    assert [s["up"] for s in report["registry_servers"]] == [True]
+    assert report["feed"]["healthy"] is True
+    assert report["feed"]["caught_up_seconds_ago"] is not None
+    assert report["known_keys"] >= len(lab.state.clients)
+    assert report["cache"]["found"] >= 1

@@ -347,6 +347,10 @@ def test_demo_runs_and_tells_the_story() -> None:
     # The comparison: role inversion on g3, the gateway handshaking back.
     assert re.search(r"^c4\s+g3 \(invert\)(\s+\d+ ms){5}$", out, re.M), out
     assert re.search(r"c4\s+g3 installed the peer and handshakes back", out)
+    # The operator's view of g1 (`wgjit gateway status`, run in its namespace).
+    assert re.search(r"^interface\s+\S+ \(uapi, port \d+, install mode reinject\)$", out, re.M)
+    assert re.search(r"^peers\s+\d+ installed, \d+ awaiting a handshake$", out, re.M), out
+    assert re.search(r"^last eviction\s+\d+ s ago: \d+ of \d+ peers", out, re.M), out
     assert re.search(r"Provisioned just in time, re-injection: \d+ connection.*role "
                      r"inversion: \d+ ms; pre-provisioned: \d+ ms", out), out
     assert_gone(prefix, before, set())

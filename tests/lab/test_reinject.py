@@ -40,6 +40,7 @@ from tests.lab.gateway_e2e import (
     quiet_all,
     send_udp,
     wait_for,
+    wait_for_evict_passes_after,
 )
 
 pytestmark = [pytest.mark.lab]
@@ -197,12 +198,7 @@ def test_replayed_initiation_is_never_reinjected(lab: Lab, wire: WireTap) -> Non
     #    nothing is looked up, installed or re-injected.
     lab_gateway.remove_peer(g, victim.public_key)
     removed_at = time.time()
-
-    def last_pass() -> float:
-        return lab.health(GW)[1]["last_evict_pass"].get("at", 0.0)
-
-    first = wait_for(lambda: last_pass() > removed_at and last_pass(), 5, "an eviction pass")
-    wait_for(lambda: last_pass() > first, 5, "a second eviction pass")
+    wait_for_evict_passes_after(lab, GW, removed_at)
     counters = Counters(lab)
     replay(counters)
     assert counters.delta("wgjit_gateway_cache_lookups_total") == 0

@@ -127,6 +127,12 @@ def test_a_registered_client_ends_on_the_device_and_a_stranger_does_not(tmp_path
         assert s.reg.peer_calls == 2  # the client once, the stranger once
         ok, detail = gw.health()
         assert ok and detail["installed_peers"] == 1 and detail["registry"] == "ok"
+        status = gw.status()  # what `wgjit gateway status` shows
+        assert status["status"] == "ok"
+        assert status["peers"]["installed"] == 1
+        assert status["cache"] == {"found": 1, "not_found": 1}
+        assert status["drops_last_minute"] == {"already_installed": 1, "served_endpoint": 1}
+        assert status["registry_servers"][0]["up"] is True
     finally:
         gw.stop()
     assert s.capture.closed and not gw.health()[0]
