@@ -58,10 +58,14 @@ class CachePolicy:
     stale_ttl: float = 86_400.0
     token_wait: float = 1.0  # how long a lookup may wait for a registry token
     # Entries of the feed's epoch stay valid this long after the feed last proved
-    # continuous: a dozen polls at the default 5 s interval, so one slow or
-    # missed poll on a loaded machine does not send every client to the registry.
-    # A feed polled less often than this leaves entries to their TTLs.
+    # continuous (the daemon sets FEED_WINDOW_POLLS feed intervals).
     feed_window: float = 60.0
+
+
+# A dozen polls (60 s at the default 5 s interval), so one slow or missed poll on
+# a loaded machine does not send every client to the registry, while a registry
+# outage hands entries back to their TTLs (and stale-if-error) a minute later.
+FEED_WINDOW_POLLS = 12
 
 
 SCHEMA = """

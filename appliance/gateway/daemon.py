@@ -35,7 +35,7 @@ from pathlib import Path
 
 from appliance.gateway import events
 from appliance.gateway.admission import FairQueue
-from appliance.gateway.cache import CachePolicy, PeerCache
+from appliance.gateway.cache import FEED_WINDOW_POLLS, CachePolicy, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.cookie import CookieResponder
 from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
@@ -218,6 +218,11 @@ def build_gateway(s: GatewaySettings) -> Gateway:
         raise
 
 
+def cache_policy(s: GatewaySettings) -> CachePolicy:
+    return CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl,
+                       feed_window=FEED_WINDOW_POLLS * s.feed_interval)
+
+
 def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
              device: WgDevice, private_key: bytes, listen_port: int, underlay: list[str],
              sender: RawUdpSender, capture: Capture, reinjector: Reinjector | None,
@@ -232,7 +237,7 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
     repair = EndpointRepair(device.set_endpoint)
     closing.callback(repair.close)
     cache = PeerCache(db_path, registry, TokenBucket(s.rate, s.burst),
-                      CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
+                      cache_policy(s))
     closing.callback(cache.close)
     state = GatewayState(db_path)
     closing.callback(state.close)
@@ -378,8 +383,7 @@ class Gateway:
         old, self.settings = self.settings, settings
         p.evictor.set_policy(EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                             settings.max_peers))
-        p.cache.configure(CachePolicy(settings.positive_ttl, settings.negative_ttl,
-                                      settings.stale_ttl), settings.rate, settings.burst)
+        p.cache.configure(cache_policy(settings), settings.rate, settings.burst)
         if gate_settings(settings) != gate_settings(old):
             # A new gate: fresh per-source buckets and cookie secret (outstanding
             # cookies stop counting; their clients get new ones on their next try).

@@ -9,8 +9,11 @@ was still fresh.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from appliance.gateway.cache import FEED_WINDOW_POLLS
 from lab import procs
 from lab.topology import Lab
 from tests.lab.gateway_e2e import (
@@ -25,9 +28,10 @@ from tests.lab.gateway_e2e import (
 pytestmark = [pytest.mark.lab]
 
 GW = "g1"
+FEED_INTERVAL = 0.25
 LAB_SPEC = {"gateways": ["jit"], "clients": 3, "registry": "yes",
             "idle_timeout": 2, "evict_interval": 0.5,
-            "daemon_args": {GW: ["--positive-ttl", "1"]}}
+            "daemon_args": {GW: ["--positive-ttl", "1", "--feed-interval", str(FEED_INTERVAL)]}}
 
 
 def lookups(lab: Lab, outcome: str) -> float:
@@ -51,6 +55,14 @@ def test_registry_outage_and_return(lab: Lab) -> None:
         assert not lab.registry().healthy()
         stale_before, errors_before = lookups(lab, "stale"), lab.metrics(GW).value(
             "wgjit_gateway_registry_errors_total")
+
+        # While the feed was followed a cached peer stays valid past its TTL
+        # (cache.py); once the feed has been silent for its window, only the
+        # stale-if-error rule serves it.
+        window = FEED_WINDOW_POLLS * FEED_INTERVAL
+        wait_for(lambda: (json.loads(lab.status(GW, as_json=True))["feed"]
+                          ["caught_up_seconds_ago"] or 0) > window + 0.5, window + 10,
+                 "the feed window to lapse")
 
         # The cached client still gets in, from the stale entry, without the retry.
         lab.connect("c1", fresh=True)
