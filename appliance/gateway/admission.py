@@ -173,6 +173,27 @@ class FairQueue:
                     return None
                 self._cond.wait(remaining)
 
+    def get_many(self, limit: int, timeout: float | None = None) -> list[Work]:
+        """The next item as `get` does (waiting for it), then up to limit - 1 more that
+        are ready, in turn order, all marked busy; [] on timeout/close.
+
+        A worker that takes the waiting items together looks their keys up in one
+        batch (cache.lookup_many); the order of service is the same as item by item.
+        """
+        first = self.get(timeout)
+        if first is None:
+            return []
+        works = [first]
+        with self._cond:
+            while len(works) < limit and not self._closed:
+                work = self._next()
+                if work is None:
+                    break
+                del self._queued[work.key]
+                self._busy[work.key] = work
+                works.append(work)
+        return works
+
     def _next(self) -> Work | None:
         known, unknown = self._lanes[True], self._lanes[False]
         while known.size or unknown.size:

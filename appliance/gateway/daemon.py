@@ -29,7 +29,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from appliance.gateway import events
 from appliance.gateway.admission import FairQueue, Work
-from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
+from appliance.gateway.batch import LINGER, MAX_BATCH, LookupBatcher
+from appliance.gateway.cache import CachePolicy, Lookup, Outcome, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.cookie import CookieResponder
 from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
@@ -79,6 +80,10 @@ REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 HANDSHAKE_CHECK_MIN = 0.1
 HANDSHAKE_CHECK_MAX = 5.0  # well before the 25 s trigger keepalive fires twice
 HANDSHAKE_CHECK_COST_FACTOR = 5.0
+# Items a lookup worker takes from the queue at once; their cache misses go to the
+# registry together (batch.py). 8 workers x 32 keeps up to 256 keys in the
+# batcher, enough to fill two batches of MAX_BATCH while earlier ones are installed.
+WORKER_TAKE = 32
 SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
 
 
@@ -107,6 +112,8 @@ class GatewaySettings:
     stale_ttl: float = 86_400.0
     registry_timeout: float = 3.0
     workers: int = 8
+    lookup_batch: int = MAX_BATCH  # keys per registry call (batch.py); 1: one GET per key
+    lookup_linger: float = LINGER
     trigger_keepalive: int = TRIGGER_KEEPALIVE
     install_mode: str = DEFAULT_INSTALL_MODE
     cookies: str = "auto"  # load.MODES
@@ -216,7 +223,10 @@ class Gateway:
         self.replay_store = ReplayStore(db_path)
         self.replay = ReplayGuard(store=self.replay_store)
         self.repair = EndpointRepair(self.device.set_endpoint)
-        self.cache = PeerCache(db_path, self._fetch, TokenBucket(s.rate, s.burst),
+        self.lookups = LookupBatcher(self._fetch_many, TokenBucket(s.rate, s.burst),
+                                     max_batch=s.lookup_batch, linger=s.lookup_linger,
+                                     in_flight=s.workers)
+        self.cache = PeerCache(db_path, self.lookups,
                                CachePolicy(s.positive_ttl, s.negative_ttl, s.stale_ttl))
         self.state = GatewayState(db_path)
         self.evictor = Evictor(self.installer,
@@ -276,7 +286,7 @@ class Gateway:
             self.capture.close()
         if self.reinjector is not None:
             self.reinjector.close()
-        for closable in ("cache", "state", "replay_store"):
+        for closable in ("lookups", "cache", "state", "replay_store"):
             if hasattr(self, closable):
                 getattr(self, closable).close()
         if self.device is not None:
@@ -313,7 +323,8 @@ class Gateway:
                                              settings.max_peers)
         self.cache.policy = CachePolicy(settings.positive_ttl, settings.negative_ttl,
                                         settings.stale_ttl)
-        self.cache.bucket = TokenBucket(settings.rate, settings.burst)
+        self.lookups.retune(TokenBucket(settings.rate, settings.burst), settings.lookup_batch,
+                            settings.lookup_linger)
         if gate_settings(settings) != gate_settings(old):
             # A new gate: fresh per-source buckets and cookie secret (outstanding
             # cookies stop counting; their clients get new ones on their next try).
@@ -427,34 +438,45 @@ class Gateway:
         self._replays_unlogged = 0
 
     def _lookup_worker(self) -> None:
-        while (work := self.queue.get()) is not None:
+        while works := self.queue.get_many(WORKER_TAKE):
             try:
-                self._pull_and_install(work)
+                admitted = [w for w in works if w.known or self._admits_unknown(w.key)]
+                try:
+                    lookups = self.cache.lookup_many([w.key for w in admitted])
+                except Exception:
+                    log.exception("lookup of %d keys failed", len(admitted))
+                    lookups = {}
+                for work in admitted:
+                    if work.key in lookups:
+                        self._pull_and_install(work, lookups[work.key])
             finally:
-                self.queue.done(work.key)
+                for work in works:
+                    self.queue.done(work.key)
 
-    def _fetch(self, key: str):
+    def _fetch_many(self, keys: list[str]) -> dict:
         try:
-            peer = self.registry.peer(key)
+            found = self.registry.lookup(keys)
             self.registry_ok = True
-            return peer
-        except Exception as e:
-            if not isinstance(e, PeerNotFound):
-                self.registry_ok = False
-                self.metrics.registry_errors.inc()
+            return found
+        except Exception:
+            self.registry_ok = False
+            self.metrics.registry_errors.inc()
             raise
         finally:
             self.metrics.registry_calls.inc()
+            self.metrics.registry_lookup_keys.inc(len(keys))
 
-    def _pull_and_install(self, work: Work) -> None:
+    def _admits_unknown(self, key: str) -> bool:
+        if self._filter_admits(key):
+            return True
+        self.metrics.lookups.labels("filtered").inc()
+        events.emit("peer_unknown", public_key=key, reason="filtered")
+        return False
+
+    def _pull_and_install(self, work: Work, lookup: Lookup) -> None:
         key, endpoint, seen_at = work.key, work.endpoint, work.seen_at
         reinject = self.reinjector is not None
-        if not work.known and not self._filter_admits(key):
-            self.metrics.lookups.labels("filtered").inc()
-            events.emit("peer_unknown", public_key=key, reason="filtered")
-            return
         try:
-            lookup = self.cache.lookup(key)
             self.metrics.lookups.labels(lookup.outcome.value).inc()
             if lookup.peer is None:
                 events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)

@@ -51,6 +51,7 @@ class GatewayRegistry:
 
     def __init__(self, servers: RegistryServers) -> None:
         self.servers = servers
+        self._batch_route = True  # until a registry without POST /v1/gateway/lookup says 404
 
     def _call(self, fn, *args):
         try:
@@ -65,6 +66,34 @@ class GatewayRegistry:
 
     def peer(self, public_key: str) -> RegistryPeer:
         return RegistryPeer.from_json(self._call(RegistryClient.gateway_peer, public_key))
+
+    def lookup(self, keys: list[str]) -> dict[str, RegistryPeer | None]:
+        """Each key's peer, or None when the registry says no; one call for them all.
+
+        One key goes the single-lookup way (GET, the registry's fast path). A
+        registry older than the batch route gets single lookups, key by key.
+        Raises RegistryUnavailable for the whole call; it fails over between
+        servers as a single lookup does (failover.py), being one call.
+        """
+        if len(keys) == 1 or not self._batch_route:
+            return {key: self._single(key) for key in keys}
+        try:
+            answer = self._call(RegistryClient.gateway_lookup, keys)
+        except PeerNotFound:
+            log.warning("the registry has no POST /v1/gateway/lookup: looking keys up one "
+                        "by one")
+            self._batch_route = False
+            return self.lookup(keys)
+        found: dict[str, RegistryPeer | None] = dict.fromkeys(keys)
+        for data in answer["peers"]:
+            found[data["public_key"]] = RegistryPeer.from_json(data)
+        return found
+
+    def _single(self, key: str) -> RegistryPeer | None:
+        try:
+            return self.peer(key)
+        except PeerNotFound:
+            return None
 
     def keys(self, salt: bytes) -> dict:
         """Salted digests of the active keys (keyfilter.py)."""
