@@ -398,6 +398,8 @@ class Gateway:
         known = self.known.knows(init.initiator_static)
         if known is None:  # no filter yet: what the gateway itself has seen
             known = self.replay.kept(init.initiator_static) or self.cache.knows(key)
+        if known:
+            self.gate.verified_known()
         # d goes along: only this verified, fresh initiation may be re-injected.
         work = Work(key, d.endpoint, source_key(d.src_ip), known, seen_at, init.timestamp, d)
         if self.queue.put(work) is not None:
