@@ -61,6 +61,7 @@ from bench.common import (  # noqa: E402
     labelled,
     metric_sum,
     ms,
+    pipeline,
     restart_daemon_empty,
     run_main,
     say,
@@ -201,6 +202,8 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
     last_sent = [math.nan] * n  # of the latest retry
     retries = [0] * n
     installed: dict[int, float] = {}
+    seen: dict[int, float] = {}  # the daemon verified the client's initiation
+    events: list = []
     wave = threading.Thread(target=router.call, args=(send_wave, packets, dst, spread, sent_at),
                             daemon=True)
     start = time.time()
@@ -209,9 +212,14 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
     while len(installed) < n and time.time() < deadline:
         time.sleep(POLL)
         for ev in follower.events():
-            if ev.event == "peer_installed" and (i := index.get(ev.get("public_key"))) \
-                    is not None:
+            events.append(ev)
+            i = index.get(ev.get("public_key"))
+            if i is None:
+                continue
+            if ev.event == "peer_installed":
                 installed.setdefault(i, ev.ts)
+            elif ev.event == "identity_recovered":
+                seen.setdefault(i, ev.ts)
         now = time.time()
         due = [] if wave.is_alive() else [
             i for i in range(n) if i not in installed
@@ -254,6 +262,10 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
         "lookups": lookups,
         "drops": delta_labelled("wgjit_gateway_drops_total"),
         "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu1},
+        # Where the time went: sent -> verified by the daemon, and the daemon's own
+        # per-client ms from verification to pulled / installed.
+        "verified": summarise([seen[i] - sent_at[i] for i in seen]),
+        "daemon": pipeline(events, start),
         "initiations_built_s": build_s,
         "latencies_ms": sorted(round(x * 1000, 1) for x in lat if not math.isnan(x)),
     }
@@ -329,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                   r["retried"], f"{r['registry_calls']:.0f}", f"{r['keys_per_call']:.1f}",
                   f"{r['rate_limited']:.0f}", f"{r['cpu_s']['daemon']:.2f}",
                   f"{1000 * r['cpu_s']['daemon'] / r['clients']:.2f}"] for r in rounds]))
+    print("\nWhere the time went (ms; p50/p99 per client): initiation sent -> verified by "
+          "the daemon, verified -> pulled from cache or registry, verified -> installed")
+    print(table(["clients", "case", "verified", "pulled", "installed"],
+                [[r["clients"], r["case"],
+                  f"{ms(r['verified']['p50'])}/{ms(r['verified']['p99'])}",
+                  f"{ms(r['daemon']['pulled']['p50'])}/{ms(r['daemon']['pulled']['p99'])}",
+                  f"{ms(r['daemon']['installed']['p50'])}/"
+                  f"{ms(r['daemon']['installed']['p99'])}"] for r in rounds]))
     for r in rounds:
         target = TARGETS.get(r["clients"])
         if r["case"] == "cold" and target is not None:
