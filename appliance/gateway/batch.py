@@ -8,8 +8,9 @@ submitted as a waiter; one dispatcher thread turns the waiting keys into
 registry calls of at most `max_batch` keys (`POST /v1/gateway/lookup`), each
 costing one token:
 
-- a call starts when `max_batch` keys wait, or `linger` seconds after the
-  first of them arrived (a lone client pays at most `linger`);
+- a call starts at once when no other call is under way (a lone client waits
+  for nobody), else when `max_batch` keys wait or `linger` seconds after the
+  first of them arrived;
 - at most `in_flight` calls run at once; while every slot is busy, or the
   bucket has no token, keys keep arriving and the next call carries them all
   (up to `max_batch`): the busier the gateway, the larger its batches;
@@ -64,6 +65,7 @@ class LookupBatcher:
         self._pending: deque[tuple[str, Future, float]] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = 0  # calls under way
         self._slots = threading.Semaphore(in_flight)
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="lookup_batch")
         self.calls = 0  # registry calls made
@@ -107,8 +109,10 @@ class LookupBatcher:
                     self._fail(list(self._pending), RuntimeError("lookup batcher closed"))
                     self._pending.clear()
                     return
-                # Linger for company, unless a full batch already waits.
-                deadline = self._pending[0][2] + self.linger
+                # Linger for company while other calls are under way (a herd),
+                # unless a full batch already waits; alone, go at once.
+                linger = self.linger if self._running else 0.0
+                deadline = self._pending[0][2] + linger
                 while len(self._pending) < self.max_batch and not self._closed:
                     remaining = deadline - self._clock()
                     if remaining <= 0:
@@ -126,6 +130,8 @@ class LookupBatcher:
                 self._slots.release()
                 self._fail(batch, RateLimited(f"no registry token within {self.token_wait:g} s"))
                 continue
+            with self._cond:
+                self._running += 1
             self._pool.submit(self._call, batch)
 
     def _call(self, batch: list[tuple[str, Future, float]]) -> None:
@@ -141,6 +147,8 @@ class LookupBatcher:
             for key, future, _ in batch:
                 future.set_result(answers.get(key))
         finally:
+            with self._cond:
+                self._running -= 1
             self._slots.release()
 
     @staticmethod

@@ -138,3 +138,19 @@ def test_a_worker_takes_the_ready_items_in_turn_order():
     assert q.put(Work("k0", "192.0.2.1:2", b"\0", True, 0.0)) is None
     q.close()
     assert q.get_many(4) == []
+
+
+def test_a_lone_lookup_does_not_linger_but_one_behind_a_running_call_does():
+    fetch = Fetch()
+    b = batcher(fetch, max_batch=64, linger=30.0, in_flight=2)
+    assert b.submit(["k0"])[0].result(5) == "peer:k0"  # not 30 s: nothing else was running
+    fetch.hold.clear()
+    fetch.entered.clear()
+    running = b.submit(["k1"])
+    assert fetch.entered.wait(5)
+    behind = b.submit(["k2"])  # a call is under way: k2 waits for company (or a full batch)
+    b.submit([f"k{i}" for i in range(3, 66)])  # ... which comes: 64 keys wait
+    fetch.hold.set()
+    assert running[0].result(5) == "peer:k1" and behind[0].result(5) == "peer:k2"
+    b.close()
+    assert fetch.calls[2] == [f"k{i}" for i in range(2, 66)]
