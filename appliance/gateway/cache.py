@@ -100,8 +100,10 @@ class PeerCache:
         now = self._clock()
         rows = [(key, int(peer is not None), json.dumps(peer.to_json()) if peer else None, now)
                 for key, peer in answers.items()]
-        with self._db_lock:  # one transaction per registry answer, not one per key
-            self._db.execute("BEGIN")
+        # One transaction per registry answer, not one per key; IMMEDIATE takes the
+        # write lock up front (the replay store and the feed state share the file).
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at)"
