@@ -4,8 +4,9 @@ Positive entries (the peer) and negative entries (the registry said no) each
 have a TTL. When the registry cannot answer, a positive entry up to
 `stale_ttl` old is served anyway: a registry outage must not lock out clients
 the gateway already knew. Concurrent lookups of one key share one registry
-call (single flight), and every call spends a token from the bucket. On disk,
-so a restarted gateway still knows its clients while the registry is down.
+call (single flight), and the misses of many lookups share registry calls
+(batch.py: one token per call, not per key). On disk, so a restarted gateway
+still knows its clients while the registry is down.
 
 Entries that stay valid while the feed is followed: the change feed drops the
 entry of every key that changes (feed.py), so a positive entry fetched under
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -29,10 +31,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from appliance.gateway.peer import PeerNotFound, RegistryPeer, RegistryUnavailable
-from appliance.gateway.ratelimit import TokenBucket
+from appliance.gateway.batch import LookupBatcher, RateLimited
+from appliance.gateway.peer import RegistryPeer, RegistryUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(enum.Enum):
@@ -56,7 +59,6 @@ class CachePolicy:
     positive_ttl: float = 300.0
     negative_ttl: float = 30.0
     stale_ttl: float = 86_400.0
-    token_wait: float = 1.0  # how long a lookup may wait for a registry token
     # Entries of the feed's epoch stay valid this long after the feed last proved
     # continuous (the daemon sets FEED_WINDOW_POLLS feed intervals).
     feed_window: float = 60.0
@@ -82,18 +84,11 @@ CREATE TABLE IF NOT EXISTS cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 EPOCH_COLUMN = "ALTER TABLE peer_cache ADD COLUMN feed_epoch TEXT"
 
 
-class PeerSource(Protocol):
-    """The registry's peer lookup (pull.GatewayRegistry), which counts its own calls."""
-
-    def peer(self, public_key: str) -> RegistryPeer: ...
-
-
 class PeerCache:
-    def __init__(self, path: str | Path, registry: PeerSource,
-                 bucket: TokenBucket, policy: CachePolicy = CachePolicy(),
+    def __init__(self, path: str | Path, lookups: LookupBatcher,
+                 policy: CachePolicy = CachePolicy(),
                  clock: Callable[[], float] = time.time) -> None:
-        self._registry = registry
-        self._bucket = bucket
+        self.lookups = lookups
         self.policy = policy
         self._clock = clock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -116,10 +111,10 @@ class PeerCache:
         with self._db_lock:
             self._db.close()
 
-    def configure(self, policy: CachePolicy, rate: float, burst: int) -> None:
-        """New TTLs and registry rate (a reload); entries and lookups in flight stay."""
+    def configure(self, policy: CachePolicy) -> None:
+        """New TTLs (a reload); entries and lookups in flight stay. The registry's
+        rate and batch size are the batcher's (LookupBatcher.configure)."""
         self.policy = policy
-        self._bucket.configure(rate, burst)
 
     # storage
 
@@ -138,13 +133,28 @@ class PeerCache:
         return bool(found), peer, fetched_at
 
     def _store(self, key: str, peer: RegistryPeer | None, epoch: str | None = None) -> None:
-        data = json.dumps(peer.to_json()) if peer else None
+        self._store_many({key: peer}, {key: epoch})
+
+    def _store_many(self, answers: dict[str, RegistryPeer | None],
+                    epochs: dict[str, str | None]) -> None:
+        """Store a registry answer; epochs: the feed epoch each positive entry was
+        fetched under (missing or None: TTLs only)."""
+        now = self._clock()
+        rows = [(key, int(peer is not None), json.dumps(peer.to_json()) if peer else None, now,
+                 epochs.get(key) if peer else None)
+                for key, peer in answers.items()]
+        # One transaction per registry answer, not one per key; IMMEDIATE takes the
+        # write lock up front (the replay store and the feed state share the file).
         with self._db_lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at,"
-                " feed_epoch) VALUES (?, ?, ?, ?, ?)",
-                (key, int(peer is not None), data, self._clock(), epoch),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO peer_cache (public_key, found, data, fetched_at,"
+                    " feed_epoch) VALUES (?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # feed continuity (feed.py drives these)
 
@@ -220,48 +230,82 @@ class PeerCache:
     # lookup
 
     def lookup(self, key: str) -> Lookup:
-        cached = self._row(key)
-        now = self._clock()
-        if cached is not None:
-            found, peer, fetched_at = cached
-            age = now - fetched_at
-            if found and age < self.policy.positive_ttl:
-                return Lookup(peer, Outcome.HIT)
-            if not found and age < self.policy.negative_ttl:
-                return Lookup(None, Outcome.NEGATIVE_HIT)
-        with self._inflight_lock:
-            future = self._inflight.get(key)
-            leader = future is None
-            if leader:
-                future = self._inflight[key] = Future()
-        if not leader:
-            return future.result()
-        try:
-            result = self._ask_registry(key, cached)
-            future.set_result(result)
-            return result
-        except BaseException as e:
-            future.set_exception(e)
-            raise
-        finally:
-            with self._inflight_lock:
-                del self._inflight[key]
-                self._changed_in_flight.discard(key)
+        return self.lookup_many([key])[key]
 
-    def _ask_registry(self, key: str, cached) -> Lookup:
-        if not self._bucket.acquire(self.policy.token_wait):
-            return self._fallback(cached, Outcome.RATE_LIMITED)
-        epoch = self.feed_epoch  # before the call: the answer reflects at least this epoch
-        try:
-            peer = self._registry.peer(key)
-        except PeerNotFound:
-            self._store(key, None)
-            return Lookup(None, Outcome.NOT_FOUND)
-        except RegistryUnavailable:
-            return self._fallback(cached, Outcome.UNAVAILABLE)
-        with self._inflight_lock:  # held so no invalidate() slips between check and store
-            self._store(key, peer, None if key in self._changed_in_flight else epoch)
-        return Lookup(peer, Outcome.FETCHED)
+    def lookup_many(self, keys: list[str]) -> dict[str, Lookup]:
+        """Each key's answer: from the cache when fresh, else from the registry, the
+        misses of this call sharing registry calls with each other and with other
+        threads' (batch.py). A key another thread is already fetching is waited for."""
+        results: dict[str, Lookup] = {}
+        lead: dict[str, tuple[Future[Lookup], object]] = {}
+        follow: dict[str, Future[Lookup]] = {}
+        for key in dict.fromkeys(keys):
+            cached = self._row(key)
+            fresh = self._fresh(cached)
+            if fresh is not None:
+                results[key] = fresh
+                continue
+            with self._inflight_lock:
+                future = self._inflight.get(key)
+                if future is None:
+                    lead[key] = (self._inflight.setdefault(key, Future()), cached)
+                else:
+                    follow[key] = future
+        if lead:
+            try:
+                results.update(self._ask_registry(lead))
+            finally:
+                with self._inflight_lock:
+                    for key, (future, _) in lead.items():
+                        if not future.done():  # this thread failed: its followers must not hang
+                            future.set_exception(RegistryUnavailable("lookup failed"))
+                        del self._inflight[key]
+                        self._changed_in_flight.discard(key)
+        for key, future in follow.items():
+            try:
+                results[key] = future.result()
+            except Exception:  # noqa: BLE001 - the leading thread failed; it logged why
+                results[key] = Lookup(None, Outcome.UNAVAILABLE)
+        return results
+
+    def _fresh(self, cached) -> Lookup | None:
+        if cached is None:
+            return None
+        found, peer, fetched_at = cached
+        age = self._clock() - fetched_at
+        if found and age < self.policy.positive_ttl:
+            return Lookup(peer, Outcome.HIT)
+        if not found and age < self.policy.negative_ttl:
+            return Lookup(None, Outcome.NEGATIVE_HIT)
+        return None
+
+    def _ask_registry(self, lead: dict[str, tuple[Future[Lookup], object]]) -> dict[str, Lookup]:
+        # Before the call: the answers reflect at least this epoch (a batch may carry
+        # other threads' keys; each thread stores its own under the epoch it saw).
+        epoch = self.feed_epoch
+        answers = dict(zip(lead, self.lookups.submit(list(lead)), strict=True))
+        results: dict[str, Lookup] = {}
+        fetched: dict[str, RegistryPeer | None] = {}
+        for key, answer in answers.items():
+            cached = lead[key][1]
+            try:
+                peer = answer.result()
+            except RateLimited:
+                results[key] = self._fallback(cached, Outcome.RATE_LIMITED)
+            except Exception as e:  # noqa: BLE001 - RegistryUnavailable, or a bad answer
+                if not isinstance(e, RegistryUnavailable):
+                    log.error("registry lookup of %s failed: %r", key, e)
+                results[key] = self._fallback(cached, Outcome.UNAVAILABLE)
+            else:
+                fetched[key] = peer
+                results[key] = Lookup(peer, Outcome.FETCHED if peer else Outcome.NOT_FOUND)
+        if fetched:
+            with self._inflight_lock:  # held so no invalidate() slips between check and store
+                self._store_many(fetched, {k: None if k in self._changed_in_flight else epoch
+                                           for k in fetched})
+        for key, result in results.items():
+            lead[key][0].set_result(result)
+        return results
 
     def _fallback(self, cached, outcome: Outcome) -> Lookup:
         if cached is not None:

@@ -11,7 +11,7 @@ import sys
 
 from appliance import config, transport
 from appliance.config import Option
-from appliance.gateway import load, sourcelimit
+from appliance.gateway import batch, load, sourcelimit
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,13 @@ def _cookie_mode(value: str) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+def _lookup_batch(value: int) -> str | None:
+    from appliance.registry.gateway import MAX_LOOKUP_KEYS
+
+    return (None if 1 <= value <= MAX_LOOKUP_KEYS
+            else f"must be from 1 to {MAX_LOOKUP_KEYS} (the registry's limit per call)")
 
 
 OPTIONS = [
@@ -62,6 +69,8 @@ OPTIONS = [
     Option("stale-ttl", float, 86_400.0, check=_non_negative),
     Option("registry-timeout", float, 3.0, check=config.positive),
     Option("workers", int, 8, check=config.positive),
+    Option("lookup-batch", int, batch.MAX_BATCH, check=_lookup_batch),
+    Option("lookup-linger", float, batch.LINGER, check=_non_negative),
     Option("trigger-keepalive", int, 25, check=_non_negative),
     Option("install-mode", default=DEFAULT_INSTALL_MODE, check=_install_mode),
     Option("cookies", default="auto", check=_cookie_mode),
@@ -169,14 +178,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
       help="underlay interface to watch (repeatable; default: every Ethernet interface)")
     a("--address", action="append", metavar="CIDR",
       help="tunnel address to give a created interface (repeatable)")
-    a("--rate", type=float, metavar="PER_SECOND", help="registry lookups per second (50)")
-    a("--burst", type=int, metavar="N", help="registry lookup burst (100)")
+    a("--rate", type=float, metavar="PER_SECOND", help="registry lookup calls per second (50)")
+    a("--burst", type=int, metavar="N", help="registry lookup call burst (100)")
     a("--positive-ttl", type=float, metavar="SECONDS", help="cache a found peer (300)")
     a("--negative-ttl", type=float, metavar="SECONDS", help="cache an unknown key (30)")
     a("--stale-ttl", type=float, metavar="SECONDS",
       help="serve a cached peer this old while the registry is down (86400)")
     a("--registry-timeout", type=float, metavar="SECONDS", help="per request (3)")
-    a("--workers", type=int, metavar="N", help="lookup/install threads (8)")
+    a("--workers", type=int, metavar="N",
+      help="lookup/install threads, and registry calls at once (8)")
+    a("--lookup-batch", type=int, metavar="N",
+      help="keys per registry lookup call, one rate-limit token each; 1: one GET per key "
+           f"({batch.MAX_BATCH})")
+    a("--lookup-linger", type=float, metavar="SECONDS",
+      help=f"how long a lookup waits for others to share its call ({batch.LINGER:g})")
     a("--trigger-keepalive", type=int, metavar="SECONDS",
       help="keepalive that makes the device handshake towards a new peer at once, "
            "cleared after the handshake; 0 disables role inversion (25)")

@@ -10,7 +10,9 @@ Threads, and why:
 - capture: reads initiations off the packet sockets and verifies them. It never
   waits on the network or the device; work goes to the queue.
 - lookup workers: registry lookups and installs (slow, may block on HTTP),
-  taking work from the fair lookup queue.
+  taking work from the fair lookup queue several items at a time.
+- lookup batcher (batch.py): one dispatcher and up to `workers` registry calls
+  at once, each carrying the cache misses of many workers.
 - repair: puts back endpoints that replayed initiations stole (repair.py).
 - scheduler (APScheduler, one instance): eviction, change feed, known-key
   filter, the handshake check (handshakes.py), cache expiry, registry probes.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from appliance.gateway import events
 from appliance.gateway.admission import FairQueue
+from appliance.gateway.batch import LINGER, MAX_BATCH, LookupBatcher
 from appliance.gateway.cache import FEED_WINDOW_POLLS, CachePolicy, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.cookie import CookieResponder
@@ -101,6 +104,8 @@ class GatewaySettings:
     stale_ttl: float = 86_400.0
     registry_timeout: float = 3.0
     workers: int = 8
+    lookup_batch: int = MAX_BATCH  # keys per registry call (batch.py); 1: one GET per key
+    lookup_linger: float = LINGER
     trigger_keepalive: int = TRIGGER_KEEPALIVE
     install_mode: str = DEFAULT_INSTALL_MODE
     cookies: str = "auto"  # load.MODES
@@ -160,6 +165,7 @@ class GatewayParts:
     served: ServedEndpoints
     served_here: Callable[[str], bool]  # for the gate: an endpoint a peer of ours uses
     repair: EndpointRepair
+    lookups: LookupBatcher
     cache: PeerCache
     evictor: Evictor
     feed: FeedFollower
@@ -236,8 +242,12 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
     replay = ReplayGuard(store=replay_store)
     repair = EndpointRepair(device.set_endpoint)
     closing.callback(repair.close)
-    cache = PeerCache(db_path, registry, TokenBucket(s.rate, s.burst),
-                      cache_policy(s))
+    # Cache misses coalesced into registry calls (batch.py), one per worker at most.
+    lookups = LookupBatcher(registry.lookup, TokenBucket(s.rate, s.burst),
+                            max_batch=s.lookup_batch, linger=s.lookup_linger,
+                            in_flight=s.workers)
+    closing.callback(lookups.close)
+    cache = PeerCache(db_path, lookups, cache_policy(s))
     closing.callback(cache.close)
     state = GatewayState(db_path)
     closing.callback(state.close)
@@ -266,8 +276,8 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
         metrics=metrics, device=device, responder=Responder(private_key), sender=sender,
         capture=capture, reinjector=reinjector, installer=installer, registry=registry,
         known=known, filter_loader=FilterLoader(known, registry.keys, registry.changes, metrics),
-        served=served, served_here=served_here, repair=repair, cache=cache, evictor=evictor,
-        feed=feed, feed_reads=feed_reads, queue=queue,
+        served=served, served_here=served_here, repair=repair, lookups=lookups, cache=cache,
+        evictor=evictor, feed=feed, feed_reads=feed_reads, queue=queue,
         intake=Intake(replay, installer, served, queue, known, cache.knows, repair, metrics),
         provisioner=Provisioner(queue=queue, known=known, feed=feed, feed_reads=feed_reads,
                                 cache=cache, installer=installer, evictor=evictor,
@@ -383,7 +393,9 @@ class Gateway:
         old, self.settings = self.settings, settings
         p.evictor.set_policy(EvictionPolicy(settings.idle_timeout, settings.handshake_grace,
                                             settings.max_peers))
-        p.cache.configure(cache_policy(settings), settings.rate, settings.burst)
+        p.cache.configure(cache_policy(settings))
+        p.lookups.configure(settings.rate, settings.burst, settings.lookup_batch,
+                            settings.lookup_linger)
         if gate_settings(settings) != gate_settings(old):
             # A new gate: fresh per-source buckets and cookie secret (outstanding
             # cookies stop counting; their clients get new ones on their next try).
@@ -439,8 +451,8 @@ class Gateway:
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
-        if self.parts.intake.admit(init.initiator_static, init.timestamp, d,
-                                   seen_at) == QUEUED:
+        if self.parts.intake.admit(init.initiator_static, init.timestamp, d, seen_at,
+                                   on_known=self.gate.verified_known) == QUEUED:
             events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
             events.emit("identity_recovered", public_key=encode_key(init.initiator_static),
                         endpoint=d.endpoint)

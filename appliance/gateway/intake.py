@@ -55,9 +55,12 @@ class Intake:
         self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
         self._replays_unlogged = 0
 
-    def admit(self, static: bytes, timestamp: bytes, d: Datagram, seen_at: float) -> str:
+    def admit(self, static: bytes, timestamp: bytes, d: Datagram, seen_at: float,
+              on_known: Callable[[], None] | None = None) -> str:
         """Decide for one verified initiation (its sender's key and TAI64N); returns
-        REPLAY, INSTALLED, QUEUED or PENDING, having counted it."""
+        REPLAY, INSTALLED, QUEUED or PENDING, having counted it. on_known is called
+        when it is fresh and from a key the gateway expects (the gate's
+        verified_known: a client's work, not load)."""
         key = encode_key(static)
         if not self.replay.accept(static, timestamp):
             self._replayed(key, d, timestamp)
@@ -70,6 +73,8 @@ class Intake:
         known = self.known.knows(static)
         if known is None:  # no filter yet: what the gateway itself has seen
             known = self.replay.kept(static) or self.cache_knows(key)
+        if known and on_known is not None:
+            on_known()
         # d goes along: only this verified, fresh initiation may be re-injected.
         work = Work(key, d.endpoint, source_key(d.src_ip), known, seen_at, timestamp, d)
         return self.queue.put(work) or QUEUED  # a refusal is counted by the queue

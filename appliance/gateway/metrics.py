@@ -45,6 +45,9 @@ class GatewayMetrics:
                                ["outcome"], registry=r)
         self.registry_calls = Counter("wgjit_gateway_registry_calls_total",
                                       "HTTP calls to the registry", registry=r)
+        self.registry_lookup_keys = Counter(
+            "wgjit_gateway_registry_lookup_keys_total",
+            "Keys asked in registry lookup calls (divide by calls: keys per call)", registry=r)
         self.registry_errors = Counter("wgjit_gateway_registry_errors_total",
                                        "Registry calls that failed", registry=r)
         self.registry_up = Gauge(

@@ -1,7 +1,8 @@
-"""A lookup worker's job: one queued key, from the filter to the device.
+"""A lookup worker's job: queued keys, from the filter to the device.
 
 filter (keyfilter.py, catching up with the feed for a key it does not know yet)
--> cache lookup (cache.py, which asks the registry) -> install (install.py) ->
+-> cache lookup of the items taken together (cache.py; the misses go to the
+registry in batches, batch.py) -> install (install.py) ->
 undo if revoked meanwhile (revocation.py) -> re-inject the client's initiation
 (reinject.py) when that is the install mode. Each step counts its outcome and
 tells its story as an event.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 from appliance.gateway import events
 from appliance.gateway.admission import FairQueue, Work
-from appliance.gateway.cache import Outcome, PeerCache
+from appliance.gateway.cache import Lookup, Outcome, PeerCache
 from appliance.gateway.evict import Evictor
 from appliance.gateway.feed import FeedFollower
 from appliance.gateway.install import Installer
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 # this often before refusing it: a peer created a moment ago gets in at once,
 # a flood of random keys costs one feed read a second and no peer lookups.
 FEED_CATCH_UP_EVERY = 1.0
+# Items a worker takes from the queue at once; their cache misses go to the
+# registry together (batch.py). 8 workers x 32 keeps up to 256 keys in the
+# batcher, enough to fill two batches of MAX_BATCH while earlier ones are installed.
+WORKER_TAKE = 32
 SOURCES = {Outcome.HIT: "cache", Outcome.FETCHED: "registry", Outcome.STALE: "stale"}
 
 
@@ -90,13 +95,33 @@ class Provisioner:
 
     def work(self) -> None:
         """A worker thread: take keys until the queue closes."""
-        while (work := self.queue.get()) is not None:
+        while works := self.queue.get_many(WORKER_TAKE):
             try:
-                self.provision(work)
+                self.provision_many(works)
+            except Exception:
+                log.exception("provisioning of %d keys failed", len(works))
+            finally:
+                for work in works:
+                    self.queue.done(work.key)
+
+    def provision(self, work: Work) -> None:
+        self.provision_many([work])
+
+    def provision_many(self, works: list[Work]) -> None:
+        """Filter the items, look the admitted keys up together, install each."""
+        admitted = [w for w in works if w.known or self._admits_unknown(w.key)]
+        if not admitted:
+            return
+        try:
+            lookups = self.cache.lookup_many([w.key for w in admitted])
+        except Exception:
+            log.exception("lookup of %d keys failed", len(admitted))
+            return
+        for work in admitted:
+            try:
+                self._install(work, lookups[work.key])
             except Exception:
                 log.exception("pull/install of %s failed", work.key)
-            finally:
-                self.queue.done(work.key)
 
     def filter_admits(self, key: str) -> bool:
         """May a key the filter did not know be looked up? Yes if there is no filter
@@ -107,13 +132,15 @@ class Provisioner:
         self.feed_reads.catch_up()
         return self.known.knows(raw) is not False
 
-    def provision(self, work: Work) -> None:
+    def _admits_unknown(self, key: str) -> bool:
+        if self.filter_admits(key):
+            return True
+        self.metrics.lookups.labels("filtered").inc()
+        events.emit("peer_unknown", public_key=key, reason="filtered")
+        return False
+
+    def _install(self, work: Work, lookup: Lookup) -> None:
         key, seen_at = work.key, work.seen_at
-        if not work.known and not self.filter_admits(key):
-            self.metrics.lookups.labels("filtered").inc()
-            events.emit("peer_unknown", public_key=key, reason="filtered")
-            return
-        lookup = self.cache.lookup(key)
         self.metrics.lookups.labels(lookup.outcome.value).inc()
         if lookup.peer is None:
             events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)

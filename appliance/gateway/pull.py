@@ -37,6 +37,7 @@ class GatewayRegistry:
         self.servers = servers
         self.metrics = metrics
         self.lookups_ok: bool | None = None  # None until the first lookup
+        self._batch_route = True  # until a registry without POST /v1/gateway/lookup says 404
 
     def _call(self, fn, *args):
         try:
@@ -51,10 +52,12 @@ class GatewayRegistry:
                 log.error("registry refused the gateway token: %s", e.message)
             raise RegistryUnavailable(str(e)) from None
 
-    def peer(self, public_key: str) -> RegistryPeer:
+    def _lookup_call(self, fn, arg, n_keys: int):
+        """One lookup call, counted: a call, its keys, and an error if it got no answer."""
         self.metrics.registry_calls.inc()
+        self.metrics.registry_lookup_keys.inc(n_keys)
         try:
-            data = self._call(RegistryClient.gateway_peer, public_key)
+            data = self._call(fn, arg)
         except PeerNotFound:
             self.lookups_ok = True  # an answer
             raise
@@ -63,11 +66,43 @@ class GatewayRegistry:
             self.metrics.registry_errors.inc()
             raise
         self.lookups_ok = True
-        return RegistryPeer.from_json(data)
+        return data
+
+    def peer(self, public_key: str) -> RegistryPeer:
+        return RegistryPeer.from_json(
+            self._lookup_call(RegistryClient.gateway_peer, public_key, 1))
 
     def health(self) -> str:
         """The last peer lookup: "unknown" (none yet), "ok" or "unavailable"."""
         return {None: "unknown", True: "ok", False: "unavailable"}[self.lookups_ok]
+
+    def lookup(self, keys: list[str]) -> dict[str, RegistryPeer | None]:
+        """Each key's peer, or None when the registry says no; one call for them all.
+
+        One key goes the single-lookup way (GET, the registry's fast path). A
+        registry older than the batch route gets single lookups, key by key.
+        Raises RegistryUnavailable for the whole call; it fails over between
+        servers as a single lookup does (failover.py), being one call.
+        """
+        if len(keys) == 1 or not self._batch_route:
+            return {key: self._single(key) for key in keys}
+        try:
+            answer = self._lookup_call(RegistryClient.gateway_lookup, keys, len(keys))
+        except PeerNotFound:
+            log.warning("the registry has no POST /v1/gateway/lookup: looking keys up one "
+                        "by one")
+            self._batch_route = False
+            return self.lookup(keys)
+        found: dict[str, RegistryPeer | None] = dict.fromkeys(keys)
+        for data in answer["peers"]:
+            found[data["public_key"]] = RegistryPeer.from_json(data)
+        return found
+
+    def _single(self, key: str) -> RegistryPeer | None:
+        try:
+            return self.peer(key)
+        except PeerNotFound:
+            return None
 
     def keys(self, salt: bytes) -> dict:
         """Salted digests of the active keys (keyfilter.py)."""

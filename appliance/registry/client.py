@@ -118,6 +118,10 @@ class RegistryClient:
     def gateway_peer(self, key: str) -> dict:
         return self.request("GET", f"/v1/gateway/peers/{quote_key(key)}")
 
+    def gateway_lookup(self, keys: list[str]) -> dict:
+        """Several lookups in one request: {"peers": [...], "not_found": [...]}."""
+        return self.request("POST", "/v1/gateway/lookup", json={"keys": keys})
+
     def gateway_keys(self, salt: bytes) -> dict:
         return self.request("GET", "/v1/gateway/keys", params={"salt": salt.hex()})
 

@@ -2,6 +2,9 @@
 
 `GET /v1/gateway/peers/{key}` answers exactly what a gateway needs to install a
 peer, and 404 for a key that is unknown or revoked (the gateway caches both).
+`POST /v1/gateway/lookup` answers up to MAX_LOOKUP_KEYS keys in one request and
+one query: the same answer as that many single lookups, so a gateway facing a
+herd spends one of its rate-limit tokens on a whole batch (gateway/batch.py).
 `GET /v1/gateway/changes?since=CURSOR` is the change feed gateways poll to drop
 revoked peers and update changed ones.
 `GET /v1/gateway/keys?salt=HEX` is a compact snapshot of the active keys (salted
@@ -24,6 +27,9 @@ from appliance.registry.peers import path_key
 bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
 
 MAX_CHANGES = 1000
+# Keys per batch lookup. 512 keys is a 24 KB body (under MAX_BODY_BYTES, 64 KB)
+# and one indexed IN/ANY query.
+MAX_LOOKUP_KEYS = 512
 KEY_DIGEST_SIZE = 4  # bytes per key in /keys: 4 MB for 1M keys
 SALT_SIZE = 16
 DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # store.shared.change_digest
@@ -36,6 +42,29 @@ def peer(key: str):
     if found is None:
         raise APIError(404, "not_found", "no active peer with this key")
     return jsonify(found)
+
+
+@bp.post("/lookup")
+@auth.require("gateway", "admin")
+def lookup():
+    """{"keys": [...]} -> {"peers": [GatewayPeer...], "not_found": [key...]}.
+
+    Keys are answered in their canonical (standard base64) form; a key outside
+    the token's tenant, unknown or revoked is not found, as on the single route.
+    """
+    body = validate.json_body()
+    validate.reject_unknown(body, {"keys"})
+    raw = body.get("keys")
+    if not isinstance(raw, list) or not raw:
+        raise invalid("keys", "must be a non-empty list of public keys")
+    if len(raw) > MAX_LOOKUP_KEYS:
+        raise APIError(413, "too_many_keys",
+                       f"keys: at most {MAX_LOOKUP_KEYS} per request, got {len(raw)}",
+                       field="keys", limit=MAX_LOOKUP_KEYS)
+    keys = list(dict.fromkeys(validate.key(k, f"keys[{i}]") for i, k in enumerate(raw)))
+    found = store.current().gateway_lookup_many(keys, auth.tenant_limit())
+    return jsonify(peers=[found[k] for k in keys if k in found],
+                   not_found=[k for k in keys if k not in found])
 
 
 @bp.get("/changes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.registry.breadth import SHORTEST_PREFIX
+from appliance.registry.gateway import MAX_LOOKUP_KEYS
 
 KEY = {"type": "string", "description": "WireGuard public key, 32 bytes of base64",
        "pattern": "^[A-Za-z0-9+/_-]{43}=$"}
@@ -79,6 +80,20 @@ SCHEMAS: dict[str, Any] = {
                        "allowed_ips": {"type": "array", "items": CIDR},
                        "preshared_key": {"anyOf": [KEY, {"type": "null"}]},
                        "updated_at": {"type": "string"}},
+    },
+    "LookupRequest": {
+        "type": "object", "required": ["keys"], "additionalProperties": False,
+        "properties": {"keys": {"type": "array", "items": KEY, "minItems": 1,
+                                "maxItems": MAX_LOOKUP_KEYS}},
+    },
+    "LookupAnswer": {
+        "type": "object",
+        "properties": {
+            "peers": {"type": "array", "items": {"$ref": "#/components/schemas/GatewayPeer"}},
+            "not_found": {"type": "array", "items": KEY,
+                          "description": "keys unknown, revoked or outside the token's "
+                                         "tenant (canonical form)"},
+        },
     },
     "KeyDigests": {
         "type": "object",
@@ -207,6 +222,11 @@ def spec() -> dict:
             "parameters": [KEY_PARAM],
             "get": _op("What a gateway needs to install a peer; 404 if unknown or revoked",
                        {"200": _json("GatewayPeer")}, "401 403 404"),
+        },
+        "/v1/gateway/lookup": {
+            "post": _op(f"Several single lookups in one request (at most {MAX_LOOKUP_KEYS} "
+                        "keys; 413 beyond)", {"200": _json("LookupAnswer")},
+                        "400 401 403 413 415", body="LookupRequest"),
         },
         "/v1/gateway/changes": {
             "get": _op("Change feed after a cursor; 409 cursor_mismatch when `digest` does "

@@ -131,6 +131,7 @@ def test_registered_client_connects_just_in_time(lab: Lab) -> None:
     assert_just_in_time(lab, "c1", f"{c.underlay4}:{listen_port(lab, 'c1')}")
     assert counters.delta("wgjit_gateway_installs_total") == 1
     assert counters.delta("wgjit_gateway_registry_calls_total") == 1
+    assert counters.delta("wgjit_gateway_registry_lookup_keys_total") == 1
     assert counters.delta("wgjit_gateway_cache_lookups_total", outcome="fetched") == 1
     assert counters.now.value("wgjit_gateway_installed_peers") >= 1
 

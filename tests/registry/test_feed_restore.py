@@ -15,6 +15,7 @@ import sqlite3
 import psycopg
 import pytest
 
+from appliance.gateway.batch import LookupBatcher
 from appliance.gateway.cache import CachePolicy, PeerCache
 from appliance.gateway.feed import FeedFollower
 from appliance.gateway.install import Installer
@@ -69,7 +70,8 @@ class Gateway:
         self.installer = Installer(self.dev)
         db = tmp_path / "gateway.db"
         self.state = GatewayState(db)
-        self.cache = PeerCache(db, self.registry.peer, TokenBucket(100, 100), CachePolicy())
+        self.cache = PeerCache(db, LookupBatcher(self.registry.lookup, TokenBucket(100, 100)),
+                               CachePolicy())
         self.feed = FeedFollower(self.registry, self.state, self.cache, self.installer,
                                  self.metrics, lambda key, why: None)
 

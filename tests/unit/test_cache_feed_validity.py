@@ -16,7 +16,7 @@ import pytest
 
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.ratelimit import TokenBucket
-from tests.unit.test_gateway_cache import KEY, Clock, FakeRegistry, peer
+from tests.unit.test_gateway_cache import KEY, Clock, FakeRegistry, cache_over, peer
 
 POLICY = CachePolicy(positive_ttl=300, negative_ttl=30, stale_ttl=3600, feed_window=60)
 
@@ -24,7 +24,7 @@ POLICY = CachePolicy(positive_ttl=300, negative_ttl=30, stale_ttl=3600, feed_win
 @pytest.fixture
 def setup(tmp_path):
     clock, reg = Clock(), FakeRegistry()
-    cache = PeerCache(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
+    cache = cache_over(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
     cache.new_feed_epoch()
     cache.feed_confirmed()
     reg.peers[KEY] = peer()
@@ -99,14 +99,14 @@ def test_the_epoch_survives_a_restart_but_needs_the_feed_again(setup, tmp_path) 
     cache.lookup(KEY)
     cache.close()
     clock.now += 10 * POLICY.positive_ttl  # down for a while
-    again = PeerCache(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
+    again = cache_over(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
     try:
         assert again.feed_epoch == cache.feed_epoch
         again.feed_confirmed()  # the first poll after the restart found the cursor good
         assert again.lookup(KEY).outcome is Outcome.HIT and reg.calls == 1
     finally:
         again.close()
-    fresh = PeerCache(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
+    fresh = cache_over(tmp_path / "c.db", reg, TokenBucket(1000, 1000), POLICY, clock)
     try:  # no poll yet in this process: TTLs
         assert fresh.lookup(KEY).outcome is Outcome.FETCHED and reg.calls == 2
     finally:
@@ -125,7 +125,7 @@ def test_a_cache_from_before_epochs_is_upgraded(tmp_path) -> None:
     db.close()
     clock, reg = Clock(), FakeRegistry()
     reg.peers[KEY] = peer()
-    cache = PeerCache(tmp_path / "old.db", reg, TokenBucket(1000, 1000), POLICY, clock)
+    cache = cache_over(tmp_path / "old.db", reg, TokenBucket(1000, 1000), POLICY, clock)
     try:
         cache.new_feed_epoch()
         cache.feed_confirmed()
@@ -135,3 +135,44 @@ def test_a_cache_from_before_epochs_is_upgraded(tmp_path) -> None:
         assert cache.lookup(KEY).outcome is Outcome.HIT
     finally:
         cache.close()
+
+
+def test_a_batched_answer_stays_valid_too_but_a_key_changed_in_flight_does_not(setup) -> None:
+    cache, reg, clock = setup
+    keys = [f"{i:042d}E=" for i in range(6)]
+    for k in keys:
+        reg.peers[k] = peer(k)
+    reg.delay = 0.3
+    result = []
+    t = threading.Thread(target=lambda: result.append(cache.lookup_many(keys)))
+    t.start()
+    while keys[-1] not in cache._inflight:
+        pass
+    cache.invalidate(keys[2])  # one key of the batch changes while the call is out
+    t.join()
+    assert all(r.outcome is Outcome.FETCHED for r in result[0].values())
+    assert reg.calls == 1  # one registry call for the six
+    reg.delay = 0
+    follow(cache, clock, POLICY.positive_ttl + 5)
+    again = cache.lookup_many(keys)
+    assert again[keys[2]].outcome is Outcome.FETCHED, "its answer may predate the change"
+    assert all(again[k].outcome is Outcome.HIT for k in keys if k != keys[2])
+    assert reg.calls == 2
+
+
+def test_a_batch_takes_the_epoch_from_before_its_call(setup) -> None:
+    cache, reg, clock = setup
+    keys = [f"{i:042d}E=" for i in range(3)]
+    for k in keys:
+        reg.peers[k] = peer(k)
+    reg.delay = 0.3
+    t = threading.Thread(target=lambda: cache.lookup_many(keys))
+    t.start()
+    while keys[-1] not in cache._inflight:
+        pass
+    cache.new_feed_epoch()  # a reconcile while the call is out: its answer predates it
+    cache.feed_confirmed()
+    t.join()
+    reg.delay = 0
+    follow(cache, clock, POLICY.positive_ttl + 5)
+    assert all(r.outcome is Outcome.FETCHED for r in cache.lookup_many(keys).values())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.gateway.batch import LookupBatcher
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.feed import ADOPTED_CHECKS_PER_POLL, FeedFollower
 from appliance.gateway.install import Installer
@@ -101,6 +102,16 @@ class FakeRegistry:
             raise PeerNotFound(k)
         return self.peers[k]
 
+    def lookup(self, keys: list[str]) -> dict:
+        """GatewayRegistry.lookup: each key's peer or None."""
+        found = {}
+        for k in keys:
+            try:
+                found[k] = self.peer(k)
+            except PeerNotFound:
+                found[k] = None
+        return found
+
     def changes(self, since: int, limit: int = 1000, digest: str | None = None) -> dict:
         if self.down:
             raise RegistryUnavailable("down")
@@ -135,7 +146,8 @@ class World:
     def open(self) -> None:
         db = self.path / "gateway.db"
         self.state = GatewayState(db)
-        self.cache = PeerCache(db, self.reg, TokenBucket(1000, 1000), CachePolicy())
+        self.cache = PeerCache(db, LookupBatcher(self.reg.lookup, TokenBucket(1000, 1000),
+                                                 linger=0), CachePolicy())
         self.feed = FeedFollower(self.reg, self.state, self.cache, self.inst, self.metrics,
                                  lambda k, r: self.removed.append((k, r)))
 

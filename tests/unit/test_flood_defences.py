@@ -333,6 +333,20 @@ def test_gate_under_load_verifies_only_mac2_and_stays_loaded_while_the_flood_las
     assert not gate.load.under_load
 
 
+def test_a_herd_of_known_keys_is_not_load_but_the_same_count_of_strangers_is() -> None:
+    gate, responder, _, _ = make_gate()
+    packet = initiation(responder.public_key)
+    for i in range(200):  # one read holding 200 initiations, each fresh from a known key
+        assert gate.judge(packet, f"203.0.113.{i}", 1, f"203.0.113.{i}:1").action == "verify"
+        gate.verified_known()
+    gate.end_of_read(0.0)
+    assert not gate.load.under_load
+    for i in range(130):  # the same work for keys nobody registered: a flood
+        assert gate.judge(packet, f"198.51.100.{i}", 1, f"198.51.100.{i}:1").action == "verify"
+    gate.end_of_read(0.0)
+    assert gate.load.under_load
+
+
 def test_gate_without_defences_verifies_everything_and_sends_no_cookies() -> None:
     gate, responder, _, _ = make_gate(mode="off", limited=False)
     p = initiation(responder.public_key)

@@ -130,6 +130,15 @@ def test_the_lane_comes_from_the_filter_else_from_what_the_gateway_has_seen(w: W
     assert lanes == {encode_key(seen_before): True, encode_key(stranger): False}
 
 
+def test_only_a_fresh_initiation_from_an_expected_key_is_reported_as_known(w: World) -> None:
+    expected, stranger = os.urandom(32), os.urandom(32)
+    w.cached.add(encode_key(expected))
+    reported = []
+    for static, n in ((expected, 1), (stranger, 1), (expected, 1)):  # the last: a replay
+        w.intake.admit(static, ts(n), dgram(), 0.0, on_known=lambda: reported.append(1))
+    assert reported == [1], "the gate's backlog is relieved once, for the expected key"
+
+
 def test_a_full_lane_takes_the_newcomer_and_counts_the_displaced(w: World) -> None:
     first, second = os.urandom(32), os.urandom(32)
     assert w.admit(first, 1, dgram("192.0.2.1")) == QUEUED

@@ -151,25 +151,46 @@ def test_a_failed_install_counts_and_leaves_nothing_behind(gw: Gw) -> None:
 
 
 def test_the_worker_loop_survives_a_failing_job_and_ends_when_the_queue_closes(gw) -> None:
-    bad, good = key(), key()
-    gw.reg.create(bad)
-    gw.reg.create(good)
-    real = gw.cache.lookup
+    bad, good, late = key(), key(), key()
+    for k in (bad, good, late):
+        gw.reg.create(k)
+    real_install, real_lookup_many = gw.inst.install, gw.cache.lookup_many
+    lookups_failed = []
 
-    def lookup(asked: str):
-        if asked == bad:
+    def install(peer, endpoint, **kw):
+        if peer.public_key == bad:
             raise RuntimeError("a bug in one job")
-        return real(asked)
+        return real_install(peer, endpoint, **kw)
 
-    gw.cache.lookup = lookup
+    def lookup_many(keys):
+        if late in keys and not lookups_failed:
+            lookups_failed.append(keys)
+            raise RuntimeError("a bug in a whole take")
+        return real_lookup_many(keys)
+
+    gw.inst.install = install
+    gw.cache.lookup_many = lookup_many
     gw.queue.put(gw.work(bad))
     gw.queue.put(Work(good, "192.0.2.51:1", b"other", True, time.time(), bytes(12),
                       Datagram("192.0.2.51", 1, bytes(148), "eth0")))
     t = threading.Thread(target=gw.worker.work)
     t.start()
+
+    def wait_for(k: str) -> None:
+        deadline = time.monotonic() + 10
+        while k not in gw.inst and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    wait_for(good)  # taken with bad (one take), installed though bad's install failed
+    late_work = Work(late, "192.0.2.52:1", b"late", True, time.time(), bytes(12),
+                     Datagram("192.0.2.52", 1, bytes(148), "eth0"))
+    gw.queue.put(late_work)  # its take's lookup fails: logged, the worker goes on
     deadline = time.monotonic() + 10
-    while good not in gw.inst and time.monotonic() < deadline:
+    while (not lookups_failed or gw.queue.latest(late) is not None) and \
+            time.monotonic() < deadline:
         time.sleep(0.01)
+    gw.queue.put(late_work)  # the client's retry
+    wait_for(late)
     gw.queue.close()
     t.join(timeout=10)
-    assert good in gw.inst and bad not in gw.inst and not t.is_alive()
+    assert good in gw.inst and bad not in gw.inst and late in gw.inst and not t.is_alive()

@@ -21,6 +21,7 @@ import requests
 from appliance import config
 from appliance.cli import build_parser
 from appliance.gateway import cli as gateway_cli
+from appliance.gateway.batch import LookupBatcher
 from appliance.gateway.cache import CachePolicy, Outcome, PeerCache
 from appliance.gateway.failover import DOWN_FIRST, RegistryServers
 from appliance.gateway.feed import FeedFollower
@@ -118,6 +119,7 @@ class FakeServers(requests.adapters.BaseAdapter):
         self.fail: dict[str, object] = {}
         self.sent: list[tuple[str, str]] = []  # (server URL, path)
         self.other: dict[str, FakeRegistry] = {}  # a server over another database
+        self.missing_batch_route = False
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
         url = urllib.parse.urlsplit(request.url)
@@ -141,6 +143,12 @@ class FakeServers(requests.adapters.BaseAdapter):
                 return self._response(request, 200, reg.peer(k).to_json())
             except PeerNotFound:
                 return self._response(request, 404, {"error": "not_found", "message": k})
+        if url.path == "/v1/gateway/lookup" and request.method == "POST" \
+                and not self.missing_batch_route:
+            found = reg.lookup(json.loads(request.body)["keys"])
+            return self._response(request, 200, {
+                "peers": [p.to_json() for p in found.values() if p],
+                "not_found": [k for k, p in found.items() if p is None]})
         if url.path == "/v1/gateway/changes":
             q = dict(urllib.parse.parse_qsl(url.query))
             try:
@@ -257,13 +265,30 @@ def test_peer_lookups_count_themselves_and_make_the_registry_health(net: Net) ->
     assert sample(net.metrics.registry_errors) == 1
 
 
+def test_batch_lookups_count_calls_and_keys_apart(net: Net) -> None:
+    ks = [key() for _ in range(5)]
+    net.reg.create(ks[0])
+    found = net.registry.lookup(ks)
+    assert found[ks[0]].public_key == ks[0] and found[ks[1]] is None
+    net.registry.lookup(ks[:1])  # one key: the single GET
+    assert sample(net.metrics.registry_calls) == 2
+    assert sample(net.metrics.registry_lookup_keys) == 6
+    assert net.registry.health() == "ok" and sample(net.metrics.registry_errors) == 0
+    net.transport.fail = {A: "refused", B: 503}
+    with pytest.raises(RegistryUnavailable):
+        net.registry.lookup(ks)
+    assert net.registry.health() == "unavailable"
+    assert (sample(net.metrics.registry_calls), sample(net.metrics.registry_lookup_keys),
+            sample(net.metrics.registry_errors)) == (3, 11, 1)
+
+
 def test_the_failover_spends_one_rate_limit_token(net: Net, tmp_path: Path) -> None:
     k, other = key(), key()
     net.reg.create(k)
     net.reg.create(other)
     # One token and (practically) no refill: a second registry call would find none.
-    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1e-6, 1),
-                      CachePolicy(token_wait=0.0))
+    cache = PeerCache(tmp_path / "gw.db",
+                      LookupBatcher(net.registry.lookup, TokenBucket(1e-6, 1), token_wait=0.0))
     net.transport.fail[A] = "refused"
     assert cache.lookup(k).outcome == Outcome.FETCHED
     assert net.transport.asked() == [A, B]
@@ -337,7 +362,8 @@ def test_the_stale_entry_is_served_when_every_server_is_down(net: Net, tmp_path)
     k = key()
     net.reg.create(k)
     clock = Clock()
-    cache = PeerCache(tmp_path / "gw.db", net.registry, TokenBucket(1000, 1000),
+    cache = PeerCache(tmp_path / "gw.db", LookupBatcher(net.registry.lookup,
+                                                        TokenBucket(1000, 1000)),
                       CachePolicy(positive_ttl=1), clock=clock)
     assert cache.lookup(k).outcome == Outcome.FETCHED
     clock.now += 5
@@ -383,7 +409,8 @@ class FeedWorld:
         self.dev = FakeDevice()
         self.inst = Installer(self.dev)
         self.state = GatewayState(path / "gateway.db")
-        self.cache = PeerCache(path / "gateway.db", net.registry, TokenBucket(1000, 1000))
+        self.cache = PeerCache(path / "gateway.db",
+                               LookupBatcher(net.registry.lookup, TokenBucket(1000, 1000)))
         self.removed: list[tuple[str, str]] = []
         self.feed = FeedFollower(net.registry, self.state, self.cache, self.inst, net.metrics,
                                  lambda k, r: self.removed.append((k, r)))
@@ -451,3 +478,36 @@ def test_concurrent_lookups_while_a_server_dies_all_get_answers(net: Net) -> Non
     [a, _] = net.servers.health()
     assert (a["up"], a["failures"], a["probe_in"]) == (False, 1, DOWN_FIRST), \
         "one outage is one backoff step, however many calls it failed"
+
+
+# --- batch lookups ------------------------------------------------------------------
+
+def test_a_batch_fails_over_like_a_single_lookup(net: Net) -> None:
+    ks = [key() for _ in range(5)]
+    for k in ks[:4]:
+        net.reg.create(k)
+    net.transport.fail[A] = "reset"
+    found = net.registry.lookup(ks)
+    assert [found[k] and found[k].public_key for k in ks] == [*ks[:4], None]
+    assert net.transport.asked() == [A, B] and net.failovers() == 1
+    assert net.up(A) == 0
+    net.registry.lookup(ks)
+    assert net.transport.asked() == [B]  # the down server is left alone
+
+
+def test_a_batch_over_every_server_down_is_unavailable(net: Net) -> None:
+    net.transport.fail = {A: 503, B: "timeout"}
+    with pytest.raises(RegistryUnavailable):
+        net.registry.lookup([key(), key()])
+
+
+def test_a_registry_without_the_batch_route_is_asked_key_by_key(net: Net) -> None:
+    ks = [key() for _ in range(3)]
+    net.reg.create(ks[0])
+    net.transport.missing_batch_route = True  # an older registry: 404 for the route
+    found = net.registry.lookup(ks)
+    assert found[ks[0]].public_key == ks[0] and found[ks[1]] is None
+    assert [p for _, p in net.transport.sent if p.startswith("/v1/gateway/peers/")] != []
+    net.transport.sent.clear()
+    net.registry.lookup(ks)
+    assert all(p.startswith("/v1/gateway/peers/") for _, p in net.transport.sent)

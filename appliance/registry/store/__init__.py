@@ -182,6 +182,12 @@ class Store(abc.ABC):
         outside `tenant_limit`. The hottest call: one round trip."""
 
     @abc.abstractmethod
+    def gateway_lookup_many(self, public_keys: list[str],
+                            tenant_limit: int | None) -> dict[str, dict]:
+        """gateway_lookup for several canonical keys in one query: {key: peer} for the
+        keys found (active, within `tenant_limit`); the others are simply absent."""
+
+    @abc.abstractmethod
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
         """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id."""
 

@@ -154,8 +154,24 @@ LOOKUP_SQL = (
     "SELECT p.public_key, p.preshared_key, p.revoked_at, p.updated_at, p.tenant_id,"
     " t.name AS tenant, ARRAY(SELECT cidr FROM allowed_ips WHERE peer_id = p.id"
     " ORDER BY position) AS ips"
-    " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key = %s"
+    " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key"
 )
+
+
+
+def _gateway_peer(row: dict, tenant_limit: int | None) -> dict | None:
+    if row["revoked_at"] is not None:
+        return None
+    if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+        return None
+    return {
+        "public_key": row["public_key"],
+        "tenant": row["tenant"],
+        "allowed_ips": row["ips"],
+        "preshared_key": row["preshared_key"],
+        "updated_at": row["updated_at"],
+    }
+
 
 TENANT_SELECT = (
     "SELECT t.id, t.name, t.created_at,"
@@ -531,18 +547,17 @@ class PostgresStore(Store):
 
     def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
         with self._read() as cur:
-            row = cur.execute(LOOKUP_SQL, (public_key,)).fetchone()
-        if row is None or row["revoked_at"] is not None:
-            return None
-        if tenant_limit is not None and tenant_limit != row["tenant_id"]:
-            return None
-        return {
-            "public_key": row["public_key"],
-            "tenant": row["tenant"],
-            "allowed_ips": row["ips"],
-            "preshared_key": row["preshared_key"],
-            "updated_at": row["updated_at"],
-        }
+            row = cur.execute(LOOKUP_SQL + " = %s", (public_key,)).fetchone()
+        return None if row is None else _gateway_peer(row, tenant_limit)
+
+    def gateway_lookup_many(self, public_keys: list[str],
+                            tenant_limit: int | None) -> dict[str, dict]:
+        if not public_keys:
+            return {}
+        with self._read() as cur:
+            rows = cur.execute(LOOKUP_SQL + " = ANY(%s)", (list(public_keys),)).fetchall()
+        found = (_gateway_peer(row, tenant_limit) for row in rows)
+        return {peer["public_key"]: peer for peer in found if peer is not None}
 
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
         scope, scope_params = _feed_scope(tenant_limit)

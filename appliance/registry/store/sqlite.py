@@ -168,8 +168,24 @@ LOOKUP_SQL = (
     "SELECT p.public_key, p.preshared_key, p.revoked_at, p.updated_at, p.tenant_id,"
     " t.name AS tenant, (SELECT group_concat(cidr, ' ') FROM (SELECT cidr FROM allowed_ips"
     " WHERE peer_id = p.id ORDER BY position)) AS ips"
-    " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key = ?"
+    " FROM peers p JOIN tenants t ON t.id = p.tenant_id WHERE p.public_key"
 )
+
+
+
+def _gateway_peer(row: sqlite3.Row, tenant_limit: int | None) -> dict | None:
+    if row["revoked_at"] is not None:
+        return None
+    if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+        return None
+    return {
+        "public_key": row["public_key"],
+        "tenant": row["tenant"],
+        "allowed_ips": row["ips"].split(" ") if row["ips"] else [],
+        "preshared_key": row["preshared_key"],
+        "updated_at": row["updated_at"],
+    }
+
 
 TENANT_SELECT = (
     "SELECT t.id, t.name, t.created_at,"
@@ -568,18 +584,17 @@ class SqliteStore(Store):
     # gateways
 
     def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
-        row = self.conn().execute(LOOKUP_SQL, (public_key,)).fetchone()
-        if row is None or row["revoked_at"] is not None:
-            return None
-        if tenant_limit is not None and tenant_limit != row["tenant_id"]:
-            return None
-        return {
-            "public_key": row["public_key"],
-            "tenant": row["tenant"],
-            "allowed_ips": row["ips"].split(" ") if row["ips"] else [],
-            "preshared_key": row["preshared_key"],
-            "updated_at": row["updated_at"],
-        }
+        row = self.conn().execute(LOOKUP_SQL + " = ?", (public_key,)).fetchone()
+        return None if row is None else _gateway_peer(row, tenant_limit)
+
+    def gateway_lookup_many(self, public_keys: list[str],
+                            tenant_limit: int | None) -> dict[str, dict]:
+        if not public_keys:
+            return {}
+        marks = ",".join("?" * len(public_keys))
+        rows = self.conn().execute(f"{LOOKUP_SQL} IN ({marks})", public_keys).fetchall()
+        found = (_gateway_peer(row, tenant_limit) for row in rows)
+        return {peer["public_key"]: peer for peer in found if peer is not None}
 
     def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
         conn = self.conn()
