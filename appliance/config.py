@@ -7,10 +7,11 @@ and where it came from, because "invalid config" alone costs an operator an hour
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
+    """One setting, declared once: the flag, the TOML key, the WGJIT_ variable, the
+    default and the help all come from here (`add_flags`, `resolve`)."""
+
     name: str  # the flag's long name with dashes, e.g. "idle-timeout"
     type: Callable[[Any], Any] = str
     default: Any = None
     required: bool = False
     check: Callable[[Any], str | None] | None = None  # returns a problem or None
+    help: str = ""  # the flag's help; the default is appended by add_flags
+    metavar: str | None = None
+    repeat: bool = False  # a list: the flag may be given several times
+    field: str | None = None  # the settings attribute, when not `key`
 
     @property
     def key(self) -> str:
@@ -37,6 +45,33 @@ class Option:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.key.upper()
+
+    @property
+    def attribute(self) -> str:
+        return self.field or self.key
+
+
+def add_flags(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    """A flag for each option. Every flag defaults to None, so that an unset flag
+    leaves the value to the environment, the file and then the option's default
+    (resolve), and the help shows that default from the declaration."""
+    for o in options:
+        text = o.help
+        shown = o.default
+        if shown not in (None, [], "") and not (o.type is BOOL and shown is False):
+            if isinstance(shown, float) and shown.is_integer():
+                shown = int(shown)
+            text = f"{text} ({shown})" if text else f"({shown})"
+        kwargs: dict[str, Any] = {"help": text or None, "default": None}
+        if o.type is BOOL:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = o.metavar
+            if o.repeat:
+                kwargs["action"] = "append"
+            elif o.type in (int, float):
+                kwargs["type"] = o.type
+        parser.add_argument(f"--{o.name}", **kwargs)
 
 
 def _parse_bool(value: Any) -> bool:

@@ -36,19 +36,17 @@ def _ca_file(path: str) -> str | None:
 
 # One declaration for every registry client: `wgjit peer ...` and `wgjit gateway run`.
 OPTIONS = [
-    Option("registry-ca", check=_ca_file),
-    Option("allow-insecure-http", config.BOOL, False),
+    Option("registry-ca", check=_ca_file, metavar="FILE",
+           help="CA certificate(s) to verify the registry's HTTPS certificate against "
+                "(default: the system's trust store)"),
+    Option("allow-insecure-http", config.BOOL, False,
+           help="allow plain http:// to a registry that is not on loopback (tokens and "
+                "preshared keys then cross the network in clear)"),
 ]
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry-ca", metavar="FILE",
-                   help="CA certificate(s) to verify the registry's HTTPS certificate against "
-                        "(default: the system's trust store)")
-    # default None: an unset flag must not hide WGJIT_ALLOW_INSECURE_HTTP or the file.
-    p.add_argument("--allow-insecure-http", action="store_true", default=None,
-                   help="allow plain http:// to a registry that is not on loopback (tokens "
-                        "and preshared keys then cross the network in clear)")
+    config.add_flags(p, OPTIONS)
 
 
 def is_loopback(host: str) -> bool:

@@ -1,13 +1,11 @@
 # Gateway hosts: kernel WireGuard interface + `wgjit gateway run` (netlink backend).
 wg_interface = "wgjit0"
-wg_listen_port = 51820
 wg_backend = "netlink"
-metrics_listen = "127.0.0.1:9587"
-# Keep the idle timeout above 180 s (REJECT_AFTER_TIME) in production: README,
-# "Defaults that matter".
-idle_timeout = 300
-evict_interval = 30
-handshake_grace = 15
-# install_mode = "invert"  # unset: the daemon's default, re-injection (README, "Install modes")
+# Unset options take the daemon's defaults, declared once in
+# appliance/gateway/settings.py (`wgjit gateway run --help` shows them). Set any of
+# wgjit_deploy/gateway.py's TUNABLES here or per host to override, e.g.
+#   idle_timeout = 600      # keep it above 180 s (REJECT_AFTER_TIME): README, "Defaults"
+#   install_mode = "invert" # default: re-injection (README, "Install modes")
+# and wg_listen_port / metrics_listen for the interface and the local endpoint.
 # systemd MemoryMax: 50,000 installed peers measured ~110 MiB RSS (bench/evict.py).
 gateway_memory_max = "512M"

@@ -7,6 +7,7 @@ is restarted until every file is in place.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 
@@ -15,6 +16,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from appliance.gateway.settings import default
 from wgjit_deploy import paths, secrets, tls
 from wgjit_deploy.operations import (
     machine_name,
@@ -28,14 +30,29 @@ WG_UNIT = "wgjit-wireguard.service"
 UNIT = "wgjit-gateway.service"
 
 
+# Daemon options an inventory may set per host or group, under the option's own
+# key (group_data/gateways.py). Re-injection needs no sysctl for install_mode: the
+# packet is looped back locally and never meets rp_filter.
+TUNABLES = ("idle_timeout", "evict_interval", "handshake_grace", "max_peers", "feed_interval",
+            "reconcile_interval", "install_mode", "rate", "burst", "positive_ttl",
+            "negative_ttl", "stale_ttl", "workers", "lookup_batch", "cookies", "key_filter")
+
+
+def tunables(data) -> list[tuple[str, str]]:
+    """(key, TOML value) of each tunable the inventory sets, in TUNABLES' order."""
+    return [(key, json.dumps(data.get(key))) for key in TUNABLES
+            if data.get(key) is not None]
+
+
 @deploy("wgjit gateway")
 def gateway_role(release: str) -> None:
     user = paths.GATEWAY_USER
     data = host.data
     insecure = bool(data.get("allow_insecure_http", False))
     registry_url = tls.check_registry_url(data.get("registry_url"), host.name, insecure)
-    ifname = data.get("wg_interface", "wgjit0")
-    metrics = data.get("metrics_listen", "127.0.0.1:9587")
+    ifname = data.wg_interface
+    metrics = data.get("metrics_listen") or default("metrics-listen")
+    listen_port = data.get("wg_listen_port") or default("listen-port")
     server.user(name=f"system user {user}", user=user, system=True,
                 home=paths.GATEWAY_STATE, shell="/usr/sbin/nologin", create_home=False)
     token = secret_file(
@@ -54,18 +71,15 @@ def gateway_role(release: str) -> None:
         dest=paths.GATEWAY_CONFIG, user="root", group="root", mode="644",
         ifname=ifname, registry_url=registry_url, registry_ca=paths.CA_CERT,
         allow_insecure_http=insecure, token_file=paths.GATEWAY_TOKEN,
-        state_dir=paths.GATEWAY_STATE, backend=data.get("wg_backend", "netlink"),
-        listen_port=data.get("wg_listen_port", 51820), metrics_listen=metrics,
-        idle_timeout=data.get("idle_timeout", 300), evict_interval=data.get("evict_interval", 30),
-        handshake_grace=data.get("handshake_grace", 15),
-        capture_interfaces=data.get("capture_interfaces", []),
-        # Unset: the daemon's own default (reinject). Re-injection needs no
-        # sysctl: the packet is looped back locally and never meets rp_filter.
-        install_mode=data.get("install_mode"))
+        state_dir=paths.GATEWAY_STATE, backend=data.wg_backend, listen_port=listen_port,
+        metrics_listen=metrics, capture_interfaces=data.get("capture_interfaces", []),
+        # Only what the inventory sets; the rest is the daemon's own default
+        # (appliance/gateway/settings.py), written nowhere else.
+        tunables=tunables(data))
     wg_unit = files.template(
         name=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", src=str(paths.TEMPLATES / f"{WG_UNIT}.j2"),
         dest=f"{paths.SYSTEMD_DIR}/{WG_UNIT}", user="root", group="root", mode="644",
-        ifname=ifname, listen_port=data.get("wg_listen_port", 51820),
+        ifname=ifname, listen_port=listen_port,
         private_key=paths.GATEWAY_KEY, addresses=data.get("wg_address", []))
     unit = files.template(
         name=f"{paths.SYSTEMD_DIR}/{UNIT}", src=str(paths.TEMPLATES / f"{UNIT}.j2"),

@@ -69,8 +69,8 @@ def registry_role(release: str) -> None:
         dest=paths.REGISTRY_CONFIG, user="root", group="root", mode="644",
         db=db, db_password_file=password_file, listen=listen, tls_cert=paths.REGISTRY_CERT,
         tls_key=paths.REGISTRY_KEY,
-        workers=host.data.get("registry_workers", 2),
-        threads=host.data.get("registry_threads", 4))
+        # Unset: `registry serve`'s own defaults (appliance/registry/cli.py).
+        workers=host.data.get("registry_workers"), threads=host.data.get("registry_threads"))
     wgjit = f"{release}/bin/wgjit"
     # The operator's tokens, so that gateways and admins holding them are let in.
     for scope in ("admin", "gateway"):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from appliance.gateway.batch import LookupBatcher, RateLimited
 from appliance.gateway.peer import RegistryPeer, RegistryUnavailable
+from appliance.gateway.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,21 @@ class Lookup:
     outcome: Outcome
 
 
-@dataclass(frozen=True)
-class CachePolicy:
-    positive_ttl: float = 300.0
-    negative_ttl: float = 30.0
-    stale_ttl: float = 86_400.0
-    # Entries of the feed's epoch stay valid this long after the feed last proved
-    # continuous (the daemon sets FEED_WINDOW_POLLS feed intervals).
-    feed_window: float = 60.0
-
-
 # A dozen polls (60 s at the default 5 s interval), so one slow or missed poll on
 # a loaded machine does not send every client to the registry, while a registry
 # outage hands entries back to their TTLs (and stale-if-error) a minute later.
 FEED_WINDOW_POLLS = 12
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    positive_ttl: float = default("positive-ttl")
+    negative_ttl: float = default("negative-ttl")
+    stale_ttl: float = default("stale-ttl")
+    # Entries of the feed's epoch stay valid this long after the feed last proved
+    # continuous (the daemon sets FEED_WINDOW_POLLS feed intervals).
+    feed_window: float = FEED_WINDOW_POLLS * default("feed-interval")
+
 
 
 SCHEMA = """

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from appliance.gateway import events
 from appliance.gateway.admission import FairQueue
-from appliance.gateway.batch import LINGER, MAX_BATCH, LookupBatcher
+from appliance.gateway.batch import LookupBatcher
 from appliance.gateway.cache import FEED_WINDOW_POLLS, CachePolicy, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.cookie import CookieResponder
@@ -48,12 +48,11 @@ from appliance.gateway.filterload import KNOWN_KEYS_RETRY, FilterLoader
 from appliance.gateway.gate import COOKIE, VERIFY, InitiationGate
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.handshakes import HandshakeWatch
-from appliance.gateway.install import TRIGGER_KEEPALIVE, Installer
+from appliance.gateway.install import Installer
 from appliance.gateway.intake import QUEUED, Intake
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.load import LoadSignal
 from appliance.gateway.metrics import GatewayMetrics, http_server
-from appliance.gateway.modes import DEFAULT_INSTALL_MODE
 from appliance.gateway.overlap import DROP_REASON as OVERLAP
 from appliance.gateway.overlap import OverlapGuard
 from appliance.gateway.provision import FeedReads, Provisioner
@@ -65,7 +64,8 @@ from appliance.gateway.repair import EndpointRepair
 from appliance.gateway.replay import ReplayGuard, ReplayStore
 from appliance.gateway.schedule import Jobs
 from appliance.gateway.served import ServedEndpoints
-from appliance.gateway.sourcelimit import PACKETS_BURSTABLE, PACKETS_PER_SECOND, SourceLimiter
+from appliance.gateway.settings import GatewaySettings
+from appliance.gateway.sourcelimit import SourceLimiter
 from appliance.gateway.state import GatewayState
 from appliance.gateway.status import SAMPLE_SECONDS, RecentCounts, counter_by_label
 from appliance.keys import decode_key, encode_key
@@ -76,42 +76,6 @@ log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
 CACHE_EXPIRE_EVERY = 300.0  # seconds between sweeps of entries too old even to serve stale
-
-
-@dataclass
-class GatewaySettings:
-    interface: str
-    registries: list[str]  # registry server URLs, in order of preference
-    token_file: str
-    registry_ca: str | None = None  # verify https:// registries against it
-    listen_port: int = 51820
-    private_key_file: str | None = None
-    state_dir: str = "/var/lib/wgjit"
-    metrics_listen: str = "127.0.0.1:9587"
-    idle_timeout: float = 300.0
-    evict_interval: float = 30.0
-    handshake_grace: float = 15.0
-    max_peers: int = 0
-    feed_interval: float = 5.0
-    reconcile_interval: float = 3600.0  # feed.FeedFollower.audit; 0: never
-    backend: str = "auto"
-    capture_interfaces: list[str] = field(default_factory=list)
-    addresses: list[str] = field(default_factory=list)
-    rate: float = 50.0
-    burst: int = 100
-    positive_ttl: float = 300.0
-    negative_ttl: float = 30.0
-    stale_ttl: float = 86_400.0
-    registry_timeout: float = 3.0
-    workers: int = 8
-    lookup_batch: int = MAX_BATCH  # keys per registry call (batch.py); 1: one GET per key
-    lookup_linger: float = LINGER
-    trigger_keepalive: int = TRIGGER_KEEPALIVE
-    install_mode: str = DEFAULT_INSTALL_MODE
-    cookies: str = "auto"  # load.MODES
-    source_rate: float = PACKETS_PER_SECOND  # initiations per source a second; 0: no limit
-    source_burst: int = PACKETS_BURSTABLE
-    key_filter: str = "on"  # "off": look every key up, as before the filter
 
 
 def gate_settings(s: GatewaySettings) -> tuple:

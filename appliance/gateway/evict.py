@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from appliance.gateway import events
 from appliance.gateway.install import Installer
 from appliance.gateway.metrics import EVICTION_REASONS, GatewayMetrics
+from appliance.gateway.settings import default
 from appliance.wg import PeerActivity
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ POLICY_REASONS = frozenset(EVICTION_REASONS[:3])
 
 @dataclass
 class EvictionPolicy:
-    idle_timeout: float = 300.0
-    handshake_grace: float = 15.0
-    max_peers: int = 0  # 0: no cap
+    idle_timeout: float = default("idle-timeout")
+    handshake_grace: float = default("handshake-grace")
+    max_peers: int = default("max-peers")  # 0: no cap
 
 
 class Evictor:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from appliance.gateway.overlap import OverlapGuard
 from appliance.gateway.peer import RegistryPeer
+from appliance.gateway.settings import TRIGGER_KEEPALIVE
 from appliance.wg import PeerActivity, PeerConfig, WgDevice
 from appliance.wg.model import parse_network
 
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 # Any non-zero value triggers the immediate handshake; 25 s is the customary
 # NAT keepalive, harmless for the moment until it is cleared.
-TRIGGER_KEEPALIVE = 25
 # An all-zero preshared key is how both the kernel and the UAPI say "none".
 NO_PRESHARED_KEY = "A" * 43 + "="
 # How long to wait for the handshake before installing afresh, and how often.

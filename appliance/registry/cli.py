@@ -20,12 +20,15 @@ from appliance.secrets import read_secret, write_secret
 DB_OPTIONS = [Option("db", required=True), Option("db-password-file")]
 SERVE_OPTIONS = [
     *DB_OPTIONS,
-    Option("listen", default="127.0.0.1:8080", check=config.host_port),
-    Option("workers", int, 2, check=config.positive),
-    Option("threads", int, 4, check=config.positive),
-    Option("access-log"),
-    Option("tls-cert"),
-    Option("tls-key"),
+    Option("listen", default="127.0.0.1:8080", check=config.host_port, metavar="HOST:PORT",
+           help="address to serve on"),
+    Option("workers", int, 2, check=config.positive, metavar="N",
+           help="gunicorn worker processes"),
+    Option("threads", int, 4, check=config.positive, metavar="N", help="threads per worker"),
+    Option("access-log", metavar="FILE", help="access log ('-' for stderr)"),
+    Option("tls-cert", metavar="FILE",
+           help="serve HTTPS with this PEM certificate (chain); needs --tls-key"),
+    Option("tls-key", metavar="FILE", help="its private key (a 0600 PEM file)"),
 ]
 IMPORT_CACHE_KIB = 512 * 1024
 CLIENT_OPTIONS = [
@@ -390,13 +393,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
     p = rsub.add_parser("serve", help="serve the registry API under gunicorn")
     _add_db(p)
-    p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
-    p.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (2)")
-    p.add_argument("--threads", type=int, metavar="N", help="threads per worker (4)")
-    p.add_argument("--access-log", metavar="FILE", help="access log ('-' for stderr)")
-    p.add_argument("--tls-cert", metavar="FILE",
-                   help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
-    p.add_argument("--tls-key", metavar="FILE", help="its private key (a 0600 PEM file)")
+    config.add_flags(p, SERVE_OPTIONS[len(DB_OPTIONS):])
     p.set_defaults(func=cmd_serve)
     p = rsub.add_parser("migrate", help="create or upgrade the database schema")
     _add_db(p)

@@ -60,7 +60,7 @@ def _is_loopback_bind(listen: str) -> bool:
 
 
 class RegistryServer(BaseApplication):
-    def __init__(self, db: str, listen: str, workers: int = 2, threads: int = 4,
+    def __init__(self, db: str, listen: str, workers: int, threads: int,
                  access_log: str | None = None, password_file: str | None = None,
                  tls: TLSFiles | None = None) -> None:
         self.db = db
@@ -106,7 +106,7 @@ class RegistryServer(BaseApplication):
                            "SKIP_MIGRATE": True})
 
 
-def serve(db: str, listen: str, workers: int = 2, threads: int = 4,
+def serve(db: str, listen: str, workers: int, threads: int,
           access_log: str | None = None, password_file: str | None = None,
           tls: TLSFiles | None = None) -> None:
     if tls is None and not _is_loopback_bind(listen):

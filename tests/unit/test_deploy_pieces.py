@@ -72,32 +72,36 @@ def test_interface_unit_and_gateway_config_render(tmp_path):
     import tomllib
 
     from appliance.tlsca import CertificateAuthority
+    from wgjit_deploy.gateway import TUNABLES, tunables
 
     ca = CertificateAuthority(tmp_path / "ca")
     conf = tomllib.loads(_render(
         "gateway.toml.j2", ifname="wgjit0", registry_url="https://192.0.2.2:8080",
         registry_ca=str(ca.cert_file), allow_insecure_http=False,
         token_file=paths.GATEWAY_TOKEN, state_dir=paths.GATEWAY_STATE, backend="netlink",
-        listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
-        evict_interval=30, handshake_grace=15, capture_interfaces=["eth0"],
-        install_mode=None))
+        listen_port=51820, metrics_listen="127.0.0.1:9587", capture_interfaces=["eth0"],
+        tunables=tunables({})))
     from appliance import config
-    from appliance.gateway.cli import OPTIONS
+    from appliance.gateway.settings import OPTIONS
 
     # The daemon's own resolver accepts every key the template writes.
     s = config.resolve(OPTIONS, {}, conf, "gateway", environ={})
     assert s["backend"] == "netlink" and s["capture_interface"] == ["eth0"]
     assert s["registry_ca"] == str(ca.cert_file) and s["allow_insecure_http"] is False
     assert "private_key_file" not in conf["gateway"]  # the interface unit holds the key
+    # Nothing the inventory leaves unset is written: the daemon's defaults apply.
     assert s["install_mode"] == "reinject" and "install_mode" not in conf["gateway"]
+    assert s["idle_timeout"] == 300.0 and "idle_timeout" not in conf["gateway"]
     conf = tomllib.loads(_render(
         "gateway.toml.j2", ifname="wgjit0", registry_url="https://192.0.2.2:8080",
         registry_ca=str(ca.cert_file), allow_insecure_http=False, token_file=paths.GATEWAY_TOKEN,
         state_dir=paths.GATEWAY_STATE, backend="netlink",
-        listen_port=51820, metrics_listen="127.0.0.1:9587", idle_timeout=300,
-        evict_interval=30, handshake_grace=15, capture_interfaces=[],
-        install_mode="invert"))
-    assert config.resolve(OPTIONS, {}, conf, "gateway", environ={})["install_mode"] == "invert"
+        listen_port=51820, metrics_listen="127.0.0.1:9587", capture_interfaces=[],
+        tunables=tunables({"install_mode": "invert", "idle_timeout": 600.0, "burst": 7})))
+    s = config.resolve(OPTIONS, {}, conf, "gateway", environ={})
+    assert (s["install_mode"], s["idle_timeout"], s["burst"]) == ("invert", 600.0, 7)
+    # Every tunable the deploy forwards is an option of the daemon's.
+    assert set(TUNABLES) <= {o.key for o in OPTIONS}
 
 
 def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatch):
