@@ -71,6 +71,12 @@ def tenant_limit() -> int | None:
     return g.token.tenant_id
 
 
+def visible_tenants() -> frozenset[str] | None:
+    """The tenants (by name) the caller may read gateway data of: a limited admin
+    token's one, a gateway token's pool; None for every tenant."""
+    return g.token.visible_tenants()
+
+
 def check_tenant(tenant_id: int) -> None:
     """Hide other tenants' objects from a limited token: they look like 404s."""
     limit = tenant_limit()

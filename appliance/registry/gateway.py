@@ -7,6 +7,10 @@ revoked peers and update changed ones.
 `GET /v1/gateway/keys?salt=HEX` is a compact snapshot of the active keys (salted
 4-byte digests) from which a gateway builds its known-key filter, kept current
 by the change feed from the cursor it names.
+
+A gateway token limited to a pool of tenants (and a tenant-limited admin token)
+sees only those tenants here: another tenant's key is "not found" like an
+unknown one, and its changes and keys are left out.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ SALT_SIZE = 16
 @bp.get("/peers/<wgkey:key>")
 @auth.require("gateway", "admin")
 def peer(key: str):
-    found = store.current().gateway_lookup(path_key(key), auth.tenant_limit())
+    found = store.current().gateway_lookup(path_key(key), auth.visible_tenants())
     if found is None:
         raise APIError(404, "not_found", "no active peer with this key")
     return jsonify(found)
@@ -47,7 +51,7 @@ def changes():
     """
     since = validate.int_arg("since", 0, 0, 2**62)
     limit = validate.int_arg("limit", MAX_CHANGES, 1, MAX_CHANGES)
-    return jsonify(store.current().changes(since, limit, auth.tenant_limit()))
+    return jsonify(store.current().changes(since, limit, auth.visible_tenants()))
 
 
 def key_digest(salt: bytes, public_key: bytes) -> bytes:
@@ -76,7 +80,7 @@ def keys():
     if len(salt) != SALT_SIZE:
         raise invalid("salt", f"must be {SALT_SIZE} bytes in hex")
     st = store.current()
-    cursor, keys = st.active_keys(auth.tenant_limit())
+    cursor, keys = st.active_keys(auth.visible_tenants())
     digests = sorted({key_digest(salt, base64.b64decode(k)) for k in keys})
     return jsonify(digest_size=KEY_DIGEST_SIZE, count=len(digests), cursor=cursor,
                    feed_id=st.feed_id(),

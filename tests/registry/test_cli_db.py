@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import requests
 
+from appliance.registry.store.sqlite import SCHEMA_VERSION
 from tests.conftest import WGJIT, free_port, wait_http
 
 
@@ -19,8 +20,9 @@ def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_migrate_and_tokens(db):
     r = wgjit("registry", "migrate", "--db", db)
-    assert r.returncode == 0 and r.stdout.strip() == "schema version 3", r.stderr
-    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == "schema version 3"
+    version = f"schema version {SCHEMA_VERSION}"
+    assert r.returncode == 0 and r.stdout.strip() == version, r.stderr
+    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == version
     token = wgjit("token", "create", "--db", db, "--scope", "gateway", "--name", "gw1").stdout
     token_id = token.strip().split("_")[1]
     listed = wgjit("token", "list", "--db", db).stdout

@@ -142,18 +142,26 @@ class Store(abc.ABC):
 
     # what gateways read
 
+    # `tenants` below is the set of tenant names a limited token may see (None:
+    # every tenant); whatever lies outside it looks as if it did not exist.
+
     @abc.abstractmethod
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         """What a gateway installs for a canonical key; None when unknown, revoked or
-        outside `tenant_limit`. The hottest call: one round trip."""
+        outside `tenants`. The hottest call: one round trip."""
 
     @abc.abstractmethod
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
-        """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id."""
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None) -> dict:
+        """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id.
+
+        With `tenants`, only their changes are shown, and the cursor still moves past
+        the others (a page that is not `more` ends at the latest cursor read before
+        its rows), so a limited gateway does not rescan them on every poll.
+        """
 
     @abc.abstractmethod
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
-        """(the feed's latest cursor, every active peer's public key within `tenant_limit`).
+    def active_keys(self, tenants: frozenset[str] | None = None) -> tuple[int, list[str]]:
+        """(the feed's latest cursor, every active peer's public key within `tenants`).
 
         The cursor is read first: a key created after it is in the feed from that
         cursor on, whether or not the key list caught it too.
@@ -163,18 +171,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
-        """ValueError for an unknown tenant; Conflict("token_exists") for a taken id."""
+                  name: str | None, pool: list[str] = ()) -> None:
+        """ValueError for an unknown tenant; Conflict("token_exists") for a taken id.
+        `pool`: tenant names a gateway token is limited to (need not exist yet)."""
 
     @abc.abstractmethod
     def get_token(self, token_id: str) -> dict | None:
-        """id, hash, scope, tenant_id, tenant (name), revoked_at."""
+        """id, hash, scope, tenant_id, tenant (name), name, pool (sorted names), revoked_at."""
+
+    @abc.abstractmethod
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        """Rename a token and replace its pool."""
 
     @abc.abstractmethod
     def revoke_token(self, token_id: str) -> bool: ...
 
     @abc.abstractmethod
-    def list_tokens(self) -> list[dict]: ...
+    def list_tokens(self) -> list[dict]:
+        """id, scope, tenant, name, pool, created_at, revoked_at; oldest first."""
 
     # service
 

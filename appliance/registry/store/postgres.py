@@ -124,6 +124,14 @@ MIGRATIONS: list[str] = [
     """
     SELECT 1;
     """,
+    # 4: the pool of tenants a gateway token is limited to (see sqlite.py).
+    """
+    CREATE TABLE token_pools (
+        token_id text NOT NULL REFERENCES tokens(id),
+        tenant text NOT NULL,
+        PRIMARY KEY (token_id, tenant)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -485,12 +493,12 @@ class PostgresStore(Store):
 
     # gateways
 
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         with self._read() as cur:
             row = cur.execute(LOOKUP_SQL, (public_key,)).fetchone()
         if row is None or row["revoked_at"] is not None:
             return None
-        if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+        if tenants is not None and row["tenant"] not in tenants:
             return None
         return {
             "public_key": row["public_key"],
@@ -500,13 +508,17 @@ class PostgresStore(Store):
             "updated_at": row["updated_at"],
         }
 
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None) -> dict:
         params: list = [since]
-        where = "cursor > %s"
-        if tenant_limit is not None:
-            where += " AND tenant = (SELECT name FROM tenants WHERE id = %s)"
-            params.append(tenant_limit)
+        where, horizon = "cursor > %s", None
         with self._read() as cur:
+            if tenants is not None:
+                # Read first: cursors become visible in order (module docstring), so
+                # every one up to it has committed.
+                horizon = cur.execute("SELECT coalesce(max(cursor), 0) AS hi FROM changes"
+                                      ).fetchone()["hi"]
+                where += " AND cursor <= %s AND tenant = ANY(%s)"
+                params += [horizon, sorted(tenants)]
             rows = cur.execute(
                 f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE {where}"
                 " ORDER BY cursor LIMIT %s", (*params, limit + 1)).fetchall()
@@ -514,13 +526,13 @@ class PostgresStore(Store):
                                  ).fetchone()
             feed = cur.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
-                         feed["value"] if feed else "")
+                         feed["value"] if feed else "", horizon)
 
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+    def active_keys(self, tenants: frozenset[str] | None = None) -> tuple[int, list[str]]:
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
-        if tenant_limit is not None:
-            sql += " AND tenant_id = %s"
-            params.append(tenant_limit)
+        if tenants is not None:
+            sql += " AND tenant_id IN (SELECT id FROM tenants WHERE name = ANY(%s))"
+            params.append(sorted(tenants))
         with self._read() as cur:
             cursor = cur.execute("SELECT max(cursor) AS hi FROM changes").fetchone()["hi"] or 0
             return cursor, [r["public_key"] for r in cur.execute(sql, params)]
@@ -528,7 +540,7 @@ class PostgresStore(Store):
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
+                  name: str | None, pool: list[str] = ()) -> None:
         try:
             with self._write() as cur:
                 tenant_id = None
@@ -541,15 +553,26 @@ class PostgresStore(Store):
                 cur.execute("INSERT INTO tokens (id, hash, scope, tenant_id, name, created_at)"
                             " VALUES (%s, %s, %s, %s, %s, %s)",
                             (token_id, digest, scope, tenant_id, name, utcnow()))
+                cur.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (%s, %s)",
+                                [(token_id, t) for t in pool])
         except pgerrors.UniqueViolation:
             raise Conflict("token_exists", f"token id {token_id} is taken") from None
 
     def get_token(self, token_id: str) -> dict | None:
         with self._read() as cur:
             return cur.execute(
-                "SELECT t.id, t.hash, t.scope, t.tenant_id, t.revoked_at, n.name AS tenant"
+                "SELECT t.id, t.hash, t.scope, t.tenant_id, t.name, t.revoked_at,"
+                " n.name AS tenant, ARRAY(SELECT tenant FROM token_pools WHERE token_id = t.id"
+                " ORDER BY tenant) AS pool"
                 " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id WHERE t.id = %s",
                 (token_id,)).fetchone()
+
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        with self._write() as cur:
+            cur.execute("UPDATE tokens SET name = %s WHERE id = %s", (name, token_id))
+            cur.execute("DELETE FROM token_pools WHERE token_id = %s", (token_id,))
+            cur.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (%s, %s)",
+                            [(token_id, t) for t in sorted(set(pool))])
 
     def revoke_token(self, token_id: str) -> bool:
         with self._write() as cur:
@@ -560,7 +583,9 @@ class PostgresStore(Store):
     def list_tokens(self) -> list[dict]:
         with self._read() as cur:
             return cur.execute(
-                "SELECT t.id, t.scope, n.name AS tenant, t.name, t.created_at, t.revoked_at"
+                "SELECT t.id, t.scope, n.name AS tenant, t.name,"
+                " ARRAY(SELECT tenant FROM token_pools WHERE token_id = t.id ORDER BY tenant)"
+                " AS pool, t.created_at, t.revoked_at"
                 " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id ORDER BY t.created_at"
             ).fetchall()
 

@@ -53,12 +53,19 @@ def duplicate(keys: list[str], stored_before: Callable[[str], bool]) -> Conflict
     return Conflict("peer_exists", "a peer in the import already exists")
 
 
-def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str) -> dict:
+def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str,
+              horizon: int | None = None) -> dict:
+    """horizon: for a page filtered by tenant, the latest cursor read before its rows
+    (every row up to it was scanned): a page that is not `more` continues from there,
+    past the changes the reader may not see."""
     more = len(rows) > limit
     rows = rows[:limit]
+    cursor = rows[-1]["cursor"] if rows else since
+    if horizon is not None and not more:
+        cursor = max(since, horizon)
     return {
         "changes": rows,
-        "cursor": rows[-1]["cursor"] if rows else since,
+        "cursor": cursor,
         "latest": bounds[1] or 0,
         "earliest": bounds[0] or 0,
         "more": more,

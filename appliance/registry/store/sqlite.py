@@ -117,6 +117,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE allowed_ips_v3 RENAME TO allowed_ips;
     CREATE INDEX allowed_ips_range ON allowed_ips(tenant_id, family, lo);
     """,
+    # 4: the pool of tenants a gateway token is limited to (no rows: every
+    # tenant). Tenant names, not ids: a deploy names the pool before an admin
+    # creates its tenants, and the change feed records tenants by name too.
+    """
+    CREATE TABLE token_pools (
+        token_id TEXT NOT NULL REFERENCES tokens(id),
+        tenant TEXT NOT NULL,
+        PRIMARY KEY (token_id, tenant)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -500,11 +510,11 @@ class SqliteStore(Store):
 
     # gateways
 
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         row = self.conn().execute(LOOKUP_SQL, (public_key,)).fetchone()
         if row is None or row["revoked_at"] is not None:
             return None
-        if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+        if tenants is not None and row["tenant"] not in tenants:
             return None
         return {
             "public_key": row["public_key"],
@@ -514,34 +524,39 @@ class SqliteStore(Store):
             "updated_at": row["updated_at"],
         }
 
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None) -> dict:
         conn = self.conn()
         params: list = [since]
-        where = "cursor > ?"
-        if tenant_limit is not None:
-            where += " AND tenant = (SELECT name FROM tenants WHERE id = ?)"
-            params.append(tenant_limit)
+        where, horizon = "cursor > ?", None
+        if tenants is not None:
+            # Read first: every cursor up to it has committed (one writer, in order).
+            horizon = conn.execute("SELECT coalesce(max(cursor), 0) FROM changes"
+                                   ).fetchone()[0]
+            where += f" AND cursor <= ? AND tenant IN ({','.join('?' * len(tenants))})"
+            params += [horizon, *sorted(tenants)]
         rows = conn.execute(
             f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE {where}"
             " ORDER BY cursor LIMIT ?",
             (*params, limit + 1),
         ).fetchall()
         bounds = conn.execute("SELECT min(cursor), max(cursor) FROM changes").fetchone()
-        return feed_page([dict(r) for r in rows], since, limit, bounds, self.feed_id())
+        return feed_page([dict(r) for r in rows], since, limit, bounds, self.feed_id(),
+                         horizon)
 
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+    def active_keys(self, tenants: frozenset[str] | None = None) -> tuple[int, list[str]]:
         conn = self.conn()
         cursor = conn.execute("SELECT max(cursor) FROM changes").fetchone()[0] or 0
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
-        if tenant_limit is not None:
-            sql += " AND tenant_id = ?"
-            params.append(tenant_limit)
+        if tenants is not None:
+            sql += (" AND tenant_id IN (SELECT id FROM tenants WHERE name IN"
+                    f" ({','.join('?' * len(tenants))}))")
+            params += sorted(tenants)
         return cursor, [k for (k,) in conn.execute(sql, params)]
 
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
+                  name: str | None, pool: list[str] = ()) -> None:
         conn = self.conn()
         with write(conn):
             tenant_id = None
@@ -557,14 +572,28 @@ class SqliteStore(Store):
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("token_exists", f"token id {token_id} is taken") from None
+            conn.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (?, ?)",
+                             [(token_id, t) for t in pool])
 
     def get_token(self, token_id: str) -> dict | None:
-        row = self.conn().execute(
-            "SELECT t.id, t.hash, t.scope, t.tenant_id, t.revoked_at, n.name AS tenant"
+        conn = self.conn()
+        row = conn.execute(
+            "SELECT t.id, t.hash, t.scope, t.tenant_id, t.name, t.revoked_at, n.name AS tenant"
             " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id WHERE t.id = ?",
             (token_id,),
         ).fetchone()
-        return dict(row) if row else None
+        if row is None:
+            return None
+        return {**dict(row), "pool": [t for (t,) in conn.execute(
+            "SELECT tenant FROM token_pools WHERE token_id = ? ORDER BY tenant", (token_id,))]}
+
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        conn = self.conn()
+        with write(conn):
+            conn.execute("UPDATE tokens SET name = ? WHERE id = ?", (name, token_id))
+            conn.execute("DELETE FROM token_pools WHERE token_id = ?", (token_id,))
+            conn.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (?, ?)",
+                             [(token_id, t) for t in sorted(set(pool))])
 
     def revoke_token(self, token_id: str) -> bool:
         conn = self.conn()
@@ -576,11 +605,16 @@ class SqliteStore(Store):
         return cur.rowcount == 1
 
     def list_tokens(self) -> list[dict]:
-        rows = self.conn().execute(
+        conn = self.conn()
+        rows = conn.execute(
             "SELECT t.id, t.scope, n.name AS tenant, t.name, t.created_at, t.revoked_at"
             " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id ORDER BY t.created_at"
         ).fetchall()
-        return [dict(r) for r in rows]
+        pools: dict[str, list[str]] = {}
+        for token_id, tenant in conn.execute(
+                "SELECT token_id, tenant FROM token_pools ORDER BY token_id, tenant"):
+            pools.setdefault(token_id, []).append(tenant)
+        return [{**dict(r), "pool": pools.get(r["id"], [])} for r in rows]
 
     def stats(self) -> dict[str, int]:
         conn = self.conn()
