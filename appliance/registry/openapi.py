@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.registry.auth import VERIFIED_TTL
+
 KEY = {"type": "string", "description": "WireGuard public key, 32 bytes of base64",
        "pattern": "^[A-Za-z0-9+/_-]{43}=$"}
 CIDR = {"type": "string", "examples": ["198.18.0.2/32", "fd00::2/128"]}
@@ -81,7 +83,10 @@ SCHEMAS: dict[str, Any] = {
                                "op": {"enum": ["create", "update", "revoke", "restore", "delete"]},
                                "public_key": KEY, "tenant": {"type": "string"},
                                "at": {"type": "string"}}}},
-            "cursor": {"type": "integer"}, "latest": {"type": "integer"},
+            "cursor": {"type": "integer", "description":
+                       "where to continue; for a tenant-limited token it also moves past"
+                       " changes of other tenants, which are not shown"},
+            "latest": {"type": "integer"},
             "earliest": {"type": "integer"}, "more": {"type": "boolean"},
             "feed_id": {"type": "string"},
         },
@@ -176,17 +181,20 @@ def spec() -> dict:
         },
         "/v1/gateway/peers/{key}": {
             "parameters": [KEY_PARAM],
-            "get": _op("What a gateway needs to install a peer; 404 if unknown or revoked",
+            "get": _op("What a gateway needs to install a peer; 404 if unknown, revoked or"
+                       " outside the token's tenants (a gateway token's pool)",
                        {"200": _json("GatewayPeer")}, "401 403 404"),
         },
         "/v1/gateway/changes": {
-            "get": _op("Change feed after a cursor", {"200": _json("Changes")}, "400 401 403",
+            "get": _op("Change feed after a cursor (only the token's tenants' changes)",
+                       {"200": _json("Changes")}, "400 401 403",
                        params=[_q("since", {"type": "integer", "minimum": 0}, "last cursor seen"),
                                _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                                   "page size")]),
         },
         "/v1/gateway/keys": {
-            "get": _op("Salted digests of the active keys, for a gateway's known-key filter",
+            "get": _op("Salted digests of the active keys (of the token's tenants), for a"
+                       " gateway's known-key filter",
                        {"200": _json("KeyDigests")}, "400 401 403",
                        params=[_q("salt", {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                                   "16 secret bytes in hex, chosen by the gateway")]),
@@ -197,7 +205,12 @@ def spec() -> dict:
         "info": {"title": "wgjit peer registry", "version": "1"},
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "wgj_<id>_<secret>. Scope admin (optionally one tenant) or"
+                " gateway: one token per gateway (`wgjit token create --scope gateway"
+                " --name HOST [--tenant T ...]`), optionally limited to a pool of tenants;"
+                f" revoking it cuts off that gateway alone within {VERIFIED_TTL:g} s"}},
         },
         "security": [{"bearer": []}],
         "paths": paths,
