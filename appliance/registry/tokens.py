@@ -106,7 +106,8 @@ def import_token(db: Store, token: str, scope: str, name: str | None = None,
             or row["scope"] != scope:
         raise ValueError(f"token id {parts[1]} is taken by another token")
     if row["revoked_at"] is not None:
-        raise ValueError(f"token {parts[1]} was revoked")
+        raise ValueError(f"token {parts[1]} was revoked and is never brought back;"
+                         " give its holder a new token")
     name = row["name"] if name is None else name
     if row["name"] == name and set(row["pool"]) == set(names):
         return "present"
