@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import os
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -171,7 +171,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None, pool: list[str] = ()) -> None:
+                  name: str | None, pool: Sequence[str] = ()) -> None:
         """ValueError for an unknown tenant; Conflict("token_exists") for a taken id.
         `pool`: tenant names a gateway token is limited to (need not exist yet)."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -540,7 +540,7 @@ class PostgresStore(Store):
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None, pool: list[str] = ()) -> None:
+                  name: str | None, pool: Sequence[str] = ()) -> None:
         try:
             with self._write() as cur:
                 tenant_id = None

@@ -17,7 +17,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -556,7 +556,7 @@ class SqliteStore(Store):
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None, pool: list[str] = ()) -> None:
+                  name: str | None, pool: Sequence[str] = ()) -> None:
         conn = self.conn()
         with write(conn):
             tenant_id = None
