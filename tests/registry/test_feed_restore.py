@@ -29,7 +29,7 @@ from tests.conftest import make_token
 from tests.registry.conftest import new_key
 from tests.unit.test_evict import FakeDevice, sample
 
-TABLES = ["tenants", "peers", "allowed_ips", "tokens", "changes", "meta"]
+TABLES = ["tenants", "peers", "allowed_ips", "tokens", "token_pools", "changes", "meta"]
 
 
 class Backup:
