@@ -116,6 +116,82 @@ def test_feed_shows_the_pool_once_each_and_moves_past_the_rest(client, admin, db
         ("revoke", two_tenants["acme"])]
 
 
+
+def test_batch_lookup_honours_the_pool_as_the_single_one_does(client, db, two_tenants,
+                                                              gateway):
+    pooled = _bearer(_pool_token(db, ["acme"]))
+    acme, globex, unknown = two_tenants["acme"], two_tenants["globex"], new_key()
+    r = client.post("/v1/gateway/lookup", json={"keys": [acme, globex, unknown]},
+                    headers=pooled)
+    assert r.status_code == 200, r.json
+    assert [p["public_key"] for p in r.json["peers"]] == [acme]
+    assert r.json["not_found"] == [globex, unknown]
+    # Byte for byte: another tenant's key answers as a made-up key does.
+    hidden = client.post("/v1/gateway/lookup", json={"keys": [globex]}, headers=pooled)
+    absent = client.post("/v1/gateway/lookup", json={"keys": [unknown]}, headers=pooled)
+    assert hidden.status_code == absent.status_code == 200
+    assert hidden.get_data(as_text=True).replace(globex, "KEY") \
+        == absent.get_data(as_text=True).replace(unknown, "KEY")
+    # A fleet-wide gateway token finds both tenants' keys.
+    r = client.post("/v1/gateway/lookup", json={"keys": [acme, globex]}, headers=gateway)
+    assert sorted(p["public_key"] for p in r.json["peers"]) == sorted([acme, globex])
+
+
+def test_a_pool_follows_by_digest_when_its_cursor_rests_on_another_tenants_change(
+        client, admin, db, two_tenants):
+    """A pool's page that is not `more` ends on the latest change, often another
+    tenant's: cursor_digest is the digest of that change, so a gateway sending it
+    back with the next poll is never told cursor_mismatch; a wrong one still is."""
+    pooled = _bearer(_pool_token(db, ["acme"]))
+
+    def add(tenant: str, ip: str) -> None:
+        r = client.post("/v1/peers", json={"tenant": tenant, "public_key": new_key(),
+                                           "allowed_ips": [ip]}, headers=admin)
+        assert r.status_code == 201, r.json
+
+    def poll(since: int, digest: str | None, limit: int = 2):
+        query = {"since": since, "limit": limit} | ({"digest": digest} if digest else {})
+        return client.get("/v1/gateway/changes", query_string=query, headers=pooled)
+
+    def whole_feed() -> dict:
+        return client.get("/v1/gateway/changes?since=0&limit=1000", headers=admin).json
+
+    since, digest, rested_on_others = 0, None, 0
+    for i in range(4):
+        for n, tenant in enumerate(("globex", "acme", "globex", "globex"), 1):
+            add(tenant, f"198.18.{10 + n}.{i + 1}/32")
+        every = whole_feed()
+        change_at = {c["cursor"]: c for c in every["changes"]}
+        while True:
+            r = poll(since, digest)
+            assert r.status_code == 200, r.json  # never a false cursor_mismatch
+            page = r.json
+            assert page["since_digest"] == (change_at[since]["digest"] if since else None)
+            assert page["cursor_digest"] == change_at[page["cursor"]]["digest"]
+            # The bounds are the whole feed's, as the cursor is (cursor <= latest).
+            assert page["latest"] == every["latest"] >= page["cursor"]
+            assert page["latest_digest"] == change_at[every["latest"]]["digest"]
+            rested_on_others += change_at[page["cursor"]]["tenant"] != "acme"
+            since, digest = page["cursor"], page["cursor_digest"]
+            if not page["more"]:
+                break
+        assert since == every["latest"]
+    assert rested_on_others == 4  # each round ends on one of globex's changes
+
+    # Nothing but another tenant's news: the cursor moves onto it, with its digest.
+    add("globex", "198.18.30.1/32")
+    page = poll(since, digest).json
+    newest = whole_feed()["changes"][-1]
+    assert page["changes"] == [] and page["cursor"] == newest["cursor"] == since + 1
+    assert page["cursor_digest"] == newest["digest"]
+    assert poll(page["cursor"], page["cursor_digest"]).status_code == 200
+    # A digest naming some other change at that cursor is still a mismatch.
+    r = poll(page["cursor"], "0" * 16)
+    assert r.status_code == 409 and r.json["error"] == "cursor_mismatch"
+    assert r.json["latest"] == newest["cursor"]
+    assert r.json["latest_digest"] == newest["digest"]
+
+
 def test_key_snapshot_holds_only_the_pool(client, db, two_tenants, gateway):
     known = KnownKeys()
     pooled = _bearer(_pool_token(db, ["acme"]))
