@@ -2,9 +2,10 @@
 
 A host's roles come from its inventory groups: `postgres`, `registry`, `gateways`,
 `clients`.
-Tokens come from the operator's environment (WGJIT_ADMIN_TOKEN[_FILE],
-WGJIT_GATEWAY_TOKEN[_FILE], WGJIT_DB_PASSWORD[_FILE] for the postgres group), never
-from git.
+Secrets come from the operator's environment (WGJIT_ADMIN_TOKEN[_FILE],
+WGJIT_DB_PASSWORD[_FILE] for the postgres group), never from git. Each gateway gets
+its own token, made on the first deploy and kept in WGJIT_GATEWAY_TOKEN_DIR
+(wgjit_deploy/gateway_tokens.py).
 """
 
 from pyinfra import host

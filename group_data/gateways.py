@@ -9,3 +9,7 @@ wg_backend = "netlink"
 # and wg_listen_port / metrics_listen for the interface and the local endpoint.
 # systemd MemoryMax: 50,000 installed peers measured ~110 MiB RSS (bench/evict.py).
 gateway_memory_max = "512M"
+# The tenants this gateway's own registry token is limited to (its pool): it pulls
+# no other tenant's peers or changes. Empty: every tenant. Names may precede the
+# tenants' creation.
+gateway_tenants: list[str] = []

@@ -1,7 +1,7 @@
 """An example inventory for a real fleet: copy it (outside git if it names real hosts).
 
     export WGJIT_ADMIN_TOKEN_FILE=~/.config/wgjit/admin.token      # 0600, outside git
-    export WGJIT_GATEWAY_TOKEN_FILE=~/.config/wgjit/gateway.token  # `wgjit token generate`
+    export WGJIT_GATEWAY_TOKEN_DIR=~/.config/wgjit/gateway-tokens  # each gateway's own, made here
     export WGJIT_CA_DIR=~/.config/wgjit/ca   # the fleet CA, made by the first deploy
     pyinfra inventory/example.py deploy.py --dry   # what would change
     pyinfra inventory/example.py deploy.py         # do it
@@ -28,5 +28,7 @@ gateways = [
     ("gw2.example.net", {**_common, "ssh_hostname": "192.0.2.12",
                          "wg_address": ["198.18.0.2/16", "fd00::2/64"],
                          # Watch only the underlay NIC (default: every Ethernet interface).
-                         "capture_interfaces": ["eth0"]}),
+                         "capture_interfaces": ["eth0"],
+                         # Its token pulls only these tenants' peers (default: all).
+                         "gateway_tenants": ["acme", "globex"]}),
 ]

@@ -37,6 +37,7 @@ from appliance.keys import generate_keypair
 from appliance.secrets import write_secret
 from lab import addressing, client, fleet, procs, vm_image
 from lab.netns import LabError, list_netns, sh, uapi_socket
+from lab.registry import TENANT
 from lab.state import STATE_ROOT, Client, Gateway, check_prefix
 
 VM_STATE_ROOT = STATE_ROOT / "vm-labs"
@@ -76,7 +77,6 @@ class VMLabState:
     owner_pid: int = 0
     ssh_key: str = ""
     admin_token_file: str = ""
-    gateway_token_file: str = ""
     db_password_file: str = ""
     disk_dir: str = ""
     image: str = ""
@@ -216,10 +216,10 @@ class VMLab:
         st.ssh_key = str(d / "id_ed25519")
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"wgjit-lab-{st.prefix}",
             "-f", st.ssh_key])
-        # The operator's secrets for the deploy: tokens the registry will import.
+        # The operator's secrets for the deploy: the admin token the registry will
+        # import (the deploy makes each gateway's own, see deploy_env).
         from appliance.registry import tokens
         st.admin_token_file = str(write_secret(d / "admin.token", tokens.generate()))
-        st.gateway_token_file = str(write_secret(d / "gateway.token", tokens.generate()))
         st.db_password_file = str(write_secret(d / "db.password", secrets.token_urlsafe(24)))
         disk_dir = vm_image.cache_dir() / "vms" / st.prefix
         shutil.rmtree(disk_dir, ignore_errors=True)
@@ -367,7 +367,8 @@ class VMLab:
         """What an operator has in their environment for deploy.py against this lab."""
         return {"WGJIT_VM_LAB": self.prefix,
                 "WGJIT_ADMIN_TOKEN_FILE": self.state.admin_token_file,
-                "WGJIT_GATEWAY_TOKEN_FILE": self.state.gateway_token_file,
+                # Each gateway's own token, made by the first deploy, gone with the lab.
+                "WGJIT_GATEWAY_TOKEN_DIR": str(Path(self.state.dir) / "gateway-tokens"),
                 "WGJIT_DB_PASSWORD_FILE": self.state.db_password_file,
                 "WGJIT_PUBKEY_DIR": str(Path(self.state.dir) / "pubkeys"),
                 # The lab's fleet CA: made by the first deploy, gone with the lab.
@@ -471,6 +472,8 @@ def main_status(prefix: str) -> str:
 
 
 POSTGRES_URL = "postgresql://wgjit@127.0.0.1:5432/wgjit"
+# The tenant the lab's clients are registered in (as in the namespace lab).
+LAB_TENANT = TENANT
 
 
 def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dict]]]:
@@ -508,6 +511,9 @@ def inventory_groups(prefix: str | None = None) -> dict[str, list[tuple[str, dic
             # Quick eviction, so tests see it within minutes (the README's "Defaults
             # that matter" says why production keeps it above 180 s).
             data.update(idle_timeout=20, evict_interval=5)
+            # Each gateway's token limited to the lab clients' tenant: the JIT path
+            # runs through a pool-limited token.
+            data["gateway_tenants"] = [LAB_TENANT]
         if "registry" in v.roles:
             # The registry's database in PostgreSQL on the same VM (the fleet engine;
             # a registry host outside the postgres group keeps its SQLite file).

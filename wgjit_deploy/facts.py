@@ -21,8 +21,9 @@ class WireGuardPublicKey(FactBase):
         return output[0].strip() if output and output[0].strip() else None
 
 
-class RegistryTokenIds(FactBase):
-    """Ids of the active tokens in the registry database (none before it exists)."""
+class RegistryTokens(FactBase):
+    """The active tokens in the registry database by id, each with its `name` and
+    `pool` (none before the database exists)."""
 
     def command(self, wgjit: str, db: str, user: str, password_file: str | None = None) -> str:
         w, d = shlex.quote(wgjit), shlex.quote(db)
@@ -33,12 +34,15 @@ class RegistryTokenIds(FactBase):
                     f"2>/dev/null || echo '[]'; else echo '[]'; fi")
         # As the service's user: sqlite may create its -wal/-shm files, which must
         # stay the service's.
+        # A database of an older schema (before this release migrates it) lists
+        # nothing: the import that follows migrates it and finds what is there.
         return (f"if [ -x {w} ] && [ -f {d} ]; then runuser -u {shlex.quote(user)} -- "
-                f"{w} token list --db {d} --json; else echo '[]'; fi")
+                f"{w} token list --db {d} --json 2>/dev/null || echo '[]'; else echo '[]'; fi")
 
-    def process(self, output: list[str]) -> list[str]:
+    def process(self, output: list[str]) -> dict[str, dict]:
         rows = json.loads("\n".join(output) or "[]")
-        return [r["id"] for r in rows if not r.get("revoked_at")]
+        return {r["id"]: {"name": r.get("name"), "pool": sorted(r.get("pool") or [])}
+                for r in rows if not r.get("revoked_at")}
 
 
 class PostgresLogin(FactBase):

@@ -2,7 +2,8 @@
 
 Order matters for "a failed step leaves the old version running": the new gateway
 token is checked against the registry before it replaces the live one, and nothing
-is restarted until every file is in place.
+is restarted until every file is in place. The token is this gateway's own
+(wgjit_deploy/gateway_tokens.py), which the registry role made known.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from appliance.gateway.settings import default
-from wgjit_deploy import paths, secrets, tls
+from wgjit_deploy import paths, tls
+from wgjit_deploy.gateway_tokens import gateway_token
 from wgjit_deploy.operations import (
     machine_name,
     public_key,
@@ -58,7 +60,7 @@ def gateway_role(release: str) -> None:
     token = secret_file(
         name=f"{paths.GATEWAY_TOKEN} (checked against the registry first)",
         path=paths.GATEWAY_TOKEN,
-        value=secrets.token("gateway", data.get("gateway_token_file")), user=user, group=user,
+        value=gateway_token(host.name), user=user, group=user,
         verify=f"{paths.LIBEXEC}/check-registry-token {shlex.quote(registry_url)} {{path}} "
                f"{paths.CA_CERT}")
     key = wireguard_private_key(name=f"{paths.GATEWAY_KEY} (made here, never copied)",

@@ -17,7 +17,7 @@ from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, HiddenValue, StringCommand, operation
 from pyinfra.facts.files import File, FindDirectories, Sha1File
 
-from wgjit_deploy.facts import PostgresLogin, RegistryTokenIds, WireGuardPublicKey
+from wgjit_deploy.facts import PostgresLogin, RegistryTokens, WireGuardPublicKey
 from wgjit_deploy.secrets import reveal, token_id
 
 q = shlex.quote
@@ -108,23 +108,37 @@ def secret_file(path: str, value: str | HiddenValue, user: str, group: str,
     yield f"mv -f {q(new)} {q(path)}"
 
 
+def token_is_current(known: dict[str, dict], token: str | HiddenValue, token_name: str,
+                     pool: list[str]) -> bool:
+    """Whether the registry (`known`, the RegistryTokens fact) holds `token` active,
+    with this name and exactly this pool of tenants."""
+    row = known.get(token_id(token))
+    return row is not None and row["name"] == token_name and row["pool"] == sorted(set(pool))
+
+
 @operation()
 def registry_token(wgjit: str, db: str, user: str, scope: str, token: str | HiddenValue,
-                   token_name: str, password_file: str | None = None):
-    """The registry database holds `token` (its hash) with `scope`; import it if not.
+                   token_name: str, password_file: str | None = None,
+                   pool: list[str] | None = None):
+    """The registry database holds `token` (its hash) with `scope`, named `token_name`
+    and limited to `pool` (a gateway token's tenants); import it, or set its name and
+    pool, if not. A revoked token is never brought back: the import fails.
 
     The token travels in a 0600 file that only exists during the import.
     password_file: the database password's file, for a PostgreSQL `db`.
     """
-    if token_id(token) in host.get_fact(RegistryTokenIds, wgjit=wgjit, db=db, user=user,
-                                        password_file=password_file):
+    pool = pool or []
+    known = host.get_fact(RegistryTokens, wgjit=wgjit, db=db, user=user,
+                          password_file=password_file)
+    if token_is_current(known, token, token_name, pool):
         return
-    tmp = f"/run/wgjit-import-{token_name}.token"
+    tmp = f"/run/wgjit-import-{token_id(token)}.token"
     yield StringCommand("install", "-m", "0600", "-o", user, "/dev/null", tmp)
     yield FileUploadCommand(StringIO(reveal(token).strip() + "\n"), tmp)
     pw = f" --db-password-file {q(password_file)}" if password_file else ""
+    tenants = "".join(f" --tenant {q(t)}" for t in sorted(set(pool)))
     yield (f"runuser -u {q(user)} -- {q(wgjit)} token import --db {q(db)}{pw} "
-           f"--scope {q(scope)} --name {q(token_name)} --token-file {tmp}; rc=$?; "
+           f"--scope {q(scope)} --name {q(token_name)}{tenants} --token-file {tmp}; rc=$?; "
            f"rm -f {tmp}; exit $rc")
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, inventory
 from pyinfra.api import HiddenValue, deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from wgjit_deploy import paths, secrets, tls
-from wgjit_deploy.operations import registry_token, secret_file, wait_healthy
+from wgjit_deploy.gateway_tokens import gateway_pool, gateway_token
+from wgjit_deploy.operations import machine_name, registry_token, secret_file, wait_healthy
 
 UNIT = "wgjit-registry.service"
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")
@@ -72,12 +73,18 @@ def registry_role(release: str) -> None:
         # Unset: `registry serve`'s own defaults (appliance/registry/cli.py).
         workers=host.data.get("registry_workers"), threads=host.data.get("registry_threads"))
     wgjit = f"{release}/bin/wgjit"
-    # The operator's tokens, so that gateways and admins holding them are let in.
-    for scope in ("admin", "gateway"):
-        registry_token(name=f"{scope} token known to the registry", wgjit=wgjit,
-                       db=db, password_file=password_file, user=user, scope=scope,
-                       token=secrets.token(scope, host.data.get(f"{scope}_token_file")),
-                       token_name=f"deploy-{scope}")
+    # The operator's admin token, and each gateway's own token (named after it,
+    # limited to its pool): every gateway of the inventory, deployed in this run or not.
+    registry_token(name="admin token known to the registry", wgjit=wgjit, db=db,
+                   password_file=password_file, user=user, scope="admin",
+                   token=secrets.token("admin", host.data.get("admin_token_file")),
+                   token_name="deploy-admin")
+    for gw in inventory.get_group("gateways", []):
+        gw_name = machine_name(gw.name)
+        registry_token(name=f"gateway token of {gw_name} known to the registry", wgjit=wgjit,
+                       db=db, password_file=password_file, user=user, scope="gateway",
+                       token=gateway_token(gw.name), token_name=gw_name,
+                       pool=gateway_pool(gw.data))
     unit = files.template(
         name=f"{paths.SYSTEMD_DIR}/{UNIT}", src=str(paths.TEMPLATES / f"{UNIT}.j2"),
         dest=f"{paths.SYSTEMD_DIR}/{UNIT}", user="root", group="root", mode="644",

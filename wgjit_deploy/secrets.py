@@ -1,4 +1,5 @@
-"""The operator's secrets for a deploy: API tokens, never stored in git.
+"""The operator's secrets for a deploy: the admin token and the database password,
+never stored in git (each gateway's own token: gateway_tokens.py).
 
 Each comes from the environment, as the token itself (WGJIT_ADMIN_TOKEN) or as a
 file outside the checkout (WGJIT_ADMIN_TOKEN_FILE), or from host data naming such
@@ -18,7 +19,7 @@ from pyinfra.api.exceptions import DeployError
 
 from appliance.secrets import SecretFileError, read_secret
 
-TOKENS = {"admin": "WGJIT_ADMIN_TOKEN", "gateway": "WGJIT_GATEWAY_TOKEN"}
+TOKENS = {"admin": "WGJIT_ADMIN_TOKEN"}
 # The registry's PostgreSQL role password (hosts in the `postgres` group).
 DB_PASSWORD = "WGJIT_DB_PASSWORD"
 

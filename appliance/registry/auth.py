@@ -71,6 +71,17 @@ def tenant_limit() -> int | None:
     return g.token.tenant_id
 
 
+def visible_tenants() -> frozenset[str] | None:
+    """The tenants (by name) the caller may read gateway data of: a limited admin
+    token's one, a gateway token's pool; None for every tenant."""
+    return g.token.visible_tenants()
+
+
+def hides_activity() -> bool:
+    """Whether the caller's feed bounds are counted within its tenant (Token.hides_activity)."""
+    return g.token.hides_activity()
+
+
 def check_tenant(tenant_id: int, missing: APIError) -> None:
     """Hide other tenants' objects from a limited token: `missing` is the caller's
     error for an object that does not exist, so both answers are the same bytes."""

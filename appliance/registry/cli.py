@@ -209,14 +209,25 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # tokens
 
+def _token_limits(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """--tenant: an admin token's one tenant, or a gateway token's pool (repeatable)."""
+    given = args.tenant or []
+    if args.scope == "admin":
+        if len(given) > 1:
+            raise ValueError("--tenant: an admin token is limited to one tenant")
+        return (given[0] if given else None), []
+    return None, given
+
+
 @_with_db_errors
 def cmd_token_create(args: argparse.Namespace) -> int:
     from appliance.registry import tokens
 
     store = _open_store(_settings(args, DB_OPTIONS, "registry"))
     try:
+        tenant, pool = _token_limits(args)
         store.migrate()
-        token = tokens.create(store, args.scope, args.tenant, args.name)
+        token = tokens.create(store, args.scope, tenant, args.name, pool)
     except ValueError as e:
         print(f"wgjit: token create: {e}", file=sys.stderr)
         return 2
@@ -253,18 +264,23 @@ def cmd_token_import(args: argparse.Namespace) -> int:
     except SecretFileError as e:
         print(f"wgjit: token import: {e}", file=sys.stderr)
         return 2
+    if args.tenant and args.scope != "gateway":
+        print("wgjit: token import: --tenant: only a gateway token's pool can be imported",
+              file=sys.stderr)
+        return 2
     store = _open_store(s)
     try:
         store.migrate()
-        added = tokens.import_token(store, token, args.scope, args.name)
+        outcome = tokens.import_token(store, token, args.scope, args.name, args.tenant or [])
     except ValueError as e:
         print(f"wgjit: token import: {e}", file=sys.stderr)
         return 2
     finally:
         store.close()
     token_id = token.split("_", 2)[1]
-    print(f"imported {args.scope} token {token_id}" if added
-          else f"{args.scope} token {token_id} already present")
+    print({"added": f"imported {args.scope} token {token_id}",
+           "updated": f"{args.scope} token {token_id} present; name and pool updated",
+           "present": f"{args.scope} token {token_id} already present"}[outcome])
     return 0
 
 
@@ -277,8 +293,9 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         rows = tokens.list_tokens(store)
     finally:
         store.close()
+    # The limit column: an admin token's tenant, a gateway token's pool (a,b), or -.
     text = "\n".join(
-        f"{r['id']}  {r['scope']}  {r['tenant'] or '-'}  "
+        f"{r['id']}  {r['scope']}  {r['tenant'] or ','.join(r['pool']) or '-'}  "
         f"{'revoked' if r['revoked_at'] else 'active'}  {r['name'] or ''}".rstrip()
         for r in rows
     )
@@ -417,8 +434,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("create", help="create a token and print it (only its hash is kept)")
     _add_db(p)
     p.add_argument("--scope", required=True, choices=["admin", "gateway"])
-    p.add_argument("--tenant", help="limit an admin token to one tenant")
-    p.add_argument("--name", help="a label to recognise the token by")
+    p.add_argument("--tenant", action="append", metavar="T",
+                   help="limit an admin token to tenant T; repeat to limit a gateway token"
+                   " to a pool of tenants (it sees no other tenant's peers or changes)")
+    p.add_argument("--name", help="a label to recognise the token by (a gateway's host name:"
+                   " one token per gateway, so one can be revoked alone)")
     p.add_argument("--output", metavar="FILE", help="write the token to a 0600 file instead")
     p.set_defaults(func=cmd_token_create)
     p = tsub.add_parser("generate", help="make a token without storing it (for `import`)")
@@ -430,6 +450,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", required=True, metavar="FILE",
                    help="0600 file holding the token")
     p.add_argument("--name", help="a label to recognise the token by")
+    p.add_argument("--tenant", action="append", metavar="T",
+                   help="limit a gateway token to a pool of tenants (repeat); an import"
+                   " of a present token sets its name and pool to these")
     p.set_defaults(func=cmd_token_import)
     p = tsub.add_parser("list", help="list tokens (never their secrets)")
     _add_db(p)

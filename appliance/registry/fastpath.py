@@ -67,7 +67,7 @@ class GatewayLookupFastPath:
             key = normalize_key(raw_key)
         except KeyError_:
             return None
-        found = self.store.gateway_lookup(key, token.tenant_id)
+        found = self.store.gateway_lookup(key, token.visible_tenants())
         if found is None:
             return None
         body = json.dumps(found).encode()

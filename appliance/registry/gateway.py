@@ -10,6 +10,14 @@ revoked peers and update changed ones.
 `GET /v1/gateway/keys?salt=HEX` is a compact snapshot of the active keys (salted
 4-byte digests) from which a gateway builds its known-key filter, kept current
 by the change feed from the cursor it names.
+
+A gateway token limited to a pool of tenants (and a tenant-limited admin token)
+sees only those tenants here: another tenant's key is "not found" like an
+unknown one, on the single and the batch lookup alike, and its changes and keys
+are left out. A pool's feed cursor moves past the changes it is not shown (its
+`cursor_digest` is then the digest of another tenant's change: the one stored
+at that cursor); a tenant admin's cursor, earliest and latest stay within its
+tenant (store.Store.changes).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # store.shared.change_digest
 @bp.get("/peers/<wgkey:key>")
 @auth.require("gateway", "admin")
 def peer(key: str):
-    found = store.current().gateway_lookup(path_key(key), auth.tenant_limit())
+    found = store.current().gateway_lookup(path_key(key), auth.visible_tenants())
     if found is None:
         raise APIError(404, "not_found", "no active peer with this key")
     return jsonify(found)
@@ -50,7 +58,8 @@ def lookup():
     """{"keys": [...]} -> {"peers": [GatewayPeer...], "not_found": [key...]}.
 
     Keys are answered in their canonical (standard base64) form; a key outside
-    the token's tenant, unknown or revoked is not found, as on the single route.
+    the token's tenants (a gateway's pool), unknown or revoked is not found, as
+    on the single route.
     """
     body = validate.json_body()
     validate.reject_unknown(body, {"keys"})
@@ -62,7 +71,7 @@ def lookup():
                        f"keys: at most {MAX_LOOKUP_KEYS} per request, got {len(raw)}",
                        field="keys", limit=MAX_LOOKUP_KEYS)
     keys = list(dict.fromkeys(validate.key(k, f"keys[{i}]") for i, k in enumerate(raw)))
-    found = store.current().gateway_lookup_many(keys, auth.tenant_limit())
+    found = store.current().gateway_lookup_many(keys, auth.visible_tenants())
     return jsonify(peers=[found[k] for k in keys if k in found],
                    not_found=[k for k in keys if k not in found])
 
@@ -85,7 +94,8 @@ def changes():
     digest = request.args.get("digest")
     if digest is not None and not DIGEST_RE.fullmatch(digest):
         raise invalid("digest", "must be the 16 hex digits of a change's `digest`")
-    page = store.current().changes(since, limit, auth.tenant_limit())
+    page = store.current().changes(since, limit, auth.visible_tenants(),
+                                   auth.hides_activity())
     if digest is not None and since > 0 and page["since_digest"] != digest:
         # The change this follower applied at `since` is not the one stored
         # there now (a restored backup or a lost commit reused the number):
@@ -124,7 +134,7 @@ def keys():
     if len(salt) != SALT_SIZE:
         raise invalid("salt", f"must be {SALT_SIZE} bytes in hex")
     st = store.current()
-    cursor, keys = st.active_keys(auth.tenant_limit())
+    cursor, keys = st.active_keys(auth.visible_tenants(), auth.hides_activity())
     digests = sorted({key_digest(salt, base64.b64decode(k)) for k in keys})
     return jsonify(digest_size=KEY_DIGEST_SIZE, count=len(digests), cursor=cursor,
                    feed_id=st.feed_id(),

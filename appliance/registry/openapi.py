@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.registry.auth import VERIFIED_TTL
 from appliance.registry.breadth import SHORTEST_PREFIX
 from appliance.registry.gateway import MAX_LOOKUP_KEYS
 
@@ -115,8 +116,13 @@ SCHEMAS: dict[str, Any] = {
                                "at": {"type": "string"},
                                "digest": {"type": "string", "description": "identifies "
                                           "this change beyond its cursor number"}}}},
-            "cursor": {"type": "integer"}, "latest": {"type": "integer"},
-            "cursor_digest": {"type": ["string", "null"]},
+            "cursor": {"type": "integer", "description":
+                       "where to continue; for a tenant-limited token it also moves past"
+                       " changes of other tenants, which are not shown"},
+            "latest": {"type": "integer"},
+            "cursor_digest": {"type": ["string", "null"], "description":
+                              "digest of the change at `cursor` (whichever tenant's):"
+                              " send it as `digest` with the next `since`"},
             "since_digest": {"type": ["string", "null"]},
             "latest_digest": {"type": ["string", "null"]},
             "earliest": {"type": "integer"}, "more": {"type": "boolean"},
@@ -220,7 +226,8 @@ def spec() -> dict:
         },
         "/v1/gateway/peers/{key}": {
             "parameters": [KEY_PARAM],
-            "get": _op("What a gateway needs to install a peer; 404 if unknown or revoked",
+            "get": _op("What a gateway needs to install a peer; 404 if unknown, revoked or"
+                       " outside the token's tenants (a gateway token's pool)",
                        {"200": _json("GatewayPeer")}, "401 403 404"),
         },
         "/v1/gateway/lookup": {
@@ -229,9 +236,9 @@ def spec() -> dict:
                         "400 401 403 413 415", body="LookupRequest"),
         },
         "/v1/gateway/changes": {
-            "get": _op("Change feed after a cursor; 409 cursor_mismatch when `digest` does "
-                       "not name the change stored at `since`", {"200": _json("Changes")},
-                       "400 401 403 409",
+            "get": _op("Change feed after a cursor (only the token's tenants' changes);"
+                       " 409 cursor_mismatch when `digest` does not name the change stored"
+                       " at `since`", {"200": _json("Changes")}, "400 401 403 409",
                        params=[_q("since", {"type": "integer", "minimum": 0}, "last cursor seen"),
                                _q("digest", {"type": "string", "pattern": "^[0-9a-f]{16}$"},
                                   "digest of the change at `since` (cursor_digest)"),
@@ -239,7 +246,8 @@ def spec() -> dict:
                                   "page size")]),
         },
         "/v1/gateway/keys": {
-            "get": _op("Salted digests of the active keys, for a gateway's known-key filter",
+            "get": _op("Salted digests of the active keys (of the token's tenants), for a"
+                       " gateway's known-key filter",
                        {"200": _json("KeyDigests")}, "400 401 403",
                        params=[_q("salt", {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                                   "16 secret bytes in hex, chosen by the gateway")]),
@@ -250,7 +258,12 @@ def spec() -> dict:
         "info": {"title": "wgjit peer registry", "version": "1"},
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "wgj_<id>_<secret>. Scope admin (optionally one tenant) or"
+                " gateway: one token per gateway (`wgjit token create --scope gateway"
+                " --name HOST [--tenant T ...]`), optionally limited to a pool of tenants;"
+                f" revoking it cuts off that gateway alone within {VERIFIED_TTL:g} s"}},
         },
         "security": [{"bearer": []}],
         "paths": paths,

@@ -20,9 +20,9 @@ def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_migrate_and_tokens(db):
     r = wgjit("registry", "migrate", "--db", db)
-    assert r.returncode == 0 and r.stdout.strip() == f"schema version {SCHEMA_VERSION}", r.stderr
-    assert wgjit("registry", "migrate", "--db", db).stdout.strip() \
-        == f"schema version {SCHEMA_VERSION}"
+    version = f"schema version {SCHEMA_VERSION}"
+    assert r.returncode == 0 and r.stdout.strip() == version, r.stderr
+    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == version
     token = wgjit("token", "create", "--db", db, "--scope", "gateway", "--name", "gw1").stdout
     token_id = token.strip().split("_")[1]
     listed = wgjit("token", "list", "--db", db).stdout

@@ -23,13 +23,14 @@ from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.pull import build_gateway_registry
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.state import GatewayState
+from appliance.registry import tokens
 from appliance.registry.client import RegistryClient, RegistryError
-from appliance.registry.store import is_postgres
+from appliance.registry.store import is_postgres, open_store
 from tests.conftest import make_token
 from tests.registry.conftest import new_key
 from tests.unit.test_evict import FakeDevice, sample
 
-TABLES = ["tenants", "peers", "allowed_ips", "tokens", "changes", "meta"]
+TABLES = ["tenants", "peers", "allowed_ips", "tokens", "token_pools", "changes", "meta"]
 
 
 class Backup:
@@ -107,6 +108,77 @@ def test_a_revocation_on_a_reused_cursor_reaches_the_gateway(registry_server, db
     # Followed by digest from the new position on.
     admin.revoke_peer(a)
     assert gw.feed.poll() == 1 and a not in gw.dev.table
+
+
+
+def test_a_pool_gateway_follows_other_tenants_cursors_by_digest_and_sees_a_restore(
+        registry_server, db, tmp_path) -> None:
+    """A gateway limited to acme's pool, its feed interleaved with globex's changes:
+    its cursor comes to rest on globex's changes and the digest it keeps is theirs,
+    so polling by digest never reconciles for nothing; a restore that reuses the
+    cursor it rests on is still caught and the revocation behind it applied."""
+    srv = registry_server(db)
+    admin = RegistryClient(srv.url, make_token(db, "admin"))
+    store = open_store(db)
+    try:
+        pool_token = tokens.create(store, "gateway", name="gw1", pool=["acme"])
+    finally:
+        store.close()
+    for tenant in ("acme", "globex"):
+        admin.create_tenant(tenant)
+    ips = (f"198.18.{n // 250}.{n % 250 + 1}/32" for n in range(1000))
+
+    def globex() -> None:
+        admin.create_peer("globex", new_key(), [next(ips)])
+
+    def acme() -> str:
+        key = new_key()
+        admin.create_peer("acme", key, [next(ips)])
+        return key
+
+    def head() -> dict:
+        page = admin.request("GET", "/v1/gateway/changes", params={"since": 0})
+        return page["changes"][-1]
+
+    a, b = acme(), acme()
+    globex()
+    gw = Gateway(srv.url, pool_token, tmp_path)
+    gw.feed.poll()  # first start: one reconcile
+    gw.install(a)
+    gw.install(b)
+    for _ in range(3):
+        acme()
+        globex()
+        globex()
+        gw.feed.poll()
+        last = head()
+        assert last["tenant"] == "globex"
+        assert (gw.feed.cursor, gw.state.get("feed_digest")) == (last["cursor"], last["digest"])
+    assert sample(gw.metrics.reconciles) == 1, "a false cursor_mismatch or a lost digest"
+    c = acme()
+    gw.install(c)
+    admin.revoke_peer(c)
+    globex()
+    assert gw.feed.poll() >= 1 and c not in gw.dev.table
+    assert sample(gw.metrics.reconciles) == 1
+
+    backup = Backup(db, tmp_path)
+    acme()
+    globex()
+    gw.feed.poll()
+    resting = gw.feed.cursor
+    assert head()["tenant"] == "globex" and head()["cursor"] == resting
+    backup.restore()  # the last two cursors are gone; the feed_id is the same
+    admin.revoke_peer(b)  # reuses the first of them
+    globex()  # and the one the gateway rests on, for another globex change
+    assert head()["cursor"] == resting, "the reuse a cursor alone misses"
+    gw.feed.poll()
+    assert b not in gw.dev.table and a in gw.dev.table
+    assert sample(gw.metrics.reconciles) == 2
+    admin.revoke_peer(a)
+    globex()
+    assert gw.feed.poll() == 1 and a not in gw.dev.table
+    assert sample(gw.metrics.reconciles) == 2
 
 
 def test_the_route_answers_409_for_a_digest_that_names_another_change(

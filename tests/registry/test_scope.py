@@ -99,6 +99,29 @@ def test_feed_bounds_are_the_tenants_own(client, admin, db, two_tenants):
     assert page["latest"] == page["cursor"] == 8
 
 
+
+def test_a_tenant_admin_gets_no_digest_of_another_tenants_change(client, admin, two_tenants):
+    """The digests' anchors stay within the tenant too: a tenant-limited token
+    cannot have another tenant's change confirmed by its digest (a gateway's pool,
+    which follows the whole feed's cursor, can: test_gateway_pools.py)."""
+    mine, theirs, lim = two_tenants
+    every = client.get("/v1/gateway/changes", headers=admin).json["changes"]
+    own, other = (next(c for c in every if c["public_key"] == k) for k in (mine, theirs))
+
+    def feed(since: int, digest: str | None = None):
+        query = {"since": since} | ({"digest": digest} if digest else {})
+        return client.get("/v1/gateway/changes", query_string=query, headers=lim)
+
+    page = feed(0).json
+    assert page["cursor"] == page["latest"] == own["cursor"]
+    assert page["cursor_digest"] == page["latest_digest"] == own["digest"]
+    assert feed(own["cursor"], own["digest"]).status_code == 200
+    assert feed(other["cursor"]).json["since_digest"] is None
+    r = feed(other["cursor"], other["digest"])
+    assert r.status_code == 409 and r.json["error"] == "cursor_mismatch"
+    assert (r.json["latest"], r.json["latest_digest"]) == (own["cursor"], own["digest"])
+
+
 def test_scoped_feed_bounds_use_the_index(db, engine, store):
     if engine != "sqlite":
         # PostgreSQL plans a tiny table as a scan whatever its indexes; the
@@ -110,5 +133,5 @@ def test_scoped_feed_bounds_use_the_index(db, engine, store):
         return
     plan = " ".join(r[-1] for r in store.conn().execute(
         "EXPLAIN QUERY PLAN SELECT min(cursor), max(cursor) FROM changes"
-        " WHERE 1 AND tenant = (SELECT name FROM tenants WHERE id = 1)"))
+        " WHERE 1 AND tenant IN ('acme')"))
     assert "changes_tenant" in plan

@@ -229,3 +229,49 @@ def _rename_table(db: str, old: str, new: str) -> None:
 
         with contextlib.closing(sqlite3.connect(db)) as conn:
             conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
+def test_revoking_one_gateways_token_cuts_off_that_gateway_only(registry_server, db, tmp_path):
+    """Two gateways, each with its own named token (gw1 limited to tenant acme):
+    revoking gw1's token with the CLI shuts gw1 out within the registry's token
+    cache period, on the fast path and the feed, while gw2 keeps working."""
+    from appliance.registry import auth
+
+    url = registry_server(db).url
+    admin = RegistryClient(url, make_token(db, "admin"))
+    files = {}
+    for name, pool in (("gw1", ["--tenant", "acme"]), ("gw2", [])):
+        files[name] = tmp_path / f"{name}.token"
+        wgjit("token", "create", "--db", db, "--scope", "gateway", "--name", name, *pool,
+              "--output", str(files[name]))
+    keys = {}
+    for n, tenant in enumerate(("acme", "globex"), 1):
+        admin.create_tenant(tenant)
+        keys[tenant] = generate_keypair()[1]
+        admin.create_peer(tenant, keys[tenant], [f"198.18.{n}.1/32"])
+
+    def get(gw: str, path: str) -> int:
+        headers = {"Authorization": f"Bearer {files[gw].read_text().strip()}"}
+        return requests.get(url + path, headers=headers, timeout=10).status_code
+
+    def lookup(key: str) -> str:
+        return "/v1/gateway/peers/" + key.replace("+", "-").replace("/", "_")
+
+    assert get("gw1", lookup(keys["acme"])) == 200
+    assert get("gw1", lookup(keys["globex"])) == 404  # outside its pool
+    assert get("gw2", lookup(keys["globex"])) == 200
+    token_id = files["gw1"].read_text().split("_")[1]
+    listed = wgjit("token", "list", "--db", db).stdout
+    assert any(line.split()[:3] == [token_id, "gateway", "acme"] and line.endswith("gw1")
+               for line in listed.splitlines())
+    wgjit("token", "revoke", "--db", db, token_id)
+    # Every worker may hold the token verified for up to VERIFIED_TTL; well past
+    # that, every request of gw1 is refused (polled, so no timing is asserted).
+    deadline = time.monotonic() + auth.VERIFIED_TTL + 30
+    while get("gw1", lookup(keys["acme"])) != 401 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(auth.VERIFIED_TTL)
+    assert [get("gw1", lookup(keys["acme"])) for _ in range(6)] == [401] * 6
+    assert get("gw1", "/v1/gateway/changes?since=0") == 401
+    assert [get("gw2", lookup(keys["acme"])) for _ in range(6)] == [200] * 6
+    assert get("gw2", "/v1/gateway/changes?since=0") == 200

@@ -105,21 +105,86 @@ def test_interface_unit_and_gateway_config_render(tmp_path):
 
 
 def test_tokens_from_env_or_file_never_from_a_readable_file(tmp_path, monkeypatch):
-    monkeypatch.delenv("WGJIT_GATEWAY_TOKEN", raising=False)
-    monkeypatch.delenv("WGJIT_GATEWAY_TOKEN_FILE", raising=False)
-    with pytest.raises(DeployError, match="WGJIT_GATEWAY_TOKEN"):
-        secrets.token("gateway")
-    f = write_secret(tmp_path / "g.token", "wgj_abc_" + "s" * 43)
-    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN_FILE", str(f))
-    value = secrets.token("gateway")
+    monkeypatch.delenv("WGJIT_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("WGJIT_ADMIN_TOKEN_FILE", raising=False)
+    with pytest.raises(DeployError, match="WGJIT_ADMIN_TOKEN"):
+        secrets.token("admin")
+    f = write_secret(tmp_path / "a.token", "wgj_abc_" + "s" * 43)
+    monkeypatch.setenv("WGJIT_ADMIN_TOKEN_FILE", str(f))
+    value = secrets.token("admin")
     assert secrets.reveal(value) == "wgj_abc_" + "s" * 43
     assert "sss" not in str(value) and "sss" not in repr(value)  # masked in pyinfra output
     f.chmod(0o644)
     with pytest.raises(DeployError, match="chmod 600"):
-        secrets.token("gateway")
-    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN", "wgj_def_" + "t" * 43)
-    assert secrets.reveal(secrets.token("gateway")).startswith("wgj_def_")
+        secrets.token("admin")
+    monkeypatch.setenv("WGJIT_ADMIN_TOKEN", "wgj_def_" + "t" * 43)
+    assert secrets.reveal(secrets.token("admin")).startswith("wgj_def_")
     assert secrets.token_id("wgj_def_" + "t" * 43) == "def"
+    # The fleet-wide gateway token is gone: each gateway has its own.
+    with pytest.raises(KeyError):
+        secrets.token("gateway")
+
+
+def test_each_gateway_gets_its_own_token_made_once_and_kept_private(tmp_path, monkeypatch):
+    from wgjit_deploy import gateway_tokens
+
+    d = tmp_path / "tokens"
+    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN_DIR", str(d))
+    gw1 = gateway_tokens.gateway_token("gw1.example.net")
+    gw2 = gateway_tokens.gateway_token("@vagrant/gw2")  # connector prefix dropped
+    assert d.stat().st_mode & 0o777 == 0o700
+    for name, value in (("gw1.example.net", gw1), ("gw2", gw2)):
+        f = d / f"{name}.token"
+        assert f.stat().st_mode & 0o777 == 0o600
+        assert f.read_text().strip() == secrets.reveal(value)
+        assert secrets.reveal(value) not in str(value) + repr(value)  # masked
+    assert secrets.reveal(gw1) != secrets.reveal(gw2)
+    # A second deploy finds the same token: nothing to change anywhere.
+    assert secrets.reveal(gateway_tokens.gateway_token("gw1.example.net")) == \
+        secrets.reveal(gw1)
+    (d / "gw2.token").chmod(0o644)
+    with pytest.raises(DeployError, match="chmod 600"):
+        gateway_tokens.gateway_token("@vagrant/gw2")
+    (d / "gw3.token").write_text("not a token\n")
+    (d / "gw3.token").chmod(0o600)
+    with pytest.raises(DeployError, match="wgj_"):
+        gateway_tokens.gateway_token("gw3")
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    monkeypatch.setenv("WGJIT_GATEWAY_TOKEN_DIR", str(loose))
+    with pytest.raises(DeployError, match="chmod 700"):
+        gateway_tokens.gateway_token("gw1")
+    assert not (loose / "gw1.token").exists()
+
+
+def test_gateway_pool_from_host_data():
+    from wgjit_deploy.gateway_tokens import gateway_pool
+
+    assert gateway_pool({}) == [] and gateway_pool({"gateway_tenants": None}) == []
+    assert gateway_pool({"gateway_tenants": ["b", "a", "b"]}) == ["a", "b"]
+    with pytest.raises(DeployError, match="gateway_tenants"):
+        gateway_pool({"gateway_tenants": "acme"})
+
+
+def test_registry_token_is_imported_only_when_missing_renamed_or_repooled():
+    from wgjit_deploy.operations import token_is_current
+
+    token = "wgj_abc_" + "s" * 43
+    known = {"abc": {"name": "gw1", "pool": ["acme", "globex"]}}
+    assert token_is_current(known, token, "gw1", ["globex", "acme"])
+    assert not token_is_current(known, token, "gw1", ["acme"])
+    assert not token_is_current(known, token, "gw2", ["acme", "globex"])
+    assert not token_is_current({}, token, "gw1", [])  # unknown or revoked: the fact omits it
+    # The fact's parsing: revoked tokens are not "known".
+    from wgjit_deploy.facts import RegistryTokens
+
+    rows = [{"id": "abc", "name": "gw1", "pool": ["b", "a"], "revoked_at": None},
+            {"id": "def", "name": "gw2", "pool": [], "revoked_at": "2026-01-01T00:00:00Z"}]
+    import json
+
+    assert RegistryTokens().process([json.dumps(rows)]) == {
+        "abc": {"name": "gw1", "pool": ["a", "b"]}}
 
 
 def test_example_inventory_groups():

@@ -23,10 +23,10 @@ def conn(tmp_path):
 
 def test_imported_token_verifies_with_its_scope(conn):
     t = tokens.generate()
-    assert tokens.import_token(conn, t, "gateway", "deploy") is True
+    assert tokens.import_token(conn, t, "gateway", "deploy") == "added"
     got = tokens.verify(conn, t)
     assert got is not None and got.scope == "gateway"
-    assert tokens.import_token(conn, t, "gateway") is False  # idempotent
+    assert tokens.import_token(conn, t, "gateway") == "present"  # idempotent
 
 
 def test_import_refuses_clashes_malformed_and_revoked(conn):

@@ -129,8 +129,8 @@ def fleet(libvirt, tmp_path_factory):
         "WGJIT_IDLE_TIMEOUT": str(IDLE_TIMEOUT), "WGJIT_EVICT_INTERVAL": str(EVICT_INTERVAL),
         "WGJIT_ADMIN_TOKEN_FILE": str(write_secret(secrets_dir / "admin.token",
                                                    tokens.generate())),
-        "WGJIT_GATEWAY_TOKEN_FILE": str(write_secret(secrets_dir / "gateway.token",
-                                                     tokens.generate())),
+        # Each gateway's own token: made by the deploy, kept beside the admin token.
+        "WGJIT_GATEWAY_TOKEN_DIR": str(secrets_dir / "gateway-tokens"),
     }
     env.pop("WGJIT_PUBKEY_DIR", None)
     vagrant = Vagrant(lv, env)

@@ -4,8 +4,10 @@ One VM lab for the module (registry VM + gateway VM; WGJIT_VM_COMBINED=1 puts bo
 roles on one VM for small machines), deployed once; then a namespace client
 connects just in time through the gateway VM's kernel WireGuard and is evicted, a
 second run changes nothing, and a run with a wrong token fails loudly while the
-running gateway carries on. The last test takes the lab down and checks that
-nothing is left; a teardown problem fails the run.
+running gateway carries on. Each gateway has its own token, limited to the lab's
+tenant, made by the deploy and kept on the controller in 0600 files. The last
+test takes the lab down and checks that nothing is left; a teardown problem fails
+the run.
 
 Slow by nature (qemu TCG): the image is cached under /var/cache/wgjit-lab.
 """
@@ -24,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from appliance.registry import tokens
-from appliance.secrets import read_secret
+from appliance.secrets import read_secret, write_secret
 from lab import addressing, procs
 from lab import client as lab_client
 from lab.netns import list_netns, uapi_socket
-from lab.vm_lab import GATEWAY_IFNAME, VMLab
+from lab.vm_lab import GATEWAY_IFNAME, LAB_TENANT, VMLab
 
 # The first test carries the module's setup: image (cached), two boots, first deploy.
 pytestmark = [pytest.mark.vm, pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -46,6 +48,11 @@ def _gateway_name(lab: VMLab) -> str:
 
 def _registry_name(lab: VMLab) -> str:
     return next(v.name for v in lab.state.vms if "registry" in v.roles)
+
+
+def _gateway_token_file(lab: VMLab, name: str) -> Path:
+    """The controller's copy of gateway `name`'s own token (made by the first deploy)."""
+    return Path(lab.deploy_env()["WGJIT_GATEWAY_TOKEN_DIR"]) / f"{name}.token"
 
 
 def _results(p: subprocess.CompletedProcess[str]) -> dict:
@@ -138,7 +145,9 @@ def test_first_run_installs_everything_and_never_shows_a_token(lab, first_run):
     assert any(gw in hosts for name, hosts in changed.items() if "restart wgjit-gateway" in name)
     assert any(reg in hosts for name, hosts in changed.items() if "restart wgjit-registry" in name)
     output = first_run.stdout + first_run.stderr
-    for token_file in (lab.state.admin_token_file, lab.state.gateway_token_file):
+    gateways = [v.name for v in lab.state.vms if "gateway" in v.roles]
+    for token_file in (lab.state.admin_token_file,
+                       *(_gateway_token_file(lab, g) for g in gateways)):
         secret = read_secret(token_file)
         assert secret not in output
         assert secret.split("_", 2)[2] not in output
@@ -152,6 +161,23 @@ def test_first_run_installs_everything_and_never_shows_a_token(lab, first_run):
     assert st.stdout.split() == ["600", "root"]
     assert lab.ssh(gw, ["sh", "-c", "wg pubkey < /etc/wgjit/gateway.key"],
                    check=True).stdout.strip() == pub
+
+
+def test_each_gateway_has_its_own_token_limited_to_its_pool(lab, first_run):
+    gw, reg = _gateway_name(lab), _registry_name(lab)
+    held = _gateway_token_file(lab, gw)
+    assert held.stat().st_mode & 0o777 == 0o600
+    assert held.parent.stat().st_mode & 0o777 == 0o700
+    st = lab.ssh(gw, ["stat", "-c", "%a %U", "/etc/wgjit/gateway.token"], check=True)
+    assert st.stdout.split() == ["600", "wgjit-gateway"]
+    on_gw = lab.ssh(gw, ["cat", "/etc/wgjit/gateway.token"], check=True).stdout.strip()
+    assert on_gw == read_secret(held)
+    # The registry knows it by id, named after the gateway, limited to the lab tenant.
+    rows = lab.ssh(reg, ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "wgjit", "-tAF",
+                         " ", "-c", "SELECT t.id, t.name, p.tenant FROM tokens t JOIN token_pools"
+                         " p ON p.token_id = t.id WHERE t.scope = 'gateway'"
+                         " AND t.revoked_at IS NULL"], check=True).stdout.split("\n")
+    assert [r.split() for r in rows if r.strip()] == [[on_gw.split("_")[1], gw, LAB_TENANT]]
 
 
 def test_gateway_runs_kernel_wireguard_with_only_its_capabilities(lab, first_run):
@@ -220,7 +246,7 @@ def test_registry_keeps_its_data_in_postgresql(lab, first_run):
     assert st == ["600", "wgjit-registry", "600", "postgres"]
     tokens_in_pg = lab.ssh(reg, ["runuser", "-u", "postgres", "--", "psql", "-X", "-d", "wgjit",
                                  "-tAc", "SELECT count(*) FROM tokens"], check=True).stdout
-    assert int(tokens_in_pg) >= 2  # the operator's admin and gateway tokens
+    assert int(tokens_in_pg) >= 2  # the operator's admin token and the gateway's own
     assert lab.ssh(reg, ["test", "-e", "/var/lib/wgjit-registry/registry.db"]).returncode == 1
     # The password is not on any command line on the host.
     password = read_secret(lab.state.db_password_file)
@@ -364,9 +390,16 @@ def test_wrong_token_fails_loudly_and_leaves_the_gateway_running(lab, first_run,
         return lab.ssh(gw, ["sha256sum", "/etc/wgjit/gateway.token"], check=True).stdout
 
     pid, before = main_pid(), token_sum()
+    # The controller's copy of the gateway's token replaced by one the registry
+    # never saw; a run limited to the gateway does not make the registry import it.
+    held = _gateway_token_file(lab, gw)
+    kept = read_secret(held)
     wrong = tokens.generate()  # well formed, unknown to the registry
-    p = lab.pyinfra(["-y", "--limit", gw, "deploy.py"],
-                    env={"WGJIT_GATEWAY_TOKEN": wrong, "WGJIT_GATEWAY_TOKEN_FILE": ""})
+    write_secret(held, wrong)
+    try:
+        p = lab.pyinfra(["-y", "--limit", gw, "deploy.py"])
+    finally:
+        write_secret(held, kept)
     output = p.stdout + p.stderr
     assert p.returncode != 0, output[-3000:]
     assert "refused the gateway token: HTTP 401" in output

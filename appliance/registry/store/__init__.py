@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import os
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -176,24 +176,40 @@ class Store(abc.ABC):
 
     # what gateways read
 
+    # `tenants` below is the set of tenant names a limited token may see (None:
+    # every tenant); whatever lies outside it looks as if it did not exist.
+
     @abc.abstractmethod
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         """What a gateway installs for a canonical key; None when unknown, revoked or
-        outside `tenant_limit`. The hottest call: one round trip."""
+        outside `tenants`. The hottest call: one round trip."""
 
     @abc.abstractmethod
     def gateway_lookup_many(self, public_keys: list[str],
-                            tenant_limit: int | None) -> dict[str, dict]:
+                            tenants: frozenset[str] | None) -> dict[str, dict]:
         """gateway_lookup for several canonical keys in one query: {key: peer} for the
-        keys found (active, within `tenant_limit`); the others are simply absent."""
+        keys found (active, within `tenants`); the others are simply absent."""
 
     @abc.abstractmethod
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
-        """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id."""
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None,
+                hide_activity: bool = False) -> dict:
+        """Feed page after `since`: changes, cursor, latest, earliest, more, feed_id,
+        and the digests cursor_digest, since_digest, latest_digest.
+
+        With `tenants`, only their changes are shown. For a gateway's pool the
+        cursor still moves past the others (a page that is not `more` ends at the
+        latest cursor read before its rows), so a limited gateway does not rescan
+        them on every poll, and earliest/latest are the whole feed's. With
+        `hide_activity` (a tenant-limited admin token, which must not learn how
+        busy other tenants are) earliest, latest and the cursor are counted within
+        `tenants` instead.
+        """
 
     @abc.abstractmethod
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
-        """(the feed's latest cursor, every active peer's public key within `tenant_limit`).
+    def active_keys(self, tenants: frozenset[str] | None = None,
+                    hide_activity: bool = False) -> tuple[int, list[str]]:
+        """(the feed's latest cursor, every active peer's public key within `tenants`);
+        with `hide_activity` the cursor is the latest of `tenants`' changes.
 
         The cursor is read first: a key created after it is in the feed from that
         cursor on, whether or not the key list caught it too.
@@ -203,18 +219,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
-        """ValueError for an unknown tenant; Conflict("token_exists") for a taken id."""
+                  name: str | None, pool: Sequence[str] = ()) -> None:
+        """ValueError for an unknown tenant; Conflict("token_exists") for a taken id.
+        `pool`: tenant names a gateway token is limited to (need not exist yet)."""
 
     @abc.abstractmethod
     def get_token(self, token_id: str) -> dict | None:
-        """id, hash, scope, tenant_id, tenant (name), revoked_at."""
+        """id, hash, scope, tenant_id, tenant (name), name, pool (sorted names), revoked_at."""
+
+    @abc.abstractmethod
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        """Rename a token and replace its pool."""
 
     @abc.abstractmethod
     def revoke_token(self, token_id: str) -> bool: ...
 
     @abc.abstractmethod
-    def list_tokens(self) -> list[dict]: ...
+    def list_tokens(self) -> list[dict]:
+        """id, scope, tenant, name, pool, created_at, revoked_at; oldest first."""
 
     # service
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -146,6 +146,14 @@ MIGRATIONS: list[str] = [
     """
     SELECT 1;
     """,
+    # 6: the pool of tenants a gateway token is limited to (see sqlite.py).
+    """
+    CREATE TABLE token_pools (
+        token_id text NOT NULL REFERENCES tokens(id),
+        tenant text NOT NULL,
+        PRIMARY KEY (token_id, tenant)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -159,10 +167,10 @@ LOOKUP_SQL = (
 
 
 
-def _gateway_peer(row: dict, tenant_limit: int | None) -> dict | None:
+def _gateway_peer(row: dict, tenants: frozenset[str] | None) -> dict | None:
     if row["revoked_at"] is not None:
         return None
-    if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+    if tenants is not None and row["tenant"] not in tenants:
         return None
     return {
         "public_key": row["public_key"],
@@ -545,41 +553,56 @@ class PostgresStore(Store):
 
     # gateways
 
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         with self._read() as cur:
             row = cur.execute(LOOKUP_SQL + " = %s", (public_key,)).fetchone()
-        return None if row is None else _gateway_peer(row, tenant_limit)
+        return None if row is None else _gateway_peer(row, tenants)
 
     def gateway_lookup_many(self, public_keys: list[str],
-                            tenant_limit: int | None) -> dict[str, dict]:
+                            tenants: frozenset[str] | None) -> dict[str, dict]:
         if not public_keys:
             return {}
         with self._read() as cur:
             rows = cur.execute(LOOKUP_SQL + " = ANY(%s)", (list(public_keys),)).fetchall()
-        found = (_gateway_peer(row, tenant_limit) for row in rows)
+        found = (_gateway_peer(row, tenants) for row in rows)
         return {peer["public_key"]: peer for peer in found if peer is not None}
 
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
-        scope, scope_params = _feed_scope(tenant_limit)
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None,
+                hide_activity: bool = False) -> dict:
+        scope, scope_params = _feed_scope(tenants)
+        rows_scope, rows_params, horizon = scope, list(scope_params), None
         with self._read() as cur:
+            if tenants is not None and not hide_activity:
+                # A pool's page: read first; cursors become visible in order (module
+                # docstring), so every one up to it has committed.
+                horizon = cur.execute("SELECT coalesce(max(cursor), 0) AS hi FROM changes"
+                                      ).fetchone()["hi"]
+                rows_scope += " AND cursor <= %s"
+                rows_params.append(horizon)
             rows = cur.execute(
-                f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > %s{scope}"
-                " ORDER BY cursor LIMIT %s", (since, *scope_params, limit + 1)).fetchall()
+                f"SELECT cursor, op, public_key, tenant, at FROM changes"
+                f" WHERE cursor > %s{rows_scope} ORDER BY cursor LIMIT %s",
+                (since, *rows_params, limit + 1)).fetchall()
+            if not hide_activity:
+                scope, scope_params = "", []
             bounds = cur.execute("SELECT min(cursor) AS lo, max(cursor) AS hi FROM changes"
                                  f" WHERE true{scope}", scope_params).fetchone()
+            # Anchors within the scope that hides activity, as in sqlite.py.
             anchors = cur.execute("SELECT cursor, op, public_key, tenant, at FROM changes"
-                                  " WHERE cursor IN (%s, %s)",
-                                  (since, bounds["hi"] or 0)).fetchall()
+                                  f" WHERE cursor IN (%s, %s, %s){scope}",
+                                  (since, horizon or since, bounds["hi"] or 0, *scope_params)
+                                  ).fetchall()
             feed = cur.execute("SELECT value FROM meta WHERE key = 'feed_id'").fetchone()
         return feed_page(rows, since, limit, (bounds["lo"], bounds["hi"]),
-                         feed["value"] if feed else "", anchors)
+                         feed["value"] if feed else "", anchors, horizon)
 
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
-        scope, scope_params = _feed_scope(tenant_limit)
+    def active_keys(self, tenants: frozenset[str] | None = None,
+                    hide_activity: bool = False) -> tuple[int, list[str]]:
+        scope, scope_params = _feed_scope(tenants) if hide_activity else ("", [])
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
-        if tenant_limit is not None:
-            sql += " AND tenant_id = %s"
-            params.append(tenant_limit)
+        if tenants is not None:
+            sql += " AND tenant_id IN (SELECT id FROM tenants WHERE name = ANY(%s))"
+            params.append(sorted(tenants))
         with self._read() as cur:
             cursor = cur.execute(f"SELECT max(cursor) AS hi FROM changes WHERE true{scope}",
                                  scope_params).fetchone()["hi"] or 0
@@ -588,7 +611,7 @@ class PostgresStore(Store):
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
+                  name: str | None, pool: Sequence[str] = ()) -> None:
         try:
             with self._write() as cur:
                 tenant_id = None
@@ -601,15 +624,26 @@ class PostgresStore(Store):
                 cur.execute("INSERT INTO tokens (id, hash, scope, tenant_id, name, created_at)"
                             " VALUES (%s, %s, %s, %s, %s, %s)",
                             (token_id, digest, scope, tenant_id, name, utcnow()))
+                cur.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (%s, %s)",
+                                [(token_id, t) for t in pool])
         except pgerrors.UniqueViolation:
             raise Conflict("token_exists", f"token id {token_id} is taken") from None
 
     def get_token(self, token_id: str) -> dict | None:
         with self._read() as cur:
             return cur.execute(
-                "SELECT t.id, t.hash, t.scope, t.tenant_id, t.revoked_at, n.name AS tenant"
+                "SELECT t.id, t.hash, t.scope, t.tenant_id, t.name, t.revoked_at,"
+                " n.name AS tenant, ARRAY(SELECT tenant FROM token_pools WHERE token_id = t.id"
+                " ORDER BY tenant) AS pool"
                 " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id WHERE t.id = %s",
                 (token_id,)).fetchone()
+
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        with self._write() as cur:
+            cur.execute("UPDATE tokens SET name = %s WHERE id = %s", (name, token_id))
+            cur.execute("DELETE FROM token_pools WHERE token_id = %s", (token_id,))
+            cur.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (%s, %s)",
+                            [(token_id, t) for t in sorted(set(pool))])
 
     def revoke_token(self, token_id: str) -> bool:
         with self._write() as cur:
@@ -620,7 +654,9 @@ class PostgresStore(Store):
     def list_tokens(self) -> list[dict]:
         with self._read() as cur:
             return cur.execute(
-                "SELECT t.id, t.scope, n.name AS tenant, t.name, t.created_at, t.revoked_at"
+                "SELECT t.id, t.scope, n.name AS tenant, t.name,"
+                " ARRAY(SELECT tenant FROM token_pools WHERE token_id = t.id ORDER BY tenant)"
+                " AS pool, t.created_at, t.revoked_at"
                 " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id ORDER BY t.created_at"
             ).fetchall()
 
@@ -637,11 +673,11 @@ class PostgresStore(Store):
                 "latest": feed["latest"], "changes": feed["kept"]}
 
 
-def _feed_scope(tenant_limit: int | None) -> tuple[str, list]:
-    """The feed a token sees, rows and bounds alike (see sqlite.py)."""
-    if tenant_limit is None:
+def _feed_scope(tenants: frozenset[str] | None) -> tuple[str, list]:
+    """The changes of `tenants` (all with None), by index (see sqlite.py)."""
+    if tenants is None:
         return "", []
-    return " AND tenant = (SELECT name FROM tenants WHERE id = %s)", [tenant_limit]
+    return " AND tenant = ANY(%s)", [sorted(tenants)]
 
 
 def _version(cur: psycopg.Cursor) -> int:

@@ -73,18 +73,31 @@ def change_digest(row: Any) -> str:
 
 
 def feed_page(rows: list[dict], since: int, limit: int, bounds: Any, feed_id: str,
-              anchors: list[Any] = ()) -> dict:
-    """One page of the feed. `anchors` are the stored rows at `since` and at the
-    latest cursor (either may be absent), for the digests a follower keeps."""
+              anchors: Iterable[Any] = (), horizon: int | None = None) -> dict:
+    """One page of the feed.
+
+    horizon: for a gateway pool's page, the latest cursor read before its rows
+    (every row up to it was scanned): a page that is not `more` continues from
+    there, past the changes the reader may not see.
+    anchors: the stored rows at `since`, at `horizon` and at the latest cursor
+    (any may be absent), for the digests a follower keeps. The cursor a page
+    returns may be another tenant's change (the horizon): its digest is still
+    the one of the change stored there, which the next poll's `digest` is
+    checked against.
+    """
     more = len(rows) > limit
     rows = [{**r, "digest": change_digest(r)} for r in rows[:limit]]
+    cursor = rows[-1]["cursor"] if rows else since
+    if horizon is not None and not more:
+        cursor = max(cursor, horizon)
     at = {a["cursor"]: change_digest(a) for a in anchors}
+    at.update((r["cursor"], r["digest"]) for r in rows)
     latest = bounds[1] or 0
     return {
         "changes": rows,
-        "cursor": rows[-1]["cursor"] if rows else since,
+        "cursor": cursor,
         # The digest of the change at `cursor`: what to send back as `digest`.
-        "cursor_digest": rows[-1]["digest"] if rows else at.get(since),
+        "cursor_digest": at.get(cursor),
         "since_digest": at.get(since),
         "latest": latest,
         "latest_digest": at.get(latest),

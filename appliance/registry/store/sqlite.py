@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,16 @@ MIGRATIONS: list[str] = [
     DROP INDEX allowed_ips_range;
     CREATE INDEX allowed_ips_span ON allowed_ips(family, lo);
     """,
+    # 6: the pool of tenants a gateway token is limited to (no rows: every
+    # tenant). Tenant names, not ids: a deploy names the pool before an admin
+    # creates its tenants, and the change feed records tenants by name too.
+    """
+    CREATE TABLE token_pools (
+        token_id TEXT NOT NULL REFERENCES tokens(id),
+        tenant TEXT NOT NULL,
+        PRIMARY KEY (token_id, tenant)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -173,10 +183,10 @@ LOOKUP_SQL = (
 
 
 
-def _gateway_peer(row: sqlite3.Row, tenant_limit: int | None) -> dict | None:
+def _gateway_peer(row: sqlite3.Row, tenants: frozenset[str] | None) -> dict | None:
     if row["revoked_at"] is not None:
         return None
-    if tenant_limit is not None and tenant_limit != row["tenant_id"]:
+    if tenants is not None and row["tenant"] not in tenants:
         return None
     return {
         "public_key": row["public_key"],
@@ -247,13 +257,13 @@ def _statements(script: str) -> Iterator[str]:
 FAILURES = {"SQLITE_BUSY": "busy", "SQLITE_LOCKED": "busy", "SQLITE_FULL": "full"}
 
 
-def _feed_scope(tenant_limit: int | None) -> tuple[str, list]:
-    """The feed a token sees, rows and bounds alike: a tenant-limited token's
-    earliest and latest cursors are its tenant's, so they tell nothing about
-    other tenants' activity."""
-    if tenant_limit is None:
+def _feed_scope(tenants: frozenset[str] | None) -> tuple[str, list]:
+    """The changes of `tenants` (all with None), by the changes_tenant index: a
+    limited token's rows, and a tenant admin's earliest and latest cursors too,
+    so they tell nothing about other tenants' activity."""
+    if tenants is None:
         return "", []
-    return " AND tenant = (SELECT name FROM tenants WHERE id = ?)", [tenant_limit]
+    return f" AND tenant IN ({','.join('?' * len(tenants))})", sorted(tenants)
 
 
 class SqliteStore(Store):
@@ -583,49 +593,66 @@ class SqliteStore(Store):
 
     # gateways
 
-    def gateway_lookup(self, public_key: str, tenant_limit: int | None) -> dict | None:
+    def gateway_lookup(self, public_key: str, tenants: frozenset[str] | None) -> dict | None:
         row = self.conn().execute(LOOKUP_SQL + " = ?", (public_key,)).fetchone()
-        return None if row is None else _gateway_peer(row, tenant_limit)
+        return None if row is None else _gateway_peer(row, tenants)
 
     def gateway_lookup_many(self, public_keys: list[str],
-                            tenant_limit: int | None) -> dict[str, dict]:
+                            tenants: frozenset[str] | None) -> dict[str, dict]:
         if not public_keys:
             return {}
         marks = ",".join("?" * len(public_keys))
         rows = self.conn().execute(f"{LOOKUP_SQL} IN ({marks})", public_keys).fetchall()
-        found = (_gateway_peer(row, tenant_limit) for row in rows)
+        found = (_gateway_peer(row, tenants) for row in rows)
         return {peer["public_key"]: peer for peer in found if peer is not None}
 
-    def changes(self, since: int, limit: int, tenant_limit: int | None = None) -> dict:
+    def changes(self, since: int, limit: int, tenants: frozenset[str] | None = None,
+                hide_activity: bool = False) -> dict:
         conn = self.conn()
-        scope, scope_params = _feed_scope(tenant_limit)
+        scope, scope_params = _feed_scope(tenants)
+        rows_scope, rows_params, horizon = scope, list(scope_params), None
+        if tenants is not None and not hide_activity:
+            # A pool's page: read first; every cursor up to it has committed (one
+            # writer, in order), so the page may end there, past the others.
+            horizon = conn.execute("SELECT coalesce(max(cursor), 0) FROM changes"
+                                   ).fetchone()[0]
+            rows_scope += " AND cursor <= ?"
+            rows_params.append(horizon)
         rows = conn.execute(
-            f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > ?{scope}"
+            f"SELECT cursor, op, public_key, tenant, at FROM changes WHERE cursor > ?{rows_scope}"
             " ORDER BY cursor LIMIT ?",
-            (since, *scope_params, limit + 1),
+            (since, *rows_params, limit + 1),
         ).fetchall()
+        if not hide_activity:
+            scope, scope_params = "", []
         bounds = conn.execute(f"SELECT min(cursor), max(cursor) FROM changes WHERE 1{scope}",
                               scope_params).fetchone()
-        anchors = conn.execute("SELECT cursor, op, public_key, tenant, at FROM changes"
-                               " WHERE cursor IN (?, ?)", (since, bounds[1] or 0)).fetchall()
+        # The anchors too are within the scope that hides activity: a tenant
+        # admin learns nothing from the digest at another tenant's cursor.
+        anchors = conn.execute(f"SELECT cursor, op, public_key, tenant, at FROM changes"
+                               f" WHERE cursor IN (?, ?, ?){scope}",
+                               (since, horizon or since, bounds[1] or 0, *scope_params)
+                               ).fetchall()
         return feed_page([dict(r) for r in rows], since, limit, bounds, self.feed_id(),
-                         anchors)
+                         anchors, horizon)
 
-    def active_keys(self, tenant_limit: int | None = None) -> tuple[int, list[str]]:
+    def active_keys(self, tenants: frozenset[str] | None = None,
+                    hide_activity: bool = False) -> tuple[int, list[str]]:
         conn = self.conn()
-        scope, scope_params = _feed_scope(tenant_limit)
+        scope, scope_params = _feed_scope(tenants) if hide_activity else ("", [])
         cursor = conn.execute(f"SELECT max(cursor) FROM changes WHERE 1{scope}",
                               scope_params).fetchone()[0] or 0
         sql, params = "SELECT public_key FROM peers WHERE revoked_at IS NULL", []
-        if tenant_limit is not None:
-            sql += " AND tenant_id = ?"
-            params.append(tenant_limit)
+        if tenants is not None:
+            sql += (" AND tenant_id IN (SELECT id FROM tenants WHERE name IN"
+                    f" ({','.join('?' * len(tenants))}))")
+            params += sorted(tenants)
         return cursor, [k for (k,) in conn.execute(sql, params)]
 
     # tokens
 
     def add_token(self, token_id: str, digest: bytes, scope: str, tenant: str | None,
-                  name: str | None) -> None:
+                  name: str | None, pool: Sequence[str] = ()) -> None:
         conn = self.conn()
         with write(conn):
             tenant_id = None
@@ -641,14 +668,28 @@ class SqliteStore(Store):
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("token_exists", f"token id {token_id} is taken") from None
+            conn.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (?, ?)",
+                             [(token_id, t) for t in pool])
 
     def get_token(self, token_id: str) -> dict | None:
-        row = self.conn().execute(
-            "SELECT t.id, t.hash, t.scope, t.tenant_id, t.revoked_at, n.name AS tenant"
+        conn = self.conn()
+        row = conn.execute(
+            "SELECT t.id, t.hash, t.scope, t.tenant_id, t.name, t.revoked_at, n.name AS tenant"
             " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id WHERE t.id = ?",
             (token_id,),
         ).fetchone()
-        return dict(row) if row else None
+        if row is None:
+            return None
+        return {**dict(row), "pool": [t for (t,) in conn.execute(
+            "SELECT tenant FROM token_pools WHERE token_id = ? ORDER BY tenant", (token_id,))]}
+
+    def set_token_limits(self, token_id: str, name: str | None, pool: list[str]) -> None:
+        conn = self.conn()
+        with write(conn):
+            conn.execute("UPDATE tokens SET name = ? WHERE id = ?", (name, token_id))
+            conn.execute("DELETE FROM token_pools WHERE token_id = ?", (token_id,))
+            conn.executemany("INSERT INTO token_pools (token_id, tenant) VALUES (?, ?)",
+                             [(token_id, t) for t in sorted(set(pool))])
 
     def revoke_token(self, token_id: str) -> bool:
         conn = self.conn()
@@ -660,11 +701,16 @@ class SqliteStore(Store):
         return cur.rowcount == 1
 
     def list_tokens(self) -> list[dict]:
-        rows = self.conn().execute(
+        conn = self.conn()
+        rows = conn.execute(
             "SELECT t.id, t.scope, n.name AS tenant, t.name, t.created_at, t.revoked_at"
             " FROM tokens t LEFT JOIN tenants n ON n.id = t.tenant_id ORDER BY t.created_at"
         ).fetchall()
-        return [dict(r) for r in rows]
+        pools: dict[str, list[str]] = {}
+        for token_id, tenant in conn.execute(
+                "SELECT token_id, tenant FROM token_pools ORDER BY token_id, tenant"):
+            pools.setdefault(token_id, []).append(tenant)
+        return [{**dict(r), "pool": pools.get(r["id"], [])} for r in rows]
 
     def stats(self) -> dict[str, int]:
         conn = self.conn()
