@@ -346,9 +346,13 @@ def test_migration_from_v1_keeps_data(db, engine):
         with psycopg.connect(db) as conn:
             conn.execute("SET enable_seqscan = off")  # a tiny table would be scanned anyway
             plan = " ".join(r[0] for r in conn.execute(
-                "EXPLAIN SELECT cidr FROM allowed_ips WHERE net && '198.18.0.0/24'::cidr"
-                " AND tenant_id = 1 LIMIT 1"))
-        assert "allowed_ips_net" in plan  # the GiST (inet_ops) index answers overlaps
+                "EXPLAIN SELECT cidr FROM allowed_ips WHERE net <= '198.18.0.255/32'::cidr"
+                " AND tenant_id = 1 ORDER BY net DESC LIMIT 1"))
+            indexes = {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'allowed_ips'")}
+        # v4 replaced the GiST index with a btree that finds the predecessor.
+        assert "Index Scan Backward using allowed_ips_span" in plan, plan
+        assert "allowed_ips_net" not in indexes
     store.delete_peer(key)  # the cascade survived the migrations
     assert store.find_overlap(store.tenant_id("acme"), cidr.parse("198.18.0.0/24")) is None
     store.close()

@@ -18,9 +18,12 @@ def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_migrate_and_tokens(db):
+    from appliance.registry.store.sqlite import SCHEMA_VERSION
+
     r = wgjit("registry", "migrate", "--db", db)
-    assert r.returncode == 0 and r.stdout.strip() == "schema version 3", r.stderr
-    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == "schema version 3"
+    assert r.returncode == 0 and r.stdout.strip() == f"schema version {SCHEMA_VERSION}", r.stderr
+    assert wgjit("registry", "migrate", "--db", db).stdout.strip() == \
+        f"schema version {SCHEMA_VERSION}"
     token = wgjit("token", "create", "--db", db, "--scope", "gateway", "--name", "gw1").stdout
     token_id = token.strip().split("_")[1]
     listed = wgjit("token", "list", "--db", db).stdout
