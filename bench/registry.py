@@ -44,17 +44,29 @@ from tests.conftest import WGJIT, RegistryProcess  # noqa: E402
 
 TENANTS = 8
 TUNNEL4 = int.from_bytes(socket.inet_aton("198.18.0.0"), "big")  # 198.18.0.0/15
+TUNNEL4_SIZE = 1 << 17
 
 
-def write_import(path: Path, keys: list[str], tenant_no: int) -> None:
-    """One tenant's peers as `wgjit registry import` reads them. Tenants keep
-    their own address plans, so every tenant draws from 198.18.0.0/15 again
-    (131,072 addresses: enough for 8 tenants of 125,000)."""
+def peer_networks(n: int, tenant_no: int, i: int) -> list[str]:
+    """Two networks for the n-th peer overall, the i-th of its tenant: an IPv4
+    /32 while 198.18.0.0/15 lasts (131,072 peers) and an IPv6 /128, then two
+    IPv6 /128s. Unique across tenants, so the plan holds whether overlaps are
+    checked per tenant or fleet-wide; each tenant's networks come in address
+    order, as an allocator hands them out."""
+    def v6(j: int) -> str:
+        return f"fd00::{tenant_no:x}:{j >> 32:x}:{j >> 16 & 0xffff:x}:{j & 0xffff:x}/128"
+    if n < TUNNEL4_SIZE:
+        return [socket.inet_ntoa((TUNNEL4 + n).to_bytes(4, "big")) + "/32", v6(2 * i)]
+    return [v6(2 * i), v6(2 * i + 1)]
+
+
+def write_import(path: Path, keys: list[str], tenant_no: int, first: int) -> None:
+    """One tenant's peers as `wgjit registry import` reads them; `first` is the
+    overall number of its first peer."""
     with open(path, "w") as f:
         for i, key in enumerate(keys):
-            v4 = socket.inet_ntoa((TUNNEL4 + i).to_bytes(4, "big"))
-            f.write(f'{{"public_key": "{key}", "allowed_ips":'
-                    f' ["{v4}/32", "fd00::{tenant_no:x}:{i >> 16:x}:{i & 0xffff:x}/128"]}}\n')
+            f.write(json.dumps({"public_key": key,
+                                "allowed_ips": peer_networks(first + i, tenant_no, i)}) + "\n")
 
 
 def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
@@ -63,7 +75,7 @@ def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
     files = []
     for t in range(TENANTS):
         files.append(tmp / f"bench-{t}.jsonl")
-        write_import(files[-1], keys[t * per:(t + 1) * per], t)
+        write_import(files[-1], keys[t * per:(t + 1) * per], t, t * per)
     return keys, files
 
 

@@ -27,11 +27,12 @@ Concurrency, which SQLite never had to think about (it has one writer):
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -418,7 +419,15 @@ class PostgresStore(Store):
         """Rows go in with COPY; the database checks overlaps with one query per chunk."""
         if self.tenant_id(tenant) is None:
             raise LookupError(tenant)
-        count = self._bulk(tenant, peers, batch, progress)
+        try:
+            count = self._bulk(tenant, peers, batch, progress)
+        except pgerrors.DeadlockDetected:
+            # Only another multi-key writer (a second import) adding some of the
+            # same keys in another order can close a cycle with an import: every
+            # writer takes the feed head last (see _bulk).
+            raise Conflict("write_conflict", "another import was adding some of the same"
+                           " keys at the same time and PostgreSQL stopped this one to break"
+                           " the deadlock; run it again") from None
         # Fresh statistics, so the API's queries plan for the new size at once
         # instead of after autovacuum gets round to it.
         with self._read() as cur:
@@ -427,6 +436,12 @@ class PostgresStore(Store):
 
     def _bulk(self, tenant: str, peers: Iterable[NewPeer], batch: int | None,
               progress: Callable[[int], None] | None) -> int:
+        """Each transaction records its creates in the feed at its very end. The
+        feed head stays locked until commit, so a writer holding it must never
+        wait for another: taken before a later chunk's COPY (as once, per
+        chunk), it deadlocked an all-or-nothing import with an API create of one
+        of its keys in another tenant (the create held the key and waited for
+        the head; the import held the head and waited for the key)."""
         count = 0
         with self._pool().connection() as conn:
             if batch is None:  # one transaction, all or nothing
@@ -434,9 +449,11 @@ class PostgresStore(Store):
                     cur = conn.cursor()
                     tid = self._lock_tenant(cur, tenant)
                     top = _stored_top(cur, tid)
+                    ids = array.array("q")
                     for chunk in chunks(peers, BULK_CHUNK):
-                        self._copy_chunk(conn, cur, tid, tenant, chunk, top)
-                        count += len(chunk)
+                        ids.extend(self._copy_chunk(conn, cur, tid, chunk, top))
+                    _feed_creates(cur, tenant, ids)
+                    count = len(ids)
                 if progress is not None:
                     progress(count)
                 return count
@@ -444,16 +461,18 @@ class PostgresStore(Store):
                 with conn.transaction():
                     cur = conn.cursor()
                     tid = self._lock_tenant(cur, tenant)
-                    self._copy_chunk(conn, cur, tid, tenant, chunk, _stored_top(cur, tid))
+                    ids = self._copy_chunk(conn, cur, tid, chunk, _stored_top(cur, tid))
+                    _feed_creates(cur, tenant, ids)
                 count += len(chunk)
                 if progress is not None:
                     progress(count)
         return count
 
-    def _copy_chunk(self, conn: psycopg.Connection, cur: psycopg.Cursor, tid: int, tenant: str,
-                    chunk: list[NewPeer], top: dict[int, bytes | None]) -> None:
-        """`top` is the last address of the stored networks per family, kept up to
-        date here (the tenant lock keeps other writers out)."""
+    def _copy_chunk(self, conn: psycopg.Connection, cur: psycopg.Cursor, tid: int,
+                    chunk: list[NewPeer], top: dict[int, bytes | None]) -> list[int]:
+        """Returns the new peers' ids. `top` is the last address of the stored
+        networks per family, kept up to date here (the tenant lock keeps other
+        writers out)."""
         now = utcnow()
         ids = [r["id"] for r in cur.execute(
             "SELECT nextval(pg_get_serial_sequence('peers', 'id')) AS id"
@@ -502,10 +521,7 @@ class PostgresStore(Store):
                       " FROM STDIN") as copy:
             for pid, _tid, position, text, *_ in ip_rows:
                 copy.write_row((pid, tid, position, text, text))
-        last = _take_cursors(cur, len(chunk))
-        with cur.copy("COPY changes (cursor, op, public_key, tenant, at) FROM STDIN") as copy:
-            for cursor, peer in enumerate(chunk, last - len(chunk) + 1):
-                copy.write_row((cursor, "create", peer.public_key, tenant, now))
+        return ids
 
     # gateways
 
@@ -641,6 +657,22 @@ def _stored_top(cur: psycopg.Cursor, tenant_id: int) -> dict[int, bytes | None]:
                           f" FROM ({PREDECESSOR}) p", (last, tenant_id)).fetchone()
         top[family] = cidr.parse(row["net"]).hi if row and row["family"] == family else None
     return top
+
+
+def _feed_creates(cur: psycopg.Cursor, tenant: str, ids: Sequence[int]) -> None:
+    """The feed's "create" changes for these new peers, in this order; last in
+    its transaction (see PostgresStore._bulk)."""
+    first = _take_cursors(cur, len(ids)) - len(ids)
+    now = utcnow()
+    # The planner may still believe peers empty (statistics lag a bulk load)
+    # and join it by a scan per batch instead of its primary key.
+    cur.execute("SET LOCAL enable_seqscan = off")
+    for start in range(0, len(ids), BULK_CHUNK):
+        cur.execute(
+            "INSERT INTO changes (cursor, op, public_key, tenant, at)"
+            " SELECT %s + u.n, 'create', p.public_key, %s, %s"
+            " FROM unnest(%s::bigint[]) WITH ORDINALITY AS u(id, n) JOIN peers p ON p.id = u.id",
+            (first + start, tenant, now, list(ids[start:start + BULK_CHUNK])))
 
 
 def _take_cursors(cur: psycopg.Cursor, n: int) -> int:
