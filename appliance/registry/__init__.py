@@ -14,7 +14,8 @@ MAX_BODY_BYTES = 64 * 1024
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """App factory. `config["DATABASE"]` is the --db value (required): a SQLite path or
-    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file."""
+    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file,
+    `config["DB_POOL_SIZE"]` its connections per process."""
     from flask import Flask
     from werkzeug.routing import BaseConverter
 
@@ -34,7 +35,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     if not app.config.get("DATABASE"):
         raise ValueError("create_app: DATABASE (a SQLite path or postgresql:// URL) is required")
-    store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"))
+    store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"),
+                       app.config.get("DB_POOL_SIZE"))
     if not app.config.get("SKIP_MIGRATE"):
         store.migrate()
     app.extensions["wgjit_store"] = store

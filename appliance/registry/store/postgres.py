@@ -52,9 +52,10 @@ from appliance.registry.store.shared import (
 )
 from appliance.secrets import read_secret
 
-# Connections per worker process: gunicorn's default 4 threads each hold at
-# most one, plus the metrics scrape.
-POOL_MAX = 8
+# Connections a store opens at most when nobody says otherwise: the CLI and
+# tools, which use one at a time (two while a lookup runs beside an import).
+# `registry serve` sizes its workers' pools from their threads (serve.py).
+POOL_SIZE = 2
 # How long a request waits for a pooled connection (or for the server to answer
 # the first connect) before it fails and /healthz reports the database down.
 POOL_TIMEOUT = 10.0
@@ -168,8 +169,10 @@ PEER_SELECT = "SELECT p.*, t.name AS tenant FROM peers p JOIN tenants t ON t.id 
 class PostgresStore(Store):
     errors = (psycopg.Error, psycopg_pool.PoolTimeout)
 
-    def __init__(self, url: str, password_file: str | None = None) -> None:
+    def __init__(self, url: str, password_file: str | None = None,
+                 pool_size: int = POOL_SIZE) -> None:
         self.url = url
+        self.pool_size = pool_size
         # Read now so a bad file is refused at startup; libpq reads PGPASSFILE itself.
         self._kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         if password_file is not None:
@@ -185,7 +188,7 @@ class PostgresStore(Store):
         with self._pool_lock:
             if self._pool_obj is None or self._pool_pid != os.getpid():
                 self._pool_obj = psycopg_pool.ConnectionPool(
-                    self.url, kwargs=self._kwargs, min_size=1, max_size=POOL_MAX,
+                    self.url, kwargs=self._kwargs, min_size=1, max_size=self.pool_size,
                     timeout=POOL_TIMEOUT, open=True, name="wgjit-registry")
                 self._pool_pid = os.getpid()
             return self._pool_obj
