@@ -628,7 +628,10 @@ def _version(cur: psycopg.Cursor) -> int:
 
 
 # The stored network that can overlap one ending at address %s (a host cidr):
-# the greatest network <= that address (migration 4 says why).
+# the greatest network <= that address (migration 4 says why). Overlaps are
+# checked per tenant, so the backward scan steps over other tenants' networks
+# until it meets one of ours (25,606 rows, 7 ms, in one measured case); the
+# index is built for the fleet-wide check, where the first row is the answer.
 PREDECESSOR = ("SELECT cidr, net FROM allowed_ips WHERE net <= %s::cidr AND tenant_id = %s"
                " ORDER BY net DESC LIMIT 1")
 
