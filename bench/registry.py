@@ -216,22 +216,34 @@ def load_wrk(port: int, token: str, keys_file: Path, connections: int,
             "errors": int(non2xx.group(1)) if non2xx else 0, "tool": "wrk"}
 
 
+def loadavg() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages: on a shared machine a
+    figure means little without them."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_engine(engine: str, db: str, files: list[Path], keys: list[str], keys_file: Path,
                args: argparse.Namespace, tmp: Path) -> dict:
     print(f"{engine}: seeding {args.peers:,} peers ...", flush=True)
+    seed_load = loadavg()
     seed_s, token = seed(db, files)
+    seed_load += loadavg()
     size = db_bytes(db)
     srv = RegistryProcess(db, workers=args.workers, log=tmp / f"{engine}.log").start()
     try:
         load(srv.port, token, keys, 2, 2.0)  # warm the caches and the workers
+        before = loadavg()
         full = load_wrk(srv.port, token, keys_file, args.clients, args.duration) or \
             load(srv.port, token, keys, args.clients, args.duration)
+        full["loadavg_before_after"] = before + loadavg()
+        before = loadavg()
         half = load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
+        half["loadavg_before_after"] = before + loadavg()
     finally:
         srv.stop()
     return {"engine": engine, "peers": args.peers, "seed_seconds": seed_s,
-            "seed_rate": args.peers / seed_s, "db_bytes": size, "full_load": full,
-            "half_load": half}
+            "seed_rate": args.peers / seed_s, "seed_loadavg_before_after": seed_load,
+            "db_bytes": size, "full_load": full, "half_load": half}
 
 
 def main() -> int:
@@ -278,6 +290,9 @@ def main() -> int:
           f" p99 {r['half_load']['p99_ms']:.2f} ms" for r in results]),
         ("errors (full/half)", [f"{r['full_load']['errors']}/{r['half_load']['errors']}"
                                 for r in results]),
+        ("load average (1 min) seed/full/half",
+         [f"{r['seed_loadavg_before_after'][3]:.1f}/{r['full_load']['loadavg_before_after'][3]:.1f}"
+          f"/{r['half_load']['loadavg_before_after'][3]:.1f}" for r in results]),
     ]
     widths = [max(len(str(c)) for c in col)
               for col in zip(header, *[[k, *v] for k, v in table], strict=True)]
@@ -286,7 +301,8 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"peers": args.peers, "workers": args.workers, "clients": args.clients,
-             "duration": args.duration, "results": results}, indent=2))
+             "duration": args.duration, "cpus": os.cpu_count(), "results": results},
+            indent=2))
     return 0
 
 

@@ -17,7 +17,8 @@ Concurrency, which SQLite never had to think about (it has one writer):
   releases the transaction's locks, so cursors become visible in cursor order,
   and a follower that has read N never later finds a committed N-1. The cost
   is that feed-recording commits are serialized, as every SQLite write is;
-  the row is taken last in each transaction to keep the locked span short.
+  the row is taken last in each transaction, which keeps the locked span
+  short and keeps the row out of deadlocks (its holder waits for nobody).
 - Overlapping allowed IPs: two writers could each check and find no clash,
   then both insert. Writes that add networks lock their tenant's row first
   (FOR NO KEY UPDATE, which foreign-key checks do not wait for), so address
@@ -441,10 +442,11 @@ class PostgresStore(Store):
               progress: Callable[[int], None] | None) -> int:
         """Each transaction records its creates in the feed at its very end. The
         feed head stays locked until commit, so a writer holding it must never
-        wait for another: taken before a later chunk's COPY (as once, per
-        chunk), it deadlocked an all-or-nothing import with an API create of one
-        of its keys in another tenant (the create held the key and waited for
-        the head; the import held the head and waited for the key)."""
+        wait for another. When each chunk took it, an all-or-nothing import
+        held it from its first chunk on, and an API create (in another tenant)
+        of a key in a later chunk held that key and waited for the head while
+        the import held the head and waited for the key: PostgreSQL broke the
+        deadlock by failing one of them."""
         count = 0
         with self._pool().connection() as conn:
             if batch is None:  # one transaction, all or nothing
