@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import requests
 
+from appliance.registry.store.postgres import SCHEMA_VERSION
 from tests.conftest import WGJIT, free_port, wait_http
 
 
@@ -18,8 +19,6 @@ def wgjit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_migrate_and_tokens(db):
-    from appliance.registry.store.sqlite import SCHEMA_VERSION
-
     r = wgjit("registry", "migrate", "--db", db)
     assert r.returncode == 0 and r.stdout.strip() == f"schema version {SCHEMA_VERSION}", r.stderr
     assert wgjit("registry", "migrate", "--db", db).stdout.strip() == \
@@ -77,7 +76,7 @@ def test_password_file_must_be_private_and_is_used(pg_server, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     r = wgjit("registry", "migrate", "--db", url, "--db-password-file",
               str(pg_server.password_file), env=env)
-    assert r.returncode == 0 and "schema version 3" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"schema version {SCHEMA_VERSION}" in r.stdout, r.stderr
     pg_server.drop_database(url)
 
 
@@ -102,7 +101,7 @@ def test_serve_workers_get_the_password_file(pg_server, tmp_path):
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         for _ in range(4):  # reach both workers
             health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
-            assert health == {"status": "ok", "schema_version": 3}
+            assert health == {"status": "ok", "schema_version": SCHEMA_VERSION}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
