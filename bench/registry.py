@@ -126,7 +126,10 @@ class _Conn:
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             self._more()
         head = self.buf[:end].lower()
-        length = int(re.search(rb"\r\ncontent-length: *(\d+)", head).group(1))
+        found = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        if found is None:
+            raise ConnectionError("a response without Content-Length")
+        length = int(found.group(1))
         while len(self.buf) < end + 4 + length:
             self._more()
         self.buf = self.buf[end + 4 + length:]
@@ -177,7 +180,7 @@ def _worker(port: int, token: str, keys: list[str], duration: float, rate: float
         try:
             if conn.request(prefix + key + suffix) != 200:
                 errors += 1
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             errors += 1
             conn.close()
         lat.append(time.perf_counter() - scheduled)
