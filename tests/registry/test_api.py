@@ -350,9 +350,14 @@ def test_migration_from_v1_keeps_data(db, engine):
                 " AND tenant_id = 1 ORDER BY net DESC LIMIT 1"))
             indexes = {r[0] for r in conn.execute(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'allowed_ips'")}
+            foreign_keys = {r[0] for r in conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = 'allowed_ips'::regclass"
+                " AND contype = 'f'")}
         # v4 replaced the GiST index with a btree that finds the predecessor.
         assert "Index Scan Backward using allowed_ips_span" in plan, plan
         assert "allowed_ips_net" not in indexes
+        # The peer's foreign key stays (it cascades); the tenant's went in v4.
+        assert foreign_keys == {"allowed_ips_peer_id_fkey"}
     store.delete_peer(key)  # the cascade survived the migrations
     assert store.find_overlap(store.tenant_id("acme"), cidr.parse("198.18.0.0/24")) is None
     store.close()
