@@ -23,6 +23,7 @@ SERVE_OPTIONS = [
     Option("listen", default="127.0.0.1:8080", check=config.host_port),
     Option("workers", int, 2, check=config.positive),
     Option("threads", int, 4, check=config.positive),
+    Option("db-pool-size", int, check=config.positive),
     Option("access-log"),
     Option("tls-cert"),
     Option("tls-key"),
@@ -142,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = check_tls(s["tls_cert"], s["tls_key"])
     _open_store(s).close()  # a bad --db or password file is refused before gunicorn starts
     serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"],
-          s["db_password_file"], tls=tls)
+          s["db_password_file"], tls=tls, db_pool_size=s["db_pool_size"])
     return 0
 
 
@@ -393,6 +394,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
     p.add_argument("--workers", type=int, metavar="N", help="gunicorn worker processes (2)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per worker (4)")
+    p.add_argument("--db-pool-size", type=int, metavar="N",
+                   help="PostgreSQL connections per worker (default: --threads); each"
+                   " registry server opens up to workers x N")
     p.add_argument("--access-log", metavar="FILE", help="access log ('-' for stderr)")
     p.add_argument("--tls-cert", metavar="FILE",
                    help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
