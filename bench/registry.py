@@ -17,7 +17,6 @@ and hide its own latency.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import multiprocessing as mp
 import os
@@ -47,19 +46,26 @@ TUNNEL4 = int.from_bytes(socket.inet_aton("198.18.0.0"), "big")  # 198.18.0.0/15
 TUNNEL4_SIZE = 1 << 17
 
 
-def write_import(path: Path, keys: list[str], tenant_no: int, first: int = 0) -> None:
-    """One tenant's peers as `wgjit registry import` reads them. Allowed IPs are
-    unique across tenants (they share every gateway), so tenants take turns in
-    198.18.0.0/15 by the peers' fleet-wide number (`first` + i). It holds
-    131,072 addresses: peers past that get a second IPv6 /128 (fd01::/16)
-    instead, so every peer keeps two networks, as before."""
+def peer_networks(n: int, tenant_no: int, i: int) -> list[str]:
+    """Two networks for the n-th peer overall, the i-th of its tenant: an IPv4
+    /32 while 198.18.0.0/15 lasts (131,072 peers) and an IPv6 /128, then two
+    IPv6 /128s. Unique across tenants, so the plan holds whether overlaps are
+    checked per tenant or fleet-wide; each tenant's networks come in address
+    order, as an allocator hands them out."""
+    def v6(j: int) -> str:
+        return f"fd00::{tenant_no:x}:{j >> 32:x}:{j >> 16 & 0xffff:x}:{j & 0xffff:x}/128"
+    if n < TUNNEL4_SIZE:
+        return [socket.inet_ntoa((TUNNEL4 + n).to_bytes(4, "big")) + "/32", v6(2 * i)]
+    return [v6(2 * i), v6(2 * i + 1)]
+
+
+def write_import(path: Path, keys: list[str], tenant_no: int, first: int) -> None:
+    """One tenant's peers as `wgjit registry import` reads them; `first` is the
+    overall number of its first peer."""
     with open(path, "w") as f:
         for i, key in enumerate(keys):
-            n = first + i
-            second = (f"{socket.inet_ntoa((TUNNEL4 + n).to_bytes(4, 'big'))}/32"
-                      if n < TUNNEL4_SIZE else f"fd01::{n >> 16:x}:{n & 0xffff:x}/128")
-            f.write(f'{{"public_key": "{key}", "allowed_ips":'
-                    f' ["{second}", "fd00::{tenant_no:x}:{i >> 16:x}:{i & 0xffff:x}/128"]}}\n')
+            f.write(json.dumps({"public_key": key,
+                                "allowed_ips": peer_networks(first + i, tenant_no, i)}) + "\n")
 
 
 def write_imports(tmp: Path, n: int) -> tuple[list[str], list[Path]]:
@@ -100,6 +106,49 @@ def db_bytes(db: str) -> int:
     return sum(f.stat().st_size for f in Path(db).parent.glob(Path(db).name + "*"))
 
 
+class _Conn:
+    """A keep-alive HTTP/1.1 connection that sends prepared request bytes and
+    reads one response by its Content-Length. http.client spent most of a
+    loaded core here: the Python clients topped out near 1,100 requests/s
+    whatever the server, so an open-loop run measured its own backlog."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def request(self, data: bytes) -> int:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buf = b""
+        self.sock.sendall(data)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._more()
+        head = self.buf[:end].lower()
+        found = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        if found is None:
+            raise ConnectionError("a response without Content-Length")
+        length = int(found.group(1))
+        while len(self.buf) < end + 4 + length:
+            self._more()
+        self.buf = self.buf[end + 4 + length:]
+        if b"\r\nconnection: close" in head:
+            self.close()
+        return int(head[9:12])
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
 def _worker(port: int, token: str, keys: list[str], duration: float, rate: float | None,
             out: mp.Queue) -> None:
     """One client process: keep-alive connection, sequential requests.
@@ -107,8 +156,9 @@ def _worker(port: int, token: str, keys: list[str], duration: float, rate: float
     With `rate` it sends on a fixed schedule (open loop) and measures latency
     from the scheduled send time.
     """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"Authorization": f"Bearer {token}"}
+    conn = _Conn(port)
+    prefix = b"GET /v1/gateway/peers/"
+    suffix = f" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     rng = random.Random(os.getpid())
     lat: list[float] = []
     errors = 0
@@ -126,19 +176,16 @@ def _worker(port: int, token: str, keys: list[str], duration: float, rate: float
         scheduled = start + i * interval if rate else now
         if rate and scheduled > now:
             time.sleep(scheduled - now)
-        key = urllib.parse.quote(rng.choice(keys), safe="")
+        key = urllib.parse.quote(rng.choice(keys), safe="").encode()
         try:
-            conn.request("GET", f"/v1/gateway/peers/{key}", headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
+            if conn.request(prefix + key + suffix) != 200:
                 errors += 1
-        except (OSError, http.client.HTTPException):
+        except (OSError, ValueError):
             errors += 1
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         lat.append(time.perf_counter() - scheduled)
         i += 1
+    conn.close()
     out.put((lat, errors, time.perf_counter() - start))
 
 
@@ -209,22 +256,34 @@ def load_wrk(port: int, token: str, keys_file: Path, connections: int,
             "errors": int(non2xx.group(1)) if non2xx else 0, "tool": "wrk"}
 
 
+def loadavg() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages: on a shared machine a
+    figure means little without them."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_engine(engine: str, db: str, files: list[Path], keys: list[str], keys_file: Path,
                args: argparse.Namespace, tmp: Path) -> dict:
     print(f"{engine}: seeding {args.peers:,} peers ...", flush=True)
+    seed_load = loadavg()
     seed_s, token = seed(db, files)
+    seed_load += loadavg()
     size = db_bytes(db)
     srv = RegistryProcess(db, workers=args.workers, log=tmp / f"{engine}.log").start()
     try:
         load(srv.port, token, keys, 2, 2.0)  # warm the caches and the workers
+        before = loadavg()
         full = load_wrk(srv.port, token, keys_file, args.clients, args.duration) or \
             load(srv.port, token, keys, args.clients, args.duration)
+        full["loadavg_before_after"] = before + loadavg()
+        before = loadavg()
         half = load(srv.port, token, keys, args.clients, args.duration, full["rate"] / 2)
+        half["loadavg_before_after"] = before + loadavg()
     finally:
         srv.stop()
     return {"engine": engine, "peers": args.peers, "seed_seconds": seed_s,
-            "seed_rate": args.peers / seed_s, "db_bytes": size, "full_load": full,
-            "half_load": half}
+            "seed_rate": args.peers / seed_s, "seed_loadavg_before_after": seed_load,
+            "db_bytes": size, "full_load": full, "half_load": half}
 
 
 def main() -> int:
@@ -235,6 +294,10 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--pg-shared-buffers", default="512MB", metavar="SIZE",
+                    help="the PostgreSQL server's shared_buffers (512MB: most of the"
+                    " 740 MiB a million peers take, as a registry host with 2 GB would"
+                    " give it at PostgreSQL's 25%% of RAM guidance)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     engines = args.engines.split(",")
@@ -251,7 +314,7 @@ def main() -> int:
                 results.append(run_engine(engine, str(tmp / "registry.db"), files, keys,
                                           keys_file, args, tmp))
                 continue
-            pg = PostgresServer(durable=True).start()
+            pg = PostgresServer(durable=True, shared_buffers=args.pg_shared_buffers).start()
             os.environ["PGPASSFILE"] = str(pg.pgpass)  # the CLI and gunicorn inherit it
             try:
                 results.append(run_engine(engine, pg.create_database("bench"), files, keys,
@@ -271,6 +334,9 @@ def main() -> int:
           f" p99 {r['half_load']['p99_ms']:.2f} ms" for r in results]),
         ("errors (full/half)", [f"{r['full_load']['errors']}/{r['half_load']['errors']}"
                                 for r in results]),
+        ("load average (1 min) seed/full/half",
+         [f"{r['seed_loadavg_before_after'][3]:.1f}/{r['full_load']['loadavg_before_after'][3]:.1f}"
+          f"/{r['half_load']['loadavg_before_after'][3]:.1f}" for r in results]),
     ]
     widths = [max(len(str(c)) for c in col)
               for col in zip(header, *[[k, *v] for k, v in table], strict=True)]
@@ -279,7 +345,9 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"peers": args.peers, "workers": args.workers, "clients": args.clients,
-             "duration": args.duration, "results": results}, indent=2))
+             "duration": args.duration, "cpus": os.cpu_count(),
+             "pg_shared_buffers": args.pg_shared_buffers, "results": results},
+            indent=2))
     return 0
 
 

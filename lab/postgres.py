@@ -40,10 +40,13 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, durable: bool = True) -> None:
+    def __init__(self, durable: bool = True, shared_buffers: str = "64MB") -> None:
         # durable=False turns off fsync: for tests on a shared machine, where
-        # only the registry process is killed, never the host.
+        # only the registry process is killed, never the host. Tests keep
+        # shared_buffers small (many servers, tiny databases); a benchmark
+        # sizes it for its data, as an operator would.
         self.durable = durable
+        self.shared_buffers = shared_buffers
         self.port = _free_port()
         self.password = secrets.token_urlsafe(24)
         self.root = Path(tempfile.mkdtemp(prefix="wgjit-pg-"))
@@ -85,7 +88,7 @@ class PostgresServer:
         self.data = server_dir / "data"
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port}"
                 f" -c unix_socket_directories={self.sockets} -c max_connections=200"
-                " -c shared_buffers=64MB")
+                f" -c shared_buffers={self.shared_buffers}")
         if not self.durable:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         try:

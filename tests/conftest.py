@@ -46,9 +46,12 @@ class RegistryProcess:
     """
 
     def __init__(self, db: str | Path, workers: int = 2, port: int | None = None,
-                 log: Path | None = None, tls_dir: Path | None = None) -> None:
-        """`db` is a SQLite path or a postgresql:// URL (its password from PGPASSFILE)."""
+                 log: Path | None = None, tls_dir: Path | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        """`db` is a SQLite path or a postgresql:// URL (its password from PGPASSFILE);
+        `args` go to `registry serve` as well."""
         self.db = db
+        self.args = args
         self.workers = workers
         self.port = port or free_port()
         self.tls_args: list[str] = []
@@ -71,7 +74,7 @@ class RegistryProcess:
         self.proc = subprocess.Popen(
             [*WGJIT, "registry", "serve", "--db", str(self.db),
              "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-             *self.tls_args],
+             *self.tls_args, *self.args],
             stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_http(self.url + "/healthz", proc=self.proc, verify=self.ca_file or True)
@@ -115,11 +118,11 @@ def make_token(db: str | Path, scope: str, tenant: str | None = None) -> str:
 def registry_server(tmp_path):
     servers: list[RegistryProcess] = []
 
-    def start(db: str | Path | None = None, workers: int = 2, tls: bool = False
-              ) -> RegistryProcess:
+    def start(db: str | Path | None = None, workers: int = 2, tls: bool = False,
+              args: tuple[str, ...] = ()) -> RegistryProcess:
         log = tmp_path / f"registry-{len(servers)}.log"
         srv = RegistryProcess(db or tmp_path / "registry.db", workers, log=log,
-                              tls_dir=tmp_path / "tls" if tls else None).start()
+                              tls_dir=tmp_path / "tls" if tls else None, args=args).start()
         servers.append(srv)
         return srv
 

@@ -23,7 +23,8 @@ API_BUSY_TIMEOUT_MS = 2_000
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """App factory. `config["DATABASE"]` is the --db value (required): a SQLite path or
-    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file;
+    a postgresql:// URL; `config["DB_PASSWORD_FILE"]` the PostgreSQL password file,
+    `config["DB_POOL_SIZE"]` its connections per process;
     `config["DB_BUSY_TIMEOUT_MS"]` replaces API_BUSY_TIMEOUT_MS."""
     from flask import Flask
     from werkzeug.routing import BaseConverter
@@ -45,6 +46,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if not app.config.get("DATABASE"):
         raise ValueError("create_app: DATABASE (a SQLite path or postgresql:// URL) is required")
     store = open_store(app.config["DATABASE"], app.config.get("DB_PASSWORD_FILE"),
+                       app.config.get("DB_POOL_SIZE"),
                        busy_timeout_ms=app.config.get("DB_BUSY_TIMEOUT_MS", API_BUSY_TIMEOUT_MS))
     if not app.config.get("SKIP_MIGRATE"):
         store.migrate()

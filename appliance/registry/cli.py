@@ -25,6 +25,10 @@ SERVE_OPTIONS = [
     Option("workers", int, 2, check=config.positive, metavar="N",
            help="gunicorn worker processes"),
     Option("threads", int, 4, check=config.positive, metavar="N", help="threads per worker"),
+    # No default of its own: --threads' (store/postgres.py says why).
+    Option("db-pool-size", int, check=config.positive, metavar="N",
+           help="PostgreSQL connections per worker (default: --threads); each registry "
+                "server opens up to workers x N"),
     Option("access-log", metavar="FILE", help="access log ('-' for stderr)"),
     Option("tls-cert", metavar="FILE",
            help="serve HTTPS with this PEM certificate (chain); needs --tls-key"),
@@ -145,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = check_tls(s["tls_cert"], s["tls_key"])
     _open_store(s).close()  # a bad --db or password file is refused before gunicorn starts
     serve(s["db"], s["listen"], s["workers"], s["threads"], s["access_log"],
-          s["db_password_file"], tls=tls)
+          s["db_password_file"], tls=tls, db_pool_size=s["db_pool_size"])
     return 0
 
 

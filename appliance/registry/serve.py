@@ -59,12 +59,24 @@ def _is_loopback_bind(listen: str) -> bool:
     return is_loopback(listen.rpartition(":")[0])
 
 
+def pool_size(threads: int, db_pool_size: int | None) -> int:
+    """PostgreSQL connections per worker: one per thread unless the operator says.
+
+    A gthread worker serves at most `threads` requests at once, and a request
+    holds at most one connection at a time (every store call returns its
+    connection before the next; the metrics scrape and /healthz are requests
+    too). More would sit idle against max_connections; fewer make requests
+    queue for a connection (up to POOL_TIMEOUT) while threads are free."""
+    return db_pool_size if db_pool_size is not None else threads
+
+
 class RegistryServer(BaseApplication):
     def __init__(self, db: str, listen: str, workers: int, threads: int,
                  access_log: str | None = None, password_file: str | None = None,
-                 tls: TLSFiles | None = None) -> None:
+                 tls: TLSFiles | None = None, db_pool_size: int | None = None) -> None:
         self.db = db
         self.password_file = password_file
+        self.db_pool_size = pool_size(threads, db_pool_size)
         self.options = {
             "bind": listen,
             "workers": workers,
@@ -103,12 +115,12 @@ class RegistryServer(BaseApplication):
         # Each worker opens its own store after the fork: connections and pools
         # must not be shared across processes.
         return create_app({"DATABASE": self.db, "DB_PASSWORD_FILE": self.password_file,
-                           "SKIP_MIGRATE": True})
+                           "DB_POOL_SIZE": self.db_pool_size, "SKIP_MIGRATE": True})
 
 
 def serve(db: str, listen: str, workers: int, threads: int,
           access_log: str | None = None, password_file: str | None = None,
-          tls: TLSFiles | None = None) -> None:
+          tls: TLSFiles | None = None, db_pool_size: int | None = None) -> None:
     if tls is None and not _is_loopback_bind(listen):
         log.warning("serving plain HTTP on %s: tokens and preshared keys cross the network "
                     "in clear; give --tls-cert and --tls-key", listen)
@@ -123,6 +135,7 @@ def serve(db: str, listen: str, workers: int, threads: int,
     metrics_dir = tempfile.mkdtemp(prefix="wgjit-registry-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        RegistryServer(db, listen, workers, threads, access_log, password_file, tls).run()
+        RegistryServer(db, listen, workers, threads, access_log, password_file, tls,
+                       db_pool_size).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""/v1/tenants: the groups peers belong to; allowed IPs are unique per tenant."""
+"""/v1/tenants: the groups peers belong to; allowed IPs are unique across tenants."""
 
 from __future__ import annotations
 

@@ -335,7 +335,7 @@ def test_migration_from_v1_keeps_data(db, engine):
     if engine == "sqlite":
         conn = store.conn()
         # v3 rebuilt allowed_ips without its rowid; the rows came along, and the
-        # range index (across tenants since v4) answers the overlap question.
+        # range index (across tenants since v5) answers the overlap question.
         with pytest.raises(sqlite3.OperationalError):
             conn.execute("SELECT rowid FROM allowed_ips")
         plan = " ".join(r[-1] for r in conn.execute(
@@ -349,12 +349,27 @@ def test_migration_from_v1_keeps_data(db, engine):
         with psycopg.connect(db) as conn:
             conn.execute("SET enable_seqscan = off")  # a tiny table would be scanned anyway
             plan = " ".join(r[0] for r in conn.execute(
-                "EXPLAIN SELECT cidr FROM allowed_ips WHERE net && '198.18.0.0/24'::cidr"
-                " LIMIT 1"))
-        assert "allowed_ips_net" in plan  # the GiST (inet_ops) index answers overlaps
+                "EXPLAIN SELECT cidr FROM allowed_ips WHERE net <= '198.18.0.255/32'::cidr"
+                " ORDER BY net DESC LIMIT 1"))
+            indexes = {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'allowed_ips'")}
+            foreign_keys = {r[0] for r in conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = 'allowed_ips'::regclass"
+                " AND contype = 'f'")}
+        # v7 replaced the GiST index with a btree that finds the predecessor.
+        assert "Index Scan Backward using allowed_ips_span" in plan, plan
+        assert "allowed_ips_net" not in indexes
+        # The peer's foreign key stays (it cascades); the tenant's went in v7.
+        assert foreign_keys == {"allowed_ips_peer_id_fkey"}
     store.delete_peer(key)  # the cascade survived the migrations
     assert store.find_overlap(cidr.parse("198.18.0.0/24")) is None
     store.close()
+
+
+def test_engines_count_schema_versions_alike():
+    from appliance.registry.store import postgres, sqlite
+
+    assert len(sqlite.MIGRATIONS) == len(postgres.MIGRATIONS)
 
 
 def test_newer_schema_is_refused(db, engine):

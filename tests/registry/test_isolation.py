@@ -206,11 +206,15 @@ def test_openapi_describes_the_rules(client):
         assert "/16" in props["allowed_ips"]["description"]
 
 
-def test_concurrent_writers_in_two_tenants_cannot_both_take_a_network(store):
+def test_concurrent_writers_in_two_tenants_cannot_both_take_a_network(db):
     # PostgreSQL runs writers at once: without the address lock, each could check,
     # find nothing, and insert. Rounds of 8 writers, 4 tenants, one network each round.
     from concurrent.futures import ThreadPoolExecutor
 
+    from appliance.registry.store import open_store
+
+    store = open_store(db, pool_size=8)  # a connection per writer (the default is 2)
+    store.migrate()
     tenants = [f"t{i}" for i in range(4)]
     for t in tenants:
         store.create_tenant(t)
@@ -231,4 +235,5 @@ def test_concurrent_writers_in_two_tenants_cannot_both_take_a_network(store):
             assert wins[:4].count(True) + any(wins[4:]) == 1, (r, wins)
             assert not any(wins[4:]) or all(wins[4:]), (r, wins)
     found = [store.find_overlap(cidr.parse(f"198.18.{r}.0/24")) for r in range(10)]
+    store.close()
     assert all(found)

@@ -77,6 +77,41 @@ def test_serve_config_errors_name_the_key(tmp_path):
     r = subprocess.run([*WGJIT, "registry", "serve", "--db", "x.db"], capture_output=True,
                        text=True, env=dict(os.environ, WGJIT_WORKERS="many"), timeout=30)
     assert r.returncode == 2 and "WGJIT_WORKERS" in r.stderr
+    r = wgjit("registry", "serve", "--db", "x.db", "--db-pool-size", "0", check=False)
+    assert r.returncode == 2 and "--db-pool-size" in r.stderr
+
+
+@pytest.mark.parametrize("args,per_worker", [
+    (("--threads", "3"), 3),  # the default: one connection per thread
+    (("--threads", "6", "--db-pool-size", "2"), 2),
+])
+def test_postgres_connections_per_worker(registry_server, pg_server, args, per_worker):
+    """Each worker opens at most its pool's size; requests beyond it queue for a
+    connection instead of failing."""
+    import psycopg
+
+    db = pg_server.create_database()
+    srv = None
+    try:
+        token = make_token(db, "gateway")
+        srv = registry_server(db, workers=2, args=args)
+        missing = requests.utils.quote(generate_keypair()[1], safe="")
+
+        def lookup(_: int) -> int:
+            return requests.get(f"{srv.url}/v1/gateway/peers/{missing}", timeout=30,
+                                headers={"Authorization": f"Bearer {token}"}).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(lookup, range(400))) == {404}
+        with psycopg.connect(db) as conn:
+            opened = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                                  " current_database() AND pid <> pg_backend_pid()"
+                                  ).fetchone()[0]
+        assert 2 <= opened <= 2 * per_worker
+    finally:
+        if srv is not None:
+            srv.stop()
+        pg_server.drop_database(db)
 
 
 def test_parallel_writers_lose_nothing(registry_server, db):

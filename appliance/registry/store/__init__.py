@@ -268,12 +268,15 @@ def check_url(url: str) -> None:
 
 
 def open_store(db: str | os.PathLike[str], password_file: str | None = None,
-               **options: Any) -> Store:
-    """The store for a --db value; `options` go to the engine (e.g. SQLite's cache_kib)."""
+               pool_size: int | None = None, **options: Any) -> Store:
+    """The store for a --db value; `options` go to the engine (e.g. SQLite's cache_kib).
+    `pool_size` caps PostgreSQL connections per process (SQLite keeps one per thread)."""
     if is_postgres(db):
         check_url(str(db))
         from appliance.registry.store.postgres import PostgresStore
 
+        if pool_size is not None:
+            options["pool_size"] = pool_size
         return PostgresStore(str(db), password_file, **options)
     if password_file is not None:
         raise DatabaseURLError("--db-password-file is for PostgreSQL; --db is a SQLite path")
