@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from appliance.keys import encode_key, generate_keypair  # noqa: E402
 from appliance.wg import PeerConfig, WgDevice, create_device, stop_wireguard_go  # noqa: E402
+from bench.common import RunInfo, write_json  # noqa: E402
 from lab.netns import create_netns, delete_netns  # noqa: E402
 
 
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("needs root (namespaces, wireguard-go, qemu)")
 
+    info = RunInfo()
     if args.inner == "netlink":
         rows = bench_netlink_inner(args.peers, args.single_removes or 1000)
     else:
@@ -276,11 +278,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_netlink(args.peers, args.single_removes or 1000)
     if args.inner is None:
         print(table(rows))
-    if args.json:
-        payload = {"bench": "backends", "peers": args.peers, "host": platform.node(),
-                   "kernel": platform.release(), "python": platform.python_version(),
-                   "rows": [dict(asdict(r), rate_per_s=r.rate) for r in rows]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    results = {"host": platform.node(), "kernel": platform.release(),
+               "python": platform.python_version(),
+               "rows": [dict(asdict(r), rate_per_s=r.rate) for r in rows]}
+    if args.inner is not None:  # the VM's half: bench_netlink reads its rows
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        info.finish()
+        write_json(args.json, "backends", info, {k: v for k, v in vars(args).items()
+                                                  if k not in ("json", "inner")}, results)
     return 0
 
 

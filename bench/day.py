@@ -1,10 +1,12 @@
 """A simulated day on one gateway: installed peers under push vs just-in-time.
 
     .venv/bin/python bench/day.py [--clients 20000] [--idle-timeout 300] [--seed 1]
-                                  [--out bench/results]
+                                  [--out bench/results] [--json PATH]
 
 Writes day.png (installed peers over the day), day.csv (one row a minute) and
-day.md (hourly table and summary) to --out, and prints the table.
+day.md (hourly table and summary) to --out, and prints the table; --json also
+writes the parameters, the hourly rows and the day's totals like the other
+benches (bench/common.py).
 
 An event-driven simulation, not a lab run: a day of WireGuard traffic does not
 fit in a test. What is simulated is the clients; what decides evictions is the
@@ -35,7 +37,7 @@ import math
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.gateway.evict import THRASH_WINDOW, EvictionPolicy, Evictor  # noqa: E402
 from appliance.gateway.metrics import GatewayMetrics  # noqa: E402
 from appliance.wg import PeerActivity  # noqa: E402
+from bench.common import RunInfo, write_json  # noqa: E402
 
 DAY = 86_400.0
 REKEY_AFTER_TIME = 120.0  # whitepaper 6.1: a session in use re-handshakes this often
@@ -262,6 +265,17 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict) -> dict:
+    """What the README states about a day, and the hourly rows it comes from."""
+    m = result["minutes"]
+    jit = [x["installed_jit"] for x in m]
+    return {"hourly": hourly(m),
+            "push_installed_at_end": m[-1]["registered_push"],
+            "jit_peak": max(jit), "jit_mean": round(sum(jit) / len(jit)),
+            "active_peak": max(x["active"] for x in m),
+            "clients_seen": result["clients_seen"], "counts": result["counts"]}
+
+
 def write_csv(result: dict, path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["t", "active", "installed_jit", "registered_push"])
@@ -316,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="directory for day.png, day.csv, day.md (bench/results)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    info = RunInfo()
     p = Params(clients=args.clients, signups=args.signups, idle_timeout=args.idle_timeout,
                evict_interval=args.evict_interval, max_peers=args.max_peers, seed=args.seed)
     result = simulate(p)
@@ -328,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nwritten: {args.out / 'day.md'}, {args.out / 'day.csv'}"
           + (f", {args.out / 'day.png'}" if drew else ""))
+    info.finish()
+    write_json(args.json, "day", info, asdict(p), summary(result))
     return 0
 
 

@@ -155,8 +155,13 @@ class RegistryClient:
             raise self._fail("metrics", r)
         return r.text
 
-    def wait_healthy(self, timeout: float = 20.0) -> float:
-        """Seconds until /healthz answered; fails early if the server died."""
+    def wait_healthy(self, timeout: float = 60.0) -> float:
+        """Seconds until /healthz answered; fails early if the server died.
+
+        60 s, not 20: inside a quick VM (qemu TCG, Python ~10x slower) at load 7-12
+        the workers had booted and still not answered after 20 s. A server that
+        dies is caught at once whatever the timeout, so a long one costs nothing.
+        """
         t0 = time.monotonic()
         while not self.healthy():
             if not procs.alive(self.reg.pid):

@@ -39,9 +39,9 @@ from lab.vm_kernel import (
     Kernel,
     VMImageError,
     choose,
-    kernels_with,
     module_files,
     modules_to_load,
+    survey,
 )
 from wgjit_deploy import packages
 
@@ -117,6 +117,7 @@ ROOT_DRIVERS = {
 }
 # Not needed to boot, but a VM lab kernel without it is useless.
 REQUIRED_DRIVERS = {"wireguard": "kernel WireGuard, what the VM lab is for"}
+DISK_DRIVERS = {**ROOT_DRIVERS, **REQUIRED_DRIVERS}
 INITRD_INIT = r"""#!/bin/busybox sh
 export PATH=/bin
 busybox mkdir -p /proc /sys /dev /newroot
@@ -206,8 +207,8 @@ def find_disk_kernel() -> Kernel:
 
     A disk root needs no 9p, so Debian's cloud kernel serves as well as the full one.
     """
-    return choose(kernels_with({**ROOT_DRIVERS, **REQUIRED_DRIVERS}),
-                  ", ".join([*ROOT_DRIVERS, *REQUIRED_DRIVERS]) + " built in or as modules")
+    usable, rejected = survey(DISK_DRIVERS)
+    return choose(usable, ", ".join(DISK_DRIVERS) + " built in or as modules", rejected)
 
 
 def recipe_hash(kernel: Kernel, mirror: str) -> str:

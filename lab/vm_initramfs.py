@@ -28,13 +28,13 @@ from lab.vm_kernel import (
     Kernel,
     VMImageError,
     choose,
-    kernels_with,
     module_files,
     modules_to_load,
+    survey,
 )
 
 __all__ = ["CHECKOUT", "Kernel", "VMImageError", "boot_image", "cache_dir", "find_kernel",
-           "initramfs", "module_files", "usable_kernels"]
+           "initramfs", "module_files", "rejected_kernels", "usable_kernels"]
 
 INIT_DIR = Path(__file__).with_name("vm_init")
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -70,12 +70,21 @@ def boot_modules(version: str) -> list[Path]:
 
 def usable_kernels() -> list[Kernel]:
     """Kernels in /boot that can boot a quick VM, in preference order (stock first)."""
-    return kernels_with(BOOT_DRIVERS)
+    return survey(BOOT_DRIVERS)[0]
+
+
+def rejected_kernels() -> dict[str, str]:
+    """Installed kernels that cannot boot a quick VM: version -> the drivers they lack.
+
+    Debian 12's cloud kernel is one: no 9p (CONFIG_NET_9P is not set).
+    """
+    return survey(BOOT_DRIVERS)[1]
 
 
 def find_kernel() -> Kernel:
     """The kernel to boot: $WGJIT_VM_KERNEL (a version) if set, else the stock one."""
-    return choose(usable_kernels(), ", ".join(BOOT_DRIVERS) + " built in or as modules")
+    usable, rejected = survey(BOOT_DRIVERS)
+    return choose(usable, ", ".join(BOOT_DRIVERS) + " built in or as modules", rejected)
 
 
 def _bzimage_payload(data: bytes) -> bytes:

@@ -90,29 +90,42 @@ def kernel_config(version: str) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^(CONFIG_\w+)=(\S+)$", text, re.M))
 
 
-def modules_to_load(version: str, needed: Mapping[str, str]) -> list[str]:
-    """The drivers of `needed` (name -> what needs it) that this kernel has as modules.
+def missing_drivers(version: str, needed: Mapping[str, str]) -> dict[str, str]:
+    """The drivers of `needed` this kernel has neither built in nor as a module.
 
-    Built-in ones are left out. A driver that is neither built in nor a module is a
-    VMImageError naming it, what needs it and its config option: better at once on
-    the host than a guest stopping with a vague message minutes later.
+    name -> what needs it and the state of its config option, for an error.
     """
     builtin = builtin_modules(version)
     modules = loadable_modules(version)
     config = kernel_config(version)
-    load = []
+    missing = {}
     for name, why in needed.items():
         symbol = CONFIG_SYMBOLS.get(name)
-        if name in builtin or (symbol and config.get(symbol) == "y"):
+        if name in builtin or name in modules or (symbol and config.get(symbol) == "y"):
             continue
-        if name not in modules:
-            state = f"{symbol}={config[symbol]}" if symbol and symbol in config else \
-                f"{symbol} is not set" if symbol else "no known config option"
-            raise VMImageError(
-                f"kernel {version} has no {name} ({why}): not in modules.builtin and no "
-                f"module under {MODULES_DIR / version} ({state})")
-        load.append(name)
-    return load
+        state = f"{symbol}={config[symbol]}" if symbol and symbol in config else \
+            f"{symbol} is not set" if symbol else "no known config option"
+        missing[name] = f"{why}; {state}"
+    return missing
+
+
+def modules_to_load(version: str, needed: Mapping[str, str]) -> list[str]:
+    """The drivers of `needed` (name -> what needs it) that this kernel has as modules.
+
+    Built-in ones are left out. Drivers that are neither built in nor modules are a
+    VMImageError naming each of them, what needs it and its config option: better
+    at once on the host than a guest stopping with a vague message minutes later.
+    """
+    missing = missing_drivers(version, needed)
+    if missing:
+        raise VMImageError(
+            f"kernel {version} has no " + ", no ".join(f"{n} ({why})" for n, why in
+                                                      missing.items())
+            + f": not in modules.builtin and no module under {MODULES_DIR / version}")
+    builtin = builtin_modules(version)
+    config = kernel_config(version)
+    return [name for name in needed if name not in builtin
+            and not (CONFIG_SYMBOLS.get(name) and config.get(CONFIG_SYMBOLS[name]) == "y")]
 
 
 def module_files(version: str, modules: Iterable[str]) -> list[Path]:
@@ -160,29 +173,37 @@ def installed_kernels() -> list[Kernel]:
                   reverse=True)
 
 
-def kernels_with(drivers: Mapping[str, str]) -> list[Kernel]:
-    """Installed kernels that have every one of `drivers`, built in or as modules."""
-    found = []
+def survey(drivers: Mapping[str, str]) -> tuple[list[Kernel], dict[str, str]]:
+    """Installed kernels that have every one of `drivers` (built in or as modules), in
+    preference order; and version -> why, for each one that lacks some."""
+    usable, rejected = [], {}
     for kernel in installed_kernels():
         try:
             modules_to_load(kernel.version, drivers)
-        except VMImageError:
+        except VMImageError as e:
+            rejected[kernel.version] = str(e)
             continue
-        found.append(kernel)
-    return found
+        usable.append(kernel)
+    return usable, rejected
 
 
-def choose(kernels: list[Kernel], usable: str) -> Kernel:
+def choose(kernels: list[Kernel], usable: str, rejected: Mapping[str, str] | None = None,
+           ) -> Kernel:
     """The preferred kernel of `kernels` (already in preference order); $WGJIT_VM_KERNEL wins.
 
-    `usable` says what made a kernel usable, for the error when none is.
+    `usable` says what made a kernel usable and `rejected` (version -> why) why the
+    other installed ones are not, for the error when none is.
     """
+    rejected = rejected or {}
     wanted = os.environ.get("WGJIT_VM_KERNEL")
     if wanted:
+        if wanted in rejected:
+            raise VMImageError(f"WGJIT_VM_KERNEL={wanted} cannot be used: {rejected[wanted]}")
         kernels = [k for k in kernels if k.version == wanted]
     if not kernels:
         raise VMImageError(
             f"no usable kernel in /boot (need vmlinuz-<v> with /lib/modules/<v> and {usable}; "
             f"Debian's {STOCK_METAPACKAGE} has them: apt-get install {STOCK_METAPACKAGE})"
-            + (f"; WGJIT_VM_KERNEL={wanted} is not among them" if wanted else ""))
+            + (f"; WGJIT_VM_KERNEL={wanted} is not among them" if wanted else "")
+            + "".join(f"; {why}" for why in rejected.values()))
     return kernels[0]

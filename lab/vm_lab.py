@@ -45,9 +45,13 @@ STATE_FILE = "vmlab.json"
 CHECKOUT = Path(__file__).resolve().parent.parent
 BRIDGE = "br0"
 QEMU = "qemu-system-x86_64"
+# ConnectTimeout also bounds sshd's banner and key exchange: at 5 s, three deploy
+# tests failed with "Connection timed out during banner exchange" while two deploy
+# tiers shared the 2 cores (load 12, four TCG guests). A VM that is not up yet
+# refuses the connection at once, so wait_ssh does not wait on this.
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-               "-o", "ConnectTimeout=5"]
+               "-o", "ConnectTimeout=30"]
 # The deploy's interface name on gateways (group_data/gateways.py says the same).
 GATEWAY_IFNAME = "wgjit0"
 POWEROFF_TIMEOUT = 180.0

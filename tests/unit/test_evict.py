@@ -6,6 +6,7 @@ The same paths run against real wireguard-go in tests/lab/test_housekeeping.py
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -282,6 +283,12 @@ def test_a_simulated_day_through_the_policy(tmp_path) -> None:
     night = min(range(24), key=lambda h: m[h * 60]["active"])
     assert m[peak_hour * 60]["installed_jit"] > 1.5 * m[night * 60]["installed_jit"]
     assert result["counts"]["evicted_idle"] > 0
-    assert day.main(["--clients", "300", "--signups", "10", "--out", str(tmp_path)]) == 0
+    assert day.main(["--clients", "300", "--signups", "10", "--out", str(tmp_path),
+                     "--json", str(tmp_path / "day.json")]) == 0
     assert (tmp_path / "day.md").read_text().count("| ") > 24
     assert (tmp_path / "day.csv").exists()
+    doc = json.loads((tmp_path / "day.json").read_text())
+    assert doc["bench"] == "day" and doc["params"]["clients"] == 300
+    assert len(doc["results"]["hourly"]) == 24
+    assert doc["results"]["push_installed_at_end"] == 310
+    assert doc["results"]["jit_peak"] >= doc["results"]["active_peak"]

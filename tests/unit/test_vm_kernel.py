@@ -50,14 +50,46 @@ def test_built_in_drivers_are_left_out_by_modules_builtin_or_config(tmp_path):
     assert vm_kernel.modules_to_load("6.12.1-rt-amd64", NEEDED) == ["9p"]
 
 
-def test_a_missing_driver_names_itself_what_needs_it_and_its_option(tmp_path):
+def test_missing_drivers_are_each_named_with_what_needs_them_and_their_option(tmp_path):
+    # Debian 12's cloud kernel: virtio as modules, no 9p at all (CONFIG_NET_9P unset).
+    needed = {**NEEDED, "9pnet_virtio": "the host root's transport"}
     _kernel(tmp_path, "6.1.0-1-cloud-amd64", builtin=["virtio/virtio_pci"],
             config={"CONFIG_VIRTIO_CONSOLE": "m"}, modules=["char/virtio_console"])
     with pytest.raises(VMImageError) as info:
-        vm_kernel.modules_to_load("6.1.0-1-cloud-amd64", NEEDED)
+        vm_kernel.modules_to_load("6.1.0-1-cloud-amd64", needed)
     msg = str(info.value)
-    assert "kernel 6.1.0-1-cloud-amd64 has no 9p (the host root)" in msg
-    assert "CONFIG_9P_FS is not set" in msg
+    assert msg.startswith("kernel 6.1.0-1-cloud-amd64 has no 9p (the host root; "
+                          "CONFIG_9P_FS is not set), no 9pnet_virtio (the host root's "
+                          "transport; CONFIG_NET_9P_VIRTIO is not set)")
+    assert "virtio_console" not in msg and "virtio_pci" not in msg
+
+
+def test_a_kernel_lacking_drivers_is_passed_over_and_refused_by_name(tmp_path, monkeypatch):
+    # Stock and cloud side by side: the stock one serves; naming the cloud one in
+    # $WGJIT_VM_KERNEL says why it cannot, and with only the cloud one the error
+    # when nothing is usable carries the same reason.
+    _kernel(tmp_path, "6.1.0-57-amd64", builtin=[], config={"CONFIG_9P_FS": "m"},
+            modules=["virtio/virtio_pci", "char/virtio_console", "fs/9p"])
+    _kernel(tmp_path, "6.1.0-57-cloud-amd64", builtin=[], config={},
+            modules=["virtio/virtio_pci", "char/virtio_console"])
+    monkeypatch.setattr(vm_kernel, "stock_version", lambda: "6.1.0-57-amd64")
+    usable, rejected = vm_kernel.survey(NEEDED)
+    assert [k.version for k in usable] == ["6.1.0-57-amd64"]
+    assert list(rejected) == ["6.1.0-57-cloud-amd64"]
+    assert "has no 9p (the host root; CONFIG_9P_FS is not set)" in rejected[
+        "6.1.0-57-cloud-amd64"]
+    assert vm_kernel.choose(usable, "9p", rejected).version == "6.1.0-57-amd64"
+    monkeypatch.setenv("WGJIT_VM_KERNEL", "6.1.0-57-cloud-amd64")
+    with pytest.raises(VMImageError, match=r"WGJIT_VM_KERNEL=6\.1\.0-57-cloud-amd64 cannot "
+                                           r"be used: kernel \S+ has no 9p \("):
+        vm_kernel.choose(usable, "9p", rejected)
+    monkeypatch.delenv("WGJIT_VM_KERNEL")
+    (tmp_path / "boot" / "vmlinuz-6.1.0-57-amd64").unlink()
+    usable, rejected = vm_kernel.survey(NEEDED)
+    assert usable == []
+    with pytest.raises(VMImageError, match=r"no usable kernel .*; kernel 6\.1\.0-57-cloud-amd64 "
+                                           r"has no 9p \("):
+        vm_kernel.choose(usable, "9p", rejected)
 
 
 def test_module_names_normalise_dashes_and_compression(tmp_path):
