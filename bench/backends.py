@@ -4,7 +4,7 @@
                                        [--json PATH]
 
 uapi     real wireguard-go in a throwaway namespace on this machine.
-netlink  the kernel module inside a quick VM (lab/vm.py): qemu TCG, so every figure
+netlink  the kernel module inside a quick VM (lab/vm/quick.py): qemu TCG, so every figure
          is EMULATED (Python runs ~10x slower than on the host, and the kernel's
          per-peer RCU waits on removal are far slower); compare rows within it,
          not with the uapi rows. Also compares pyroute2's stock WireGuard.set()

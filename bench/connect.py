@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataplane", choices=["wireguard-go", "kernel"], default="wireguard-go",
                     help="kernel: kernel WireGuard interfaces (needs the module: inside a VM)")
     ap.add_argument("--kernel-vm", action="store_true",
-                    help="boot a quick VM (lab/vm.py) and run this bench inside it on kernel "
+                    help="boot a quick VM (lab/vm/quick.py) and run this bench inside it on kernel "
                          "WireGuard; under emulation, so compare modes, not absolute times")
     args = ap.parse_args(argv)
     rtts = args.rtt or RTTS

@@ -6,6 +6,6 @@
 lab/fleet.py, which the Vagrantfile describes too.
 """
 
-from lab.vm_lab import inventory_groups
+from lab.vm.lab import inventory_groups
 
 globals().update(inventory_groups())

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lab import demo
 
     demo.add_arguments(sub.add_parser("demo", help="the JIT story, told with a live timeline"))
-    from lab import vm_cli
+    from lab.vm import cli as vm_cli
 
     vm_cli.add_arguments(sub.add_parser("vm", help="the VM lab: Debian VMs with kernel "
                                         "WireGuard, the deploy's targets"))

@@ -2,7 +2,7 @@
 
 No box can be downloaded on the lab machines, and the VMs cannot reach the package
 mirrors reliably, so this builds one with debootstrap from the VM lab's package
-cache (lab/vm_image.py: same mirror, same `debs/` directory) and installs every
+cache (lab/vm/image.py: same mirror, same `debs/` directory) and installs every
 package the deploy asks for, so the deploy's apt step has nothing to fetch.
 
 Unlike the VM lab's image the box boots itself: its own kernel (Debian's cloud
@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from lab.vm_image import (
+from lab.vm.image import (
     SUITE,
     _lock,
     _run,
@@ -44,7 +44,7 @@ from lab.vm_image import (
     image_packages,
     require_tools,
 )
-from lab.vm_kernel import VMImageError
+from lab.vm.kernel import VMImageError
 
 BOX_NAME = "wgjit/bookworm-lab"
 # Bump when the way the box is assembled changes without the inputs changing.

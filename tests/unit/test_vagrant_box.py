@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import vagrant_box, vm_image
+from lab import vagrant_box
+from lab.vm import image as vm_image
 
 KEY = "ssh-rsa AAAAB3Nza insecure"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import vm_image
-from lab.vm_initramfs import VMImageError
+from lab.vm import image as vm_image
+from lab.vm.initramfs import VMImageError
 
 DEB822 = """\
 Types: deb

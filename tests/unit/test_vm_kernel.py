@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import vm_kernel
-from lab.vm_kernel import Kernel, VMImageError
+from lab.vm import kernel as vm_kernel
+from lab.vm.kernel import Kernel, VMImageError
 
 NEEDED = {"virtio_pci": "the PCI transport", "virtio_console": "the control port",
           "9p": "the host root"}

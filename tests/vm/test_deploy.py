@@ -30,7 +30,7 @@ from appliance.secrets import read_secret, write_secret
 from lab import addressing, procs
 from lab import client as lab_client
 from lab.netns import list_netns, uapi_socket
-from lab.vm_lab import GATEWAY_IFNAME, LAB_TENANT, VMLab
+from lab.vm.lab import GATEWAY_IFNAME, LAB_TENANT, VMLab
 
 # The first test carries the module's setup: image (cached), two boots, first deploy.
 pytestmark = [pytest.mark.vm, pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -314,7 +314,7 @@ def test_client_connects_just_in_time_and_is_evicted(lab, first_run, jit_client)
 # takes that role too (a third emulated VM would cost minutes), with an address
 # no namespace client uses.
 CLIENT_VM_INVENTORY = """
-from lab.vm_lab import inventory_groups
+from lab.vm.lab import inventory_groups
 
 _name, _data = inventory_groups()["registry"][0]
 clients = [(_name, {{**_data, "wg_address": [{address!r}], "gateway": {gateway!r},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab import addressing, fleet
-from lab.vm_lab import VMHost, VMLabState, inventory_groups
+from lab.vm.lab import VMHost, VMLabState, inventory_groups
 
 pytestmark = pytest.mark.vm
 
@@ -33,7 +33,7 @@ def vagrant_fleet(gateways: int, clients: int) -> list[dict]:
 
 def lab_inventory(tmp_path: Path, monkeypatch, gateways: int) -> dict:
     """inventory/lab.py's groups for a VM lab of this size (state faked, nothing booted)."""
-    import lab.vm_lab as vm_lab
+    import lab.vm.lab as vm_lab
 
     monkeypatch.setattr(vm_lab, "VM_STATE_ROOT", tmp_path)
     d = tmp_path / "wvtest"

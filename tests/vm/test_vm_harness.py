@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lab.vm import VM, VMError, VMTimeout, run_in_vm
-from lab.vm_image import DISK_DRIVERS, find_disk_kernel
-from lab.vm_initramfs import (
+from lab.vm.image import DISK_DRIVERS, find_disk_kernel
+from lab.vm.initramfs import (
     BOOT_DRIVERS,
     CHECKOUT,
     boot_modules,
@@ -22,7 +22,7 @@ from lab.vm_initramfs import (
     rejected_kernels,
     usable_kernels,
 )
-from lab.vm_kernel import (
+from lab.vm.kernel import (
     CONFIG_SYMBOLS,
     VMImageError,
     builtin_modules,
@@ -93,7 +93,7 @@ def test_every_installed_kernel_boots(kernel, tmp_path):
         disk_usable, disk_rejected = survey(DISK_DRIVERS)
         assert (kernel in disk_usable) == (not _lacking(kernel.version, DISK_DRIVERS))
         warnings.warn(
-            f"kernel {kernel.version} cannot boot the quick VM (lab/vm.py): {why}. "
+            f"kernel {kernel.version} cannot boot the quick VM (lab/vm/quick.py): {why}. "
             + (f"The VM lab's disk VMs can use it (WGJIT_VM_KERNEL={kernel.version}); "
                f"they boot {find_disk_kernel().version}." if kernel in disk_usable else
                f"Nor can the VM lab's disk VMs: {disk_rejected[kernel.version]}."),

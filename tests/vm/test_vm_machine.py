@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from lab import vm_image
+from lab.vm import image as vm_image
 
 pytestmark = pytest.mark.vm
 

@@ -1,6 +1,6 @@
 """Which Debian kernel a VM boots, and which of its drivers must be loaded by hand.
 
-Both VM flavours (the quick harness in lab/vm.py and the full Debian VMs of the VM
+Both VM flavours (the quick harness in lab/vm/quick.py and the full Debian VMs of the VM
 lab) boot a kernel from /boot with an initramfs of ours that loads only what it
 needs. What it needs depends on the kernel, not on us: Debian 12's stock kernel
 (`linux-image-amd64`, 6.1) builds `virtio_pci`, `virtio_console`, `virtio_blk`

@@ -1,4 +1,4 @@
-"""`python -m lab vm up|down|ssh|status`: the VM lab by hand (see lab/vm_lab.py)."""
+"""`python -m lab vm up|down|ssh|status`: the VM lab by hand (see lab/vm/lab.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import time
 
 from lab.netns import LabError
-from lab.vm_lab import VMLab, list_vm_labs
+from lab.vm.lab import VMLab, list_vm_labs
 
 
 def _which(args: argparse.Namespace) -> str:
@@ -57,7 +57,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lab.vm_lab import main_status
+    from lab.vm.lab import main_status
 
     labs = list_vm_labs()
     print("\n".join(main_status(p) for p in labs) or "no VM lab is running")

@@ -1,8 +1,8 @@
 """A Debian bookworm disk image for full VMs: systemd, sshd, python3, kernel WireGuard.
 
-The quick VM (lab/vm.py) shares the host's root over 9p; a deploy target must be
+The quick VM (lab/vm/quick.py) shares the host's root over 9p; a deploy target must be
 a machine of its own, so this builds one with debootstrap and boots it from a
-disk. The kernel is one of the host's Debian kernels (lab/vm_kernel.py picks it:
+disk. The kernel is one of the host's Debian kernels (lab/vm/kernel.py picks it:
 the stock one unless $WGJIT_VM_KERNEL says otherwise) booted by qemu with a small
 initrd of ours; its modules are copied into the image so udev and modprobe inside
 the guest find WireGuard.
@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lab.vm_initramfs import _busybox, _decompressed, _ko_name
-from lab.vm_kernel import (
+from lab.vm.initramfs import _busybox, _decompressed, _ko_name
+from lab.vm.kernel import (
     MODULES_DIR,
     Kernel,
     VMImageError,
@@ -107,7 +107,7 @@ WantedBy=multi-user.target
 
 # The host's initrd (initramfs-tools, every driver) takes over a minute to unpack
 # and probe under TCG on a busy machine; this one loads what the kernel lacks of
-# these (lab/vm_kernel.py reads which) and mounts /dev/vda.
+# these (lab/vm/kernel.py reads which) and mounts /dev/vda.
 ROOT_DRIVERS = {
     "virtio_pci": "the PCI transport of every virtio device",
     "virtio_blk": "the root disk, /dev/vda",

@@ -26,7 +26,7 @@ Logs: <cache>/logs/<time>-<pid>-<rand>/ holds console.log (kernel; WGJIT_VM_VERB
 keeps the boot messages), qemu.log and commands.log (every command and its output).
 
 How it works: qemu (TCG: KVM does not work on these machines) boots the kernel with
-a small initramfs (lab/vm_initramfs.py, lab/vm_init/), whose PID 1 ends as a shell
+a small initramfs (lab/vm/initramfs.py, lab/vm/init/), whose PID 1 ends as a shell
 loop, the agent, reading commands from a virtio-serial port. Commands go as shell
 scripts through the shared per-VM directory; their output streams back over the
 port and ends with a per-command random marker carrying the exit code, so neither
@@ -55,7 +55,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from lab.vm_initramfs import CHECKOUT, Kernel, boot_image, cache_dir, find_kernel, initramfs
+from lab.vm.initramfs import CHECKOUT, Kernel, boot_image, cache_dir, find_kernel, initramfs
 
 QEMU = "qemu-system-x86_64"
 # What every command starts with; `env` adds to or overrides it.
@@ -475,11 +475,12 @@ def run_in_vm(argv: Sequence[str], *, cwd: str | Path = CHECKOUT, timeout: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`vm-run [--memory MB] [--timeout S] [--cwd DIR] [--quiet] -- CMD...`: exit code of CMD."""
+    """`python -m lab.vm.quick [--memory MB] [--timeout S] [--cwd DIR] [--quiet] -- CMD`:
+    the exit code of CMD."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m lab vm-run",
+        prog="python -m lab.vm.quick",
         description="Boot a quick VM (the host's root, Debian kernel, kernel WireGuard) "
                     "and run CMD in it as root.")
     parser.add_argument("--memory", type=int, default=1024, metavar="MB")

@@ -3,7 +3,7 @@
 The initramfs holds a static busybox, the modules the chosen kernel lacks to reach
 its control port and mount the host's root over 9p with an overlay on top
 (decompressed here, so busybox insmod needs no xz support), and the two scripts in
-lab/vm_init/. Everything else comes from the host's
+lab/vm/init/. Everything else comes from the host's
 own root inside the VM: modprobe, iproute2, Python, the checkout.
 
 It is built at run time into a cache directory, keyed by the kernel version and a
@@ -24,7 +24,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from lab.vm_kernel import (
+from lab.vm.kernel import (
     Kernel,
     VMImageError,
     choose,
@@ -36,12 +36,12 @@ from lab.vm_kernel import (
 __all__ = ["CHECKOUT", "Kernel", "VMImageError", "boot_image", "cache_dir", "find_kernel",
            "initramfs", "module_files", "rejected_kernels", "usable_kernels"]
 
-INIT_DIR = Path(__file__).with_name("vm_init")
-CHECKOUT = Path(__file__).resolve().parent.parent
+INIT_DIR = Path(__file__).with_name("init")
+CHECKOUT = Path(__file__).resolve().parents[2]
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
 # What must work before the initramfs can switch root, and why. Which of these are
-# loaded is read off each kernel (lab/vm_kernel.py); wireguard goes in too because
+# loaded is read off each kernel (lab/vm/kernel.py); wireguard goes in too because
 # insmod of a decompressed file here takes a fraction of modprobe's time over 9p
 # under TCG.
 BOOT_DRIVERS = {

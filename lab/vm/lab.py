@@ -3,7 +3,7 @@
     <prefix>-net   the internet: bridge br0 and the router, as in the namespace lab;
                    every VM's tap is a port of br0, and qemu runs in this namespace
     VMs            the fleet of lab/fleet.py: registry 192.0.2.2, gateways 192.0.2.1N,
-                   booted from the cached image (lab/vm_image.py) through a qcow2 overlay
+                   booted from the cached image (lab/vm/image.py) through a qcow2 overlay
     <prefix>-cN    namespace clients (wireguard-go), added on demand, that reach the
                    gateway VMs through the router
 
@@ -35,14 +35,15 @@ from pathlib import Path
 
 from appliance.keys import generate_keypair
 from appliance.secrets import write_secret
-from lab import addressing, client, fleet, procs, vm_image
+from lab import addressing, client, fleet, procs
 from lab.netns import LabError, list_netns, sh, uapi_socket
 from lab.registry import TENANT
 from lab.state import STATE_ROOT, Client, Gateway, check_prefix
+from lab.vm import image as vm_image
 
 VM_STATE_ROOT = STATE_ROOT / "vm-labs"
 STATE_FILE = "vmlab.json"
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 BRIDGE = "br0"
 QEMU = "qemu-system-x86_64"
 # ConnectTimeout also bounds sshd's banner and key exchange: at 5 s, three deploy
