@@ -26,9 +26,11 @@ from lab.topology import Lab
 
 T = TypeVar("T")
 
-# WireGuard's REKEY_TIMEOUT is 5 s: a first reply well before it means the gateway
-# handshook back instead of waiting for the client's retry.
-JIT_CONNECT_LIMIT = 2.0
+# WireGuard's REKEY_TIMEOUT is 5 s: a first reply before it means the client's
+# first initiation was answered (re-injected, or the gateway handshook back)
+# rather than its retry. Not a speed bound (bench/connect.py measures speed):
+# 2 s failed at 2.48 s on a shared machine at load 6 with nothing wrong.
+JIT_CONNECT_LIMIT = 4.5
 
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from ")
 
