@@ -410,8 +410,15 @@ class Gateway:
                 self._send_cookie(d)
             self.metrics.drops.labels(verdict.reason).inc()
             return
+        started = time.perf_counter()
         try:
-            init = self.parts.responder.consume_initiation(packet)
+            self._verify(d, seen_at)
+        finally:  # its wall time is what the load signal weighs arrivals by (load.py)
+            self.gate.load.verified(time.perf_counter() - started)
+
+    def _verify(self, d: Datagram, seen_at: float) -> None:
+        try:
+            init = self.parts.responder.consume_initiation(d.payload)
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
@@ -464,6 +471,7 @@ class Gateway:
                      else round(now - caught_up, 1)},
             "known_keys": len(p.known) if p.known.loaded else None,
             "under_load": self.gate.load.under_load,
+            "verify_demand": round(self.gate.load.demand, 3),
             "last_evict_pass": last,
             "drops_last_minute": self._drops.last_window(),
         }
