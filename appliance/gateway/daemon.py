@@ -382,9 +382,10 @@ class Gateway:
                 log.error("capture: %s", e)
                 time.sleep(0.5)
                 continue
+            started = time.perf_counter()
             for d in datagrams:
                 self.on_datagram(d)
-            self.gate.end_of_read(p.queue.unknown_fill())
+            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started)
             self.metrics.under_load.set(self.gate.load.under_load)
             self._sync_drops()
 
@@ -414,7 +415,7 @@ class Gateway:
         try:
             self._verify(d, seen_at)
         finally:  # its wall time is what the load signal weighs arrivals by (load.py)
-            self.gate.load.verified(time.perf_counter() - started)
+            self.gate.verified(time.perf_counter() - started)
 
     def _verify(self, d: Datagram, seen_at: float) -> None:
         try:
@@ -471,6 +472,7 @@ class Gateway:
                      else round(now - caught_up, 1)},
             "known_keys": len(p.known) if p.known.loaded else None,
             "under_load": self.gate.load.under_load,
+            "capture_busy": round(self.gate.load.busy, 3),
             "verify_demand": round(self.gate.load.demand, 3),
             "last_evict_pass": last,
             "drops_last_minute": self._drops.last_window(),

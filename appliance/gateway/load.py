@@ -1,32 +1,30 @@
 """When is the gateway under load, so that only initiations with a valid mac2 count?
 
 Under load is a statement about time: verification (two X25519 and two AEAD
-opens an initiation) can no longer keep up with the initiations that need it,
-so a real client's would wait behind the queue longer than a cookie round. The
-signal therefore judges the verification work that arrived against the time
-the capture thread had for it, rather than counting packets:
+opens an initiation) no longer keeps up with the initiations that need it, so
+a queue grows without bound and a real client's initiation waits behind it, or
+is lost when the capture's socket overflows. Below that, a cookie round (a
+5 s REKEY_TIMEOUT retry for the client) costs far more than the queue: at 90%
+of the capture thread's time a queue of fixed-cost work waits ~4.5
+verifications on average. So the signal judges time, not packet counts:
 
-- demand: over each WINDOW, the initiations that needed verification
-  (passed mac1, the served-endpoint check and the per-source limit, whether
-  verified or answered with a cookie) times the measured wall time of one
-  verification, divided by the window's length. 1.0 means the capture thread
-  would do nothing but verify. The cost is an EWMA of the window averages of
-  real verifications, in wall time on purpose: on a shared machine the
-  process gets a share of a core, and capacity is what it verifies per second
-  of the clock, not per second of CPU (~110 us a verification on an idle
-  core, bench/handshake.py; 380-450 us on the CI machine kind at load ~6).
-  Demand ENTER_DEMAND or more starts the state; once in it, it holds while
-  demand stays at STAY_DEMAND or more (cookie replies are what keeps the
-  flood from being verified, so without holding the state lapsed a second
-  into a flood and the next window found it again).
-  This replaced "one read held 128 initiations needing DH". At 1,000/s from
-  1,000 forged sources on a loaded 2-core machine (load ~5-8), a scheduling
-  pause of the capture thread of 130 ms alone left 128 queued, although
-  verification used well under half the thread's time on average: the
-  gateway went under load a second at a time, and real clients arriving then
-  took the cookie path, a 5 s REKEY_TIMEOUT retry (p99 5.2 s, bench/flood.py).
-  Over a 0.5 s window such a pause moves a quarter of the window's arrivals
-  at most, not the average;
+- busy: over each WINDOW, the share of the clock the capture thread spent
+  handling what it read (recv returning to the read's end), less the
+  verifications of keys it expects (gate.py). A thread that
+  keeps up waits in recv between reads; one that does not never waits, and
+  its share tends to 1. BUSY_ENTER or more starts the state. Wall time on
+  purpose: on a shared machine the process gets a share of a core, and
+  capacity is what it gets done per second of the clock;
+- demand, to hold it: once under load, cookie replies (30-40 us) replace the
+  verifications, the thread idles again, and the busy share says nothing. So
+  the state holds while the initiations that need verification (passed mac1,
+  the served-endpoint check and the per-source limit, verified or answered
+  with a cookie), times the measured wall time of one verification, would
+  still take STAY_DEMAND of the window. The cost is an EWMA of real
+  verifications (~110 us on an idle core, bench/handshake.py; 400-600 us
+  per initiation on the CI machine kind at load 6-8, bench/flood.py).
+  Without holding, the state lapsed a second into a flood and the next
+  window found the thread saturated again;
 - lookups: the lane of keys the gateway does not know (admission.py) is
   QUEUE_FILL full. Not the known lane: a herd of real clients after an outage
   (bench/herd.py, 200 at once) fills it legitimately, and sending them cookies
@@ -40,6 +38,18 @@ the capture thread had for it, rather than counting packets:
 Either one sets the gateway under load for UNDER_LOAD_AFTER seconds (1 s, as
 wireguard-go), so the state does not flap with every read.
 
+This replaced "one read held 128 initiations needing DH". At 1,000/s from
+1,000 forged sources on a loaded 2-core machine (load 5-8) a 130 ms pause of
+the capture thread alone leaves 128 queued, though the thread keeps up on
+average (without cookies the clients' p99 was 48 ms): the gateway went under
+load a second at a time and real clients arriving then took the cookie path
+(p99 5.2 s, bench/flood.py). A first version of this signal entered on
+demand >= 0.8 (held at 0.5): on the same machine all 20 clients of a 1,000/s
+forged run got a cookie, the wall time of a verification there being large
+enough for 1,000/s to hold the state once in it. The busy share is not moved
+much by a pause: over a 0.5 s window it adds the pause's length at most, and
+from the 0.5-0.6 such a flood costs it does not reach 0.95.
+
 Modes: "auto" (the signals decide), "always" (every initiation needs mac2: the
 lab test of the cookie path, or an operator expecting an attack), "off" (never
 send cookies: the old behaviour, for benchmarks side by side).
@@ -51,9 +61,9 @@ import time
 from collections.abc import Callable
 
 MODES = ("auto", "always", "off")
-WINDOW = 0.5  # seconds over which demand is measured
-ENTER_DEMAND = 0.8  # of the capture thread's time: above it, any jitter grows the queue
-STAY_DEMAND = 0.5
+WINDOW = 0.5  # seconds over which the busy share and demand are measured
+BUSY_ENTER = 0.95  # of the window the capture thread spent handling reads: it no longer waits
+STAY_DEMAND = 0.75  # of the window verification would take: hold the state
 VERIFY_COST_START = 400e-6  # s, a verification on a loaded CI machine, until measured
 COST_PRIOR = 50  # verifications the start value is worth: it gives way to measurement
 COST_WEIGHT = 0.25  # of a window's average in the EWMA, once COST_PRIOR were measured in it
@@ -70,23 +80,30 @@ class LoadSignal:
         self._clock = clock
         self._until = float("-inf")
         self.verify_cost = VERIFY_COST_START  # s of wall time per verification (EWMA)
-        self.demand = 0.0  # of the last full window
+        self.busy = 0.0  # share of the last full window spent handling reads
+        self.demand = 0.0  # share of it verifying all that needed it would have taken
         self._window_start = clock()
+        self._busy_time = 0.0  # handling reads, since _window_start
         self._arrived = 0  # initiations needing verification since _window_start
         self._verified = 0  # ...of which verified,
         self._verify_time = 0.0  # ...taking this many seconds
         self._samples = 0  # verifications measured in all
 
-    def verified(self, seconds: float) -> None:
-        """Report one verification (Diffie-Hellman work) and its wall time."""
+    def verified(self, seconds: float, known: bool = False) -> None:
+        """Report one verification (Diffie-Hellman work) and its wall time; `known`: it
+        was fresh and from a key the gateway expects, a client's work and not load
+        (gate.py), so its time does not count as busy."""
         self._verified += 1
         self._verify_time += seconds
+        if known:
+            self._busy_time -= seconds
 
-    def observe(self, backlog: int, queue_fill: float) -> None:
-        """Report a read that held `backlog` initiations needing verification, and the
-        unknown lane's fill (0..1)."""
+    def observe(self, backlog: int, queue_fill: float, busy: float = 0.0) -> None:
+        """Report a read that held `backlog` initiations needing verification and took
+        `busy` seconds to handle, and the unknown lane's fill (0..1)."""
         now = self._clock()
         self._arrived += backlog
+        self._busy_time += busy
         elapsed = now - self._window_start
         if elapsed >= WINDOW:
             self._end_window(now, elapsed)
@@ -102,10 +119,12 @@ class LoadSignal:
             weight = max(self._verified / (self._samples + COST_PRIOR),
                          COST_WEIGHT * min(1.0, self._verified / COST_PRIOR))
             self.verify_cost += weight * (self._verify_time / self._verified - self.verify_cost)
+        self.busy = self._busy_time / elapsed
         self.demand = self._arrived * self.verify_cost / elapsed
-        if self.demand >= ENTER_DEMAND or (now < self._until and self.demand >= STAY_DEMAND):
+        if self.busy >= BUSY_ENTER or (now < self._until and self.demand >= STAY_DEMAND):
             self._until = now + UNDER_LOAD_AFTER
-        self._window_start, self._arrived, self._verified, self._verify_time = now, 0, 0, 0.0
+        self._window_start, self._busy_time = now, 0.0
+        self._arrived, self._verified, self._verify_time = 0, 0, 0.0
 
     @property
     def under_load(self) -> bool:
