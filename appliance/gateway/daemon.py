@@ -385,7 +385,14 @@ class Gateway:
             started = time.perf_counter()
             for d in datagrams:
                 self.on_datagram(d)
+            was = self.gate.load.under_load
             self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started)
+            if self.gate.load.under_load != was:  # what decided it, for the operator
+                load = self.gate.load
+                events.emit("under_load" if not was else "load_over", busy=round(load.busy, 3),
+                            demand=round(load.demand, 3),
+                            verify_us=round(load.verify_cost * 1e6),
+                            unknown_fill=round(p.queue.unknown_fill(), 3))
             self.metrics.under_load.set(self.gate.load.under_load)
             self._sync_drops()
 
