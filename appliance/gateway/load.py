@@ -61,9 +61,9 @@ import time
 from collections.abc import Callable
 
 MODES = ("auto", "always", "off")
-WINDOW = 0.5  # seconds over which the busy share and demand are measured
+WINDOW = 0.25  # seconds over which the busy share and demand are measured
 BUSY_ENTER = 0.95  # of the window the capture thread spent handling reads: it no longer waits
-STAY_DEMAND = BUSY_ENTER  # of the window verification would take: hold the state
+STAY_DEMAND = 0.75  # of the window verification would take: hold the state
 VERIFY_COST_START = 400e-6  # s, a verification on a loaded CI machine, until measured
 COST_PRIOR = 50  # verifications the start value is worth: it gives way to measurement
 COST_WEIGHT = 0.25  # of a window's average in the EWMA, once COST_PRIOR were measured in it

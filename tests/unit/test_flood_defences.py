@@ -357,11 +357,12 @@ def test_gate_answers_a_source_over_its_limit_with_a_cookie_and_its_mac2_gets_th
 
 
 def stranger_read(gate, packet: bytes, n: int, first: int = 0) -> None:
-    """One read of n initiations from n forged sources, each verified in 400 us."""
+    """One read of n initiations from n forged sources, each verified in 400 us
+    unless the gateway is under load."""
     for i in range(first, first + n):
         ip = f"198.18.{i // 250 % 250}.{i % 250 + 1}"
-        assert gate.judge(packet, ip, 1, f"{ip}:1").action == "verify"
-        gate.verified(400e-6)
+        if gate.judge(packet, ip, 1, f"{ip}:1").action == "verify":
+            gate.verified(400e-6)
 
 
 def test_gate_under_load_verifies_only_mac2_and_stays_loaded_while_the_flood_lasts() -> None:
