@@ -8,7 +8,7 @@ is lost when the capture's socket overflows. Below that, a cookie round (a
 of the capture thread's time a queue of fixed-cost work waits ~4.5
 verifications on average. So the signal judges time, not packet counts:
 
-- busy: over each WINDOW, the share of the clock the capture thread spent
+- busy: over each WINDOW (0.25 s), the share of the clock the capture thread spent
   handling what it read (recv returning to the read's end), less the
   verifications of keys it expects (gate.py). A thread that
   keeps up waits in recv between reads; one that does not never waits, and
@@ -41,14 +41,22 @@ wireguard-go), so the state does not flap with every read.
 This replaced "one read held 128 initiations needing DH". At 1,000/s from
 1,000 forged sources on a loaded 2-core machine (load 5-8) a 130 ms pause of
 the capture thread alone leaves 128 queued, though the thread keeps up on
-average (without cookies the clients' p99 was 48 ms): the gateway went under
-load a second at a time and real clients arriving then took the cookie path
-(p99 5.2 s, bench/flood.py). A first version of this signal entered on
-demand >= 0.8 (held at 0.5): on the same machine all 20 clients of a 1,000/s
-forged run got a cookie, the wall time of a verification there being large
-enough for 1,000/s to hold the state once in it. The busy share is not moved
-much by a pause: over a 0.5 s window it adds the pause's length at most, and
-from the 0.5-0.6 such a flood costs it does not reach 0.95.
+average (without cookies the clients' p99 was 48 ms in one run): the gateway
+went under load a second at a time and real clients arriving then took the
+cookie path (p99 5.2 s, bench/flood.py). With this signal no cookie was sent
+in that flood. Choices that measurements drove (bench/flood.py, 10-20
+clients a row, load 4-9):
+- entering on demand >= 0.8 instead of the busy share: the wall time of a
+  verification on that machine (400-600 us, GIL and scheduler included) made
+  1,000/s forged read as 0.5-0.6 and hold the state once in it; all 20
+  clients of the run got a cookie;
+- a 0.5 s window: at 5,000/s forged the state came ~1.6 s into the flood
+  (3,595 verified first); clients whose first initiation came meanwhile lost
+  it to capture drops, got no cookie and needed two retries (p99 11 s, as
+  against 5.6 s with 0.25 s). A 130 ms pause inside a 0.25 s window at a
+  busy share of 0.5-0.6 gives ~0.7, short of BUSY_ENTER;
+- holding at demand 0.75: a flood still needing more than the thread's time
+  keeps the state (5,000/s: 1.3-2.6); 1,000/s forged (0.4-0.6) lets it go.
 
 Modes: "auto" (the signals decide), "always" (every initiation needs mac2: the
 lab test of the cookie path, or an operator expecting an attack), "off" (never
