@@ -382,9 +382,17 @@ class Gateway:
                 log.error("capture: %s", e)
                 time.sleep(0.5)
                 continue
+            started = time.perf_counter()
             for d in datagrams:
                 self.on_datagram(d)
-            self.gate.end_of_read(p.queue.unknown_fill())
+            was = self.gate.load.under_load
+            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started)
+            if self.gate.load.under_load != was:  # what decided it, for the operator
+                load = self.gate.load
+                events.emit("under_load" if not was else "load_over", busy=round(load.busy, 3),
+                            demand=round(load.demand, 3),
+                            verify_us=round(load.verify_cost * 1e6),
+                            unknown_fill=round(p.queue.unknown_fill(), 3))
             self.metrics.under_load.set(self.gate.load.under_load)
             self._sync_drops()
 
@@ -410,8 +418,15 @@ class Gateway:
                 self._send_cookie(d)
             self.metrics.drops.labels(verdict.reason).inc()
             return
+        started = time.perf_counter()
         try:
-            init = self.parts.responder.consume_initiation(packet)
+            self._verify(d, seen_at)
+        finally:  # its wall time is what the load signal weighs arrivals by (load.py)
+            self.gate.verified(time.perf_counter() - started)
+
+    def _verify(self, d: Datagram, seen_at: float) -> None:
+        try:
+            init = self.parts.responder.consume_initiation(d.payload)
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
@@ -464,6 +479,8 @@ class Gateway:
                      else round(now - caught_up, 1)},
             "known_keys": len(p.known) if p.known.loaded else None,
             "under_load": self.gate.load.under_load,
+            "capture_busy": round(self.gate.load.busy, 3),
+            "verify_demand": round(self.gate.load.demand, 3),
             "last_evict_pass": last,
             "drops_last_minute": self._drops.last_window(),
         }

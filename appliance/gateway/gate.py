@@ -63,6 +63,7 @@ class InitiationGate:
         self.limiters = limiters
         self.served = served
         self.backlog = 0  # initiations needing verification or a cookie, this read
+        self._known = False  # verified_known() was called for the current verification
 
     def judge(self, packet: bytes, ip: str, port: int, endpoint: str) -> Verdict:
         try:
@@ -89,8 +90,15 @@ class InitiationGate:
     def verified_known(self) -> None:
         """The initiation just verified is fresh and from an expected key: not load."""
         self.backlog = max(0, self.backlog - 1)
+        self._known = True
 
-    def end_of_read(self, queue_fill: float) -> None:
-        """A read of the capture is done: report its backlog to the load signal."""
-        self.load.observe(self.backlog, queue_fill)
+    def verified(self, seconds: float) -> None:
+        """A verification (and its admission) took `seconds` of wall time."""
+        self.load.verified(seconds, known=self._known)
+        self._known = False
+
+    def end_of_read(self, queue_fill: float, busy: float = 0.0) -> None:
+        """A read of the capture is done, its datagrams handled in `busy` seconds:
+        report that and its backlog to the load signal."""
+        self.load.observe(self.backlog, queue_fill, busy)
         self.backlog = 0

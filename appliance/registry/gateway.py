@@ -30,6 +30,7 @@ from flask import Blueprint, jsonify, request
 
 from appliance.registry import auth, store, validate
 from appliance.registry.errors import APIError, invalid
+from appliance.registry.keysnapshot import KeySnapshots, salted_digests
 from appliance.registry.peers import path_key
 
 bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
@@ -41,6 +42,7 @@ MAX_LOOKUP_KEYS = 512
 KEY_DIGEST_SIZE = 4  # bytes per key in /keys: 4 MB for 1M keys
 SALT_SIZE = 16
 DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # store.shared.change_digest
+SNAPSHOTS = KeySnapshots()  # this worker's raw active keys per feed position
 
 
 @bp.get("/peers/<wgkey:key>")
@@ -134,8 +136,9 @@ def keys():
     if len(salt) != SALT_SIZE:
         raise invalid("salt", f"must be {SALT_SIZE} bytes in hex")
     st = store.current()
-    cursor, keys = st.active_keys(auth.visible_tenants(), auth.hides_activity())
-    digests = sorted({key_digest(salt, base64.b64decode(k)) for k in keys})
-    return jsonify(digest_size=KEY_DIGEST_SIZE, count=len(digests), cursor=cursor,
-                   feed_id=st.feed_id(),
-                   digests=base64.b64encode(b"".join(digests)).decode())
+    cursor, raw = SNAPSHOTS.raw_keys(st, auth.visible_tenants(),
+                                      auth.hides_activity())  # cached per feed position
+    digests = salted_digests(salt, raw, KEY_DIGEST_SIZE)
+    return jsonify(digest_size=KEY_DIGEST_SIZE, count=len(digests) // KEY_DIGEST_SIZE,
+                   cursor=cursor, feed_id=st.feed_id(),
+                   digests=base64.b64encode(digests).decode())

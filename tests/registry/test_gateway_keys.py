@@ -8,6 +8,8 @@ import urllib.parse
 
 from appliance.gateway.keyfilter import KnownKeys, load_filter
 from appliance.keys import decode_key
+from appliance.registry.gateway import key_digest
+from appliance.registry.keysnapshot import salted_digests
 from tests.registry.conftest import new_key
 
 
@@ -70,3 +72,46 @@ def test_snapshot_refuses_a_bad_salt_and_a_client_token(client, admin, gateway, 
 
 def test_an_unloaded_filter_answers_none() -> None:
     assert KnownKeys().knows(bytes(32)) is None
+
+
+def test_snapshot_reuses_the_keys_read_while_the_feed_stands_still(
+        client, app, admin, gateway, tenant, monkeypatch):
+    """Each worker keeps the raw active keys per feed position (keysnapshot.py): a
+    second gateway's request at the same position reads no keys; a create or a
+    revoke moves the position, and the next snapshot has it."""
+    keys = [new_key() for _ in range(5)]
+    for k in keys:
+        add(client, admin, k)
+    st = app.extensions["wgjit_store"]
+    reads = []
+    real = type(st).active_keys
+    monkeypatch.setattr(type(st), "active_keys",
+                        lambda self, *a: reads.append(1) or real(self, *a))
+
+    def digests(salt: bytes) -> set[bytes]:
+        r = client.get("/v1/gateway/keys", query_string={"salt": salt.hex()}, headers=gateway)
+        assert r.status_code == 200, r.json
+        raw = base64.b64decode(r.json["digests"])
+        assert r.json["count"] * 4 == len(raw)
+        return {raw[i:i + 4] for i in range(0, len(raw), 4)}
+
+    def expected(salt: bytes, active: list[str]) -> set[bytes]:
+        return {key_digest(salt, decode_key(k)) for k in active}
+
+    a, b = secrets.token_bytes(16), secrets.token_bytes(16)
+    assert digests(a) == expected(a, keys) and len(reads) == 1
+    assert digests(b) == expected(b, keys) and len(reads) == 1  # another gateway: cached
+    late = new_key()
+    add(client, admin, late)
+    assert digests(b) == expected(b, keys + [late]) and len(reads) == 2
+    q = urllib.parse.quote(keys[0], safe="")
+    assert client.post(f"/v1/peers/{q}/revoke", headers=admin).status_code == 200
+    assert digests(a) == expected(a, keys[1:] + [late]) and len(reads) == 3
+    assert digests(a) == expected(a, keys[1:] + [late]) and len(reads) == 3
+
+
+def test_salted_digests_match_the_digest_of_each_key() -> None:
+    raw = [secrets.token_bytes(32) for _ in range(300)]
+    salt = secrets.token_bytes(16)
+    out = salted_digests(salt, b"".join(raw + raw[:10]), 4)  # duplicates count once
+    assert out == b"".join(sorted({key_digest(salt, k) for k in raw}))

@@ -209,14 +209,62 @@ def test_served_endpoints_follow_the_latest_address_of_each_key() -> None:
     assert served.serving("192.0.2.1:2") is None and len(served) == 0
 
 
-def test_load_signal_holds_for_a_second_after_a_backlog_or_a_filling_queue() -> None:
+def feed(load: LoadSignal, clock: Clock, *, rate: float, seconds: float, cost: float,
+         reads: float = 100.0, fill: float = 0.0) -> None:
+    """`rate` initiations a second needing verification for `seconds`, in `reads`
+    reads a second, each verified in `cost` seconds unless the gateway is under load
+    (then answered with a cookie, ~nothing)."""
+    carry = 0.0
+    for _ in range(round(seconds * reads)):
+        clock.now += 1 / reads
+        carry += rate / reads
+        n, carry = int(carry), carry - int(carry)
+        busy = 0.0
+        if not load.under_load:
+            for _ in range(n):
+                load.verified(cost)
+            busy = n * cost
+        load.observe(n, fill, busy)
+
+
+def test_load_is_the_capture_thread_no_longer_keeping_up_not_a_count_per_read() -> None:
+    """1,000/s at 400 us each (a loaded machine) keeps the capture thread 40% busy: a
+    130 ms pause that leaves 130 initiations for one read is not load; the same
+    stream at 2,500/s is (the thread would verify all the time)."""
     clock = Clock()
     load = LoadSignal(clock=clock)
-    load.observe(10, 0.0)
+    feed(load, clock, rate=1000, seconds=2, cost=400e-6)
+    clock.now += 0.13  # the thread was not scheduled: one read finds 130
+    for _ in range(130):
+        load.verified(400e-6)
+    load.observe(130, 0.0, 130 * 400e-6)
     assert not load.under_load
-    load.observe(200, 0.0)
+    feed(load, clock, rate=1000, seconds=2, cost=400e-6)
+    assert not load.under_load
+    assert 0.3 < load.busy < 0.5 and 0.3 < load.demand < 0.5
+    assert load.verify_cost == pytest.approx(400e-6, rel=0.01)  # measured
+    feed(load, clock, rate=3000, seconds=1, cost=400e-6)
+    assert load.under_load
+    # ...and it holds while the flood would keep the thread busy, though cookies
+    # leave it idle now; at 1,000/s again it lapses.
+    feed(load, clock, rate=3000, seconds=3, cost=400e-6)
+    assert load.under_load and load.busy < 0.1 and load.demand >= 0.95
+    feed(load, clock, rate=1000, seconds=2, cost=400e-6)
+    assert not load.under_load
+    # The same 2,500/s where a verification takes 110 us (an idle core): not load.
+    quick = LoadSignal(clock=clock)
+    feed(quick, clock, rate=2500, seconds=3, cost=110e-6)
+    assert not quick.under_load and quick.busy < 0.5
+    assert quick.verify_cost == pytest.approx(110e-6, rel=0.05)  # the start value gave way
+
+
+def test_load_signal_holds_for_a_second_after_a_busy_window_or_a_filling_queue() -> None:
+    clock = Clock()
+    load = LoadSignal(clock=clock)
+    feed(load, clock, rate=3000, seconds=0.5, cost=400e-6)
     assert load.under_load
     clock.now += 1.01
+    load.observe(0, 0.0)
     assert not load.under_load
     load.observe(1, 0.5)
     assert load.under_load
@@ -308,42 +356,58 @@ def test_gate_answers_a_source_over_its_limit_with_a_cookie_and_its_mac2_gets_th
     assert gate.judge(retry, "198.51.100.2", 4001, "198.51.100.2:4001")[0] == "cookie"
 
 
+def stranger_read(gate, packet: bytes, n: int, first: int = 0) -> None:
+    """One read of n initiations from n forged sources, each verified in 400 us
+    unless the gateway is under load."""
+    for i in range(first, first + n):
+        ip = f"198.18.{i // 250 % 250}.{i % 250 + 1}"
+        if gate.judge(packet, ip, 1, f"{ip}:1").action == "verify":
+            gate.verified(400e-6)
+
+
 def test_gate_under_load_verifies_only_mac2_and_stays_loaded_while_the_flood_lasts() -> None:
     from appliance.gateway.cookie import with_mac2
 
     gate, responder, cookies, clock = make_gate()
     packet = initiation(responder.public_key)
-    # 130 forged sources, one packet each: all within their limits, all verified...
-    assert {gate.judge(packet, f"203.0.113.{i}", 1, f"203.0.113.{i}:1").action
-            for i in range(130)} == {"verify"}
-    gate.end_of_read(0.0)  # ...and all found by one read: a verification backlog
+    # 2,500 a second from forged sources, each within its limit, 400 us each:
+    # verification would take all the capture thread's time.
+    for tick in range(6):
+        clock.now += 0.1
+        stranger_read(gate, packet, 250, first=tick * 250)
+        gate.end_of_read(0.0, 250 * 400e-6)
     assert gate.load.under_load
     # 5,000 a second from 2,500 more sources for 2 s: cookies, and the state holds.
     for tick in range(20):
         clock.now += 0.1
-        sources = [f"198.18.{(tick * 250 + i) // 250 % 250}.{i + 1}" for i in range(250)]
+        sources = [f"203.0.{(tick * 250 + i) // 250 % 250}.{i + 1}" for i in range(250)]
         assert {gate.judge(packet, ip, 2, f"{ip}:2") for ip in sources} == {("cookie", "mac2")}
         gate.end_of_read(0.0)
         assert gate.load.under_load
     signed = with_mac2(packet, cookies.cookie("198.51.100.2", 4000))
     assert gate.judge(signed, "198.51.100.2", 4000, "198.51.100.2:4000") == ("verify", "")
-    for _ in range(12):  # a quiet second and a bit later it ends
+    for _ in range(16):  # a quiet window, a second and a bit later it ends
         clock.now += 0.1
         gate.end_of_read(0.0)
     assert not gate.load.under_load
 
 
 def test_a_herd_of_known_keys_is_not_load_but_the_same_count_of_strangers_is() -> None:
-    gate, responder, _, _ = make_gate()
+    gate, responder, _, clock = make_gate()
     packet = initiation(responder.public_key)
-    for i in range(200):  # one read holding 200 initiations, each fresh from a known key
-        assert gate.judge(packet, f"203.0.113.{i}", 1, f"203.0.113.{i}:1").action == "verify"
-        gate.verified_known()
-    gate.end_of_read(0.0)
-    assert not gate.load.under_load
-    for i in range(130):  # the same work for keys nobody registered: a flood
-        assert gate.judge(packet, f"198.51.100.{i}", 1, f"198.51.100.{i}:1").action == "verify"
-    gate.end_of_read(0.0)
+    for tick in range(6):  # 2,000 a second, each fresh from a key the gateway expects
+        clock.now += 0.1
+        for i in range(200):
+            ip = f"203.0.113.{i}"
+            assert gate.judge(packet, ip, tick + 1, f"{ip}:{tick + 1}").action == "verify"
+            gate.verified_known()  # called during the verification, as intake.admit does
+            gate.verified(500e-6)
+        gate.end_of_read(0.0, 200 * 500e-6)  # the thread did nothing else
+    assert not gate.load.under_load and gate.load.busy < 0.05
+    for tick in range(6):  # the same work for keys nobody registered: a flood
+        clock.now += 0.1
+        stranger_read(gate, packet, 250, first=tick * 250)
+        gate.end_of_read(0.0, 250 * 400e-6)
     assert gate.load.under_load
 
 
@@ -364,17 +428,13 @@ def test_load_holds_while_a_flood_keeps_arriving_and_not_for_a_trickle() -> None
     clock = Clock()
     load = LoadSignal(clock=clock)
     load.observe(0, 0.5)  # the unknown lane half full: under load
-    for _ in range(50):  # 5 s of 5,000 initiations a second, in reads of 500
-        clock.now += 0.1
-        load.observe(500, 0.0)
+    for _ in range(10):  # 5 s of 5,000 initiations a second (cookies: none verified)
+        feed(load, clock, rate=5000, seconds=0.5, cost=400e-6, reads=10)
         assert load.under_load
-    for _ in range(20):  # then 1,000 a second: below STAY_RATE
-        clock.now += 0.1
-        load.observe(100, 0.0)
+    # then 1,000 a second: verification would take 40% of the thread, below STAY_DEMAND
+    feed(load, clock, rate=1000, seconds=2, cost=400e-6, reads=10)
     assert not load.under_load
-    for _ in range(20):  # and 1,000 a second alone never starts it
-        clock.now += 0.1
-        load.observe(100, 0.0)
+    feed(load, clock, rate=1000, seconds=2, cost=400e-6, reads=10)  # nor does it start it
     assert not load.under_load
     load.observe(0, 0.5)  # the lane fills; while it drains it holds...
     for _ in range(30):
