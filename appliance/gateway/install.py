@@ -279,6 +279,12 @@ class Installer:
                 and not entry.adopted and entry.retriggers < MAX_RETRIGGERS
                 and now - entry.triggered_at > RETRIGGER_AFTER)
 
+    def may_retrigger(self, public_key: str) -> bool:
+        """Could retrigger_due ever become true for it (without a new install)?"""
+        entry = self._peers.get(public_key)
+        return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
+                and not entry.adopted and entry.retriggers < MAX_RETRIGGERS)
+
     def reinjection_overdue(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
         return (entry is not None and entry.reinjected
@@ -301,28 +307,41 @@ class Installer:
         inversion disabled with --trigger-keepalive 0: the client's retry then
         completes the handshake).
         """
+        return bool(self.fall_back_many([public_key]))
+
+    def fall_back_many(self, public_keys: list[str]) -> list[str]:
+        """fall_back() for every key, the device written once; returns those aimed."""
         with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None or not entry.reinjected:
-                return False
-            # Unanswered or never sent: the data plane may not have taken it.
-            entry.reinjected = entry.first_seen_by_data_plane = False
-            if not self.role_inversion or entry.endpoint is None:
-                return False
-            entry.trigger_keepalive = True
-            self._put(entry)
-        return True
+            aimed = []
+            for key in public_keys:
+                entry = self._peers.get(key)
+                if entry is None or not entry.reinjected:
+                    continue
+                # Unanswered or never sent: the data plane may not have taken it.
+                entry.reinjected = entry.first_seen_by_data_plane = False
+                if not self.role_inversion or entry.endpoint is None:
+                    continue
+                entry.trigger_keepalive = True
+                aimed.append(entry)
+            self._put_many(aimed)
+        return [e.public_key for e in aimed]
 
     def retrigger(self, public_key: str) -> bool:
         """Install a peer afresh: its handshake did not complete within RETRIGGER_AFTER."""
+        return bool(self.retrigger_many([public_key]))
+
+    def retrigger_many(self, public_keys: list[str]) -> list[str]:
+        """retrigger() for every key: one removal and one install for them all."""
         with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None or not entry.trigger_pending:
-                return False
-            self.device.remove_peers([public_key])
-            self._put(entry)
-            entry.retriggers += 1
-        return True
+            entries = [e for k in public_keys
+                       if (e := self._peers.get(k)) is not None and e.trigger_pending]
+            if not entries:
+                return []
+            self.device.remove_peers([e.public_key for e in entries])
+            self._put_many(entries)
+            for entry in entries:
+                entry.retriggers += 1
+        return [e.public_key for e in entries]
 
     def update(self, peer: RegistryPeer) -> bool:
         """Apply changed allowed IPs / preshared key to an installed peer, in place.
@@ -348,15 +367,19 @@ class Installer:
             return [k for k, p in self._peers.items() if p.trigger_pending]
 
     def handshake_done(self, public_keys: list[str]) -> None:
-        """Stop watching peers that completed a handshake; turn off trigger keepalives."""
-        for key in public_keys:
-            with self._lock:
+        """Stop watching peers that completed a handshake; turn off trigger keepalives
+        (one device write for all of them)."""
+        with self._lock:
+            clear = []
+            for key in public_keys:
                 entry = self._peers.get(key)
                 if entry is None or not entry.trigger_pending:
                     continue
                 if entry.trigger_keepalive:
-                    self.device.clear_keepalive(key)
+                    clear.append(key)
                 entry.trigger_pending = entry.trigger_keepalive = entry.reinjected = False
+            if clear:
+                self.device.clear_keepalives(clear)
 
     def remove(self, public_keys: list[str]) -> list[str]:
         """Remove peers from the device (batched); returns those we had."""
