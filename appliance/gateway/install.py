@@ -135,12 +135,18 @@ class Installer:
     def note_endpoint(self, public_key: str, endpoint: str) -> bool:
         """An installed peer's client initiated again, from `endpoint`: remember it
         as the peer's endpoint (repair.py puts it back after a replay). False if
-        the peer is not installed."""
-        with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None:
-                return False
-            entry.endpoint = endpoint
+        the peer is not installed.
+
+        Without `_lock`: this runs on the capture thread for every repeated
+        initiation, and waiting there for a batch install's device write held
+        up verification during a herd (py-spy, bench/herd.py). One attribute
+        store is atomic; whoever reads the endpoint next under the lock (a
+        fall-back, a repair) sees the old or the new one, both addresses the
+        client used."""
+        entry = self._peers.get(public_key)
+        if entry is None:
+            return False
+        entry.endpoint = endpoint
         return True
 
     def adopt(self, peers: list[PeerActivity] | None = None) -> list[str]:
