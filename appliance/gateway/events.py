@@ -14,6 +14,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import threading
 import time
 from typing import Any
 
@@ -72,15 +73,34 @@ class _Handoff(logging.handlers.QueueHandler):
         return record
 
 
-_listener: logging.handlers.QueueListener | None = None
+# How long exit may wait for the writer to drain the queue: a daemon told to stop
+# in the middle of a herd must not overrun its stop timeout writing old lines.
+DRAIN_AT_EXIT = 3.0
 
 
-def stop_logging() -> None:
-    """Write what is queued and stop the writer (at exit; safe to call again)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+class _Writer(threading.Thread):
+    """The one thread that formats and writes log records, until it gets None."""
+
+    def __init__(self, records: queue.SimpleQueue, handler: logging.Handler) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.records = records
+        self.handler = handler
+
+    def run(self) -> None:
+        while (record := self.records.get()) is not None:
+            self.handler.handle(record)
+
+
+_writer: _Writer | None = None
+
+
+def stop_logging(timeout: float = DRAIN_AT_EXIT) -> None:
+    """Write what is queued (for at most `timeout` s) and stop the writer; safe to repeat."""
+    global _writer
+    if _writer is not None:
+        _writer.records.put(None)
+        _writer.join(timeout)
+        _writer = None
 
 
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -90,17 +110,17 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root, every emitting thread took the handler's lock and wrote itself, and
     the capture thread spent ~40% of its samples waiting for that lock
     (py-spy, bench/herd.py). Now emitting is putting on a queue. The queue is
-    drained at exit (SIGTERM ends the daemon normally); a SIGKILL loses the
-    lines not yet written, milliseconds' worth.
+    drained at exit for up to DRAIN_AT_EXIT (SIGTERM ends the daemon
+    normally); a SIGKILL loses the lines not yet written.
     """
-    global _listener
+    global _writer
     stop_logging()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    _writer = _Writer(records, handler)
+    _writer.start()
     atexit.register(stop_logging)
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]
