@@ -59,7 +59,16 @@ IPV4_MIN_HLEN = 20
 IPV6_HLEN = 40
 UDP_HLEN = 8
 
-DEFAULT_RCVBUF = 1 << 20
+# The kernel queue in front of the capture thread (the kernel doubles it for its
+# bookkeeping). A herd's initiations arrive faster than they are verified (~1,000/s
+# on a loaded 2-core machine against 10,000 in one second, bench/herd.py), and each
+# queued frame costs ~1 KB of skb truesize: at the former 1 MB, ~7,000 of 10,000
+# first initiations were dropped and those clients came back only with their
+# retry 5 s later. 8 MB holds the whole herd. Raising it above
+# net.core.rmem_max needs SO_RCVBUFFORCE (CAP_NET_ADMIN, which the gateway has);
+# without it the kernel caps the request at rmem_max.
+DEFAULT_RCVBUF = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # Every reason a frame can be dropped for, as counted in Capture.malformed.
 DROP_REASONS = (
@@ -197,7 +206,10 @@ def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
         # no interest; on kernels without the option the pkttype check drops them.
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((ifname, ETH_P_ALL))
         sock.setblocking(False)
     except BaseException:

@@ -38,6 +38,9 @@ class HandshakeWatch:
         self.metrics = metrics
         self.jobs = jobs
         self._clock = clock
+        # Watched peers with nothing to do until the device shows a change:
+        # key -> (their Installed entry, latest handshake, rx bytes) when last looked at.
+        self._quiet: dict[str, tuple[object, float | None, int]] = {}
 
     def schedule(self) -> None:
         self.jobs.every(JOB, HANDSHAKE_CHECK_MIN, self.check)
@@ -45,6 +48,7 @@ class HandshakeWatch:
     def check(self) -> None:
         pending = self.installer.pending_triggers()
         if not pending:
+            self._quiet.clear()
             return
         started = self._clock()
         # An eviction pass is reading (or just read) every peer: wait for the next tick.
@@ -56,37 +60,66 @@ class HandshakeWatch:
         self.pace(now - started)
 
     def seen(self, peers: list[PeerActivity], wanted: set[str], now: float) -> None:
-        """Act on one read of the device for the peers being watched."""
-        done = []
+        """Act on one read of the device for the peers being watched.
+
+        A watched peer with nothing left to wait for but its handshake (answered
+        re-injection, or no retrigger left) is quiet: it costs nothing until the
+        device shows a change for it. A herd of simulated clients that never
+        complete a handshake kept 10,000 peers pending, each examined on every
+        tick. Fall-backs, retriggers and cleared keepalives found in one read
+        are written to the device together.
+        """
+        quiet = self._quiet = {k: v for k, v in self._quiet.items() if k in wanted}
+        done, answered, overdue, due = [], [], [], []
+        inst = self.installer
         for p in peers:
-            if p.public_key not in wanted:
+            key = p.public_key
+            if key not in wanted:
                 continue
-            if (p.last_handshake is not None or p.rx_bytes) and \
-                    self.installer.is_reinjected(p.public_key):
+            entry = inst.get(key)
+            if entry is None:
+                continue
+            q = quiet.get(key)
+            if q is not None and q[0] is entry and q[1] == p.last_handshake and \
+                    q[2] == p.rx_bytes:
+                continue
+            waiting = entry.reinjected  # for the data plane to answer the re-injection
+            if (p.last_handshake is not None or p.rx_bytes) and entry.reinjected:
                 # The data plane consumed the re-injected initiation (it counts
                 # handshake messages in rx_bytes: 148 after one initiation with
                 # wireguard-go; the kernel's receive.c calls update_rx_stats after
                 # consuming a handshake message) and answered the client; the
                 # handshake completes with the client's first data packet, one
                 # round trip later (or already did, at a short RTT).
-                self.installer.reinjection_answered(p.public_key)
-                self.metrics.reinjections.labels("answered").inc()
-                events.emit("reinjection_answered", public_key=p.public_key)
-            if p.last_handshake is not None:
-                done.append(p.public_key)
-            elif self.installer.reinjection_overdue(p.public_key, now):
+                answered.append(key)
+                waiting = False
+            elif p.last_handshake is None and inst.reinjection_overdue(key, now):
                 # Dropped on the way (a firewall), refused (a cookie demanded
                 # under load), or not ours to answer: the gateway initiates.
-                self.metrics.reinjections.labels("unanswered").inc()
-                if self.installer.fall_back(p.public_key):
-                    events.emit("reinjection_fallback", level=logging.WARNING,
-                                public_key=p.public_key, reason="unanswered")
-            elif self.installer.retrigger_due(p.public_key, now) and \
-                    self.installer.retrigger(p.public_key):
-                self.metrics.retriggers.inc()
-                events.emit("handshake_retriggered", public_key=p.public_key)
+                overdue.append(key)
+                continue
+            if p.last_handshake is not None:
+                done.append(key)
+            elif inst.retrigger_due(key, now):
+                due.append(key)
+            elif not waiting and not inst.may_retrigger(key):
+                quiet[key] = (entry, p.last_handshake, p.rx_bytes)
+        for key in answered:
+            inst.reinjection_answered(key)
+            self.metrics.reinjections.labels("answered").inc()
+            events.emit("reinjection_answered", public_key=key)
+        if overdue:
+            self.metrics.reinjections.labels("unanswered").inc(len(overdue))
+            for key in inst.fall_back_many(overdue):
+                events.emit("reinjection_fallback", level=logging.WARNING,
+                            public_key=key, reason="unanswered")
+        if due:
+            retriggered = inst.retrigger_many(due)
+            self.metrics.retriggers.inc(len(retriggered))
+            for key in retriggered:
+                events.emit("handshake_retriggered", public_key=key)
         if done:
-            self.installer.handshake_done(done)
+            inst.handshake_done(done)
             for key in done:
                 events.emit("handshake_completed", public_key=key)
 

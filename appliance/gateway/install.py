@@ -22,8 +22,10 @@ it has two locks with one job each.
 - `_lock` guards the table of installed peers and orders each change to the
   device with the change to the table (install, update, fall back, retrigger,
   clear a keepalive, remove), so that two threads never leave the device and
-  the table disagreeing about a peer. Held for one peer's device write, or one
-  batch of removals (evict.REMOVE_BATCH): never across a whole-device read.
+  the table disagreeing about a peer. Held for one device write: one peer, a
+  worker's batch of installs (install_many, up to provision.WORKER_TAKE peers
+  in one transaction), or one batch of removals (evict.REMOVE_BATCH); never
+  across a whole-device read.
 - `_read_lock` lets one whole-device read (`device_read`) run at a time: the
   eviction pass, the handshake check and adoption each hold every peer in
   memory while they use the read (~40 MB at 50,000 peers), and two at once
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from appliance.gateway.overlap import OverlapGuard
 from appliance.gateway.peer import RegistryPeer
 from appliance.gateway.settings import TRIGGER_KEEPALIVE
-from appliance.wg import PeerActivity, PeerConfig, WgDevice
+from appliance.wg import PeerActivity, PeerConfig, WgDevice, WgError
 from appliance.wg.model import parse_network
 
 log = logging.getLogger(__name__)
@@ -133,12 +135,18 @@ class Installer:
     def note_endpoint(self, public_key: str, endpoint: str) -> bool:
         """An installed peer's client initiated again, from `endpoint`: remember it
         as the peer's endpoint (repair.py puts it back after a replay). False if
-        the peer is not installed."""
-        with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None:
-                return False
-            entry.endpoint = endpoint
+        the peer is not installed.
+
+        Without `_lock`: this runs on the capture thread for every repeated
+        initiation, and waiting there for a batch install's device write held
+        up verification during a herd (py-spy, bench/herd.py). One attribute
+        store is atomic; whoever reads the endpoint next under the lock (a
+        fall-back, a repair) sees the old or the new one, both addresses the
+        client used."""
+        entry = self._peers.get(public_key)
+        if entry is None:
+            return False
+        entry.endpoint = endpoint
         return True
 
     def adopt(self, peers: list[PeerActivity] | None = None) -> list[str]:
@@ -184,46 +192,104 @@ class Installer:
         Raises OverlapRefused (counted and logged by the guard) when one of its
         networks overlaps another installed peer's: installing it would take them.
         """
+        result = self.install_many([(peer, endpoint)], reinject=reinject)[peer.public_key]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def install_many(self, wanted: list[tuple[RegistryPeer, str]], *,
+                     reinject: bool = False) -> dict[str, bool | Exception]:
+        """install() for a worker's batch, the device written in ONE set_peers call.
+
+        Per key: True (installed), False (already was), or the exception that
+        install() would have raised (OverlapRefused, WgError). A herd of 10,000
+        made one UAPI transaction (and one socket) per peer, each under `_lock`:
+        installs queued behind each other (bench/herd.py). If the batch write
+        fails, the peers are written one by one, so that only the peer the
+        device refuses fails (a set is add-or-update: rewriting a peer the
+        failed batch already applied is harmless).
+        """
+        results: dict[str, bool | Exception] = {}
         with self._lock:
-            if peer.public_key in self._peers:
-                return False
-            if (clash := self.overlaps.clash(peer.public_key, peer.allowed_ips)) is not None:
-                self.overlaps.refuse(clash)
-                raise clash
-            invert = self.role_inversion and not reinject
-            entry = Installed(peer.public_key, time.time(), endpoint, tenant=peer.tenant,
-                              allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
-                              trigger_pending=invert or reinject, trigger_keepalive=invert,
-                              reinjected=reinject, first_seen_by_data_plane=reinject)
-            self._put(entry)
-            self._peers[peer.public_key] = entry
-            self.overlaps.hold(peer.public_key, peer.allowed_ips)
-        return True
+            entries: list[Installed] = []
+            for peer, endpoint in wanted:
+                key = peer.public_key
+                if key in self._peers or key in results:
+                    results.setdefault(key, False)
+                    continue
+                if (clash := self.overlaps.clash(key, peer.allowed_ips)) is not None:
+                    self.overlaps.refuse(clash)
+                    results[key] = clash
+                    continue
+                invert = self.role_inversion and not reinject
+                entries.append(Installed(
+                    key, time.time(), endpoint, tenant=peer.tenant,
+                    allowed_ips=peer.allowed_ips, preshared_key=peer.preshared_key,
+                    trigger_pending=invert or reinject, trigger_keepalive=invert,
+                    reinjected=reinject, first_seen_by_data_plane=reinject))
+                # Held at once: a later peer in this batch overlapping it is refused.
+                self.overlaps.hold(key, peer.allowed_ips)
+                results[key] = True
+            try:
+                self._put_many(entries)
+                written = entries
+            except WgError as e:
+                if len(entries) == 1:
+                    self.overlaps.release([entries[0].public_key])
+                    results[entries[0].public_key] = e
+                    return results
+                written = []
+                for entry in entries:
+                    try:
+                        self._put(entry)
+                        written.append(entry)
+                    except WgError as e:
+                        results[entry.public_key] = e
+                        self.overlaps.release([entry.public_key])
+            for entry in written:
+                self._peers[entry.public_key] = entry
+        return results
 
     @property
     def role_inversion(self) -> bool:
         return self.trigger_keepalive > 0
 
     def _put(self, entry: Installed) -> None:
+        self._put_many([entry])
+
+    def _put_many(self, entries: list[Installed]) -> None:
+        if not entries:
+            return
+        self.device.set_peers([self._config(e) for e in entries])
+        now = time.monotonic()
+        for entry in entries:
+            entry.triggered_at = now
+
+    def _config(self, entry: Installed) -> PeerConfig:
         # Without role inversion (trigger keepalive 0) and without re-injection the
         # peer is installed as a plain responder: the client's retry after
         # REKEY_TIMEOUT completes the handshake. Kept as the baseline the
         # benchmarks compare against. A re-injected peer gets no endpoint either.
         invert = entry.trigger_keepalive
-        self.device.set_peer(PeerConfig(
+        return PeerConfig(
             entry.public_key,
             allowed_ips=entry.allowed_ips,
             preshared_key=entry.preshared_key or NO_PRESHARED_KEY,
             endpoint=entry.endpoint if invert else None,
             persistent_keepalive=self.trigger_keepalive if invert else None,
-        ))
-        entry.triggered_at = time.monotonic()
+        )
 
     def retrigger_due(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
         return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
                 and not entry.adopted and entry.retriggers < MAX_RETRIGGERS
                 and now - entry.triggered_at > RETRIGGER_AFTER)
+
+    def may_retrigger(self, public_key: str) -> bool:
+        """Could retrigger_due ever become true for it (without a new install)?"""
+        entry = self._peers.get(public_key)
+        return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
+                and not entry.adopted and entry.retriggers < MAX_RETRIGGERS)
 
     def reinjection_overdue(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
@@ -247,28 +313,41 @@ class Installer:
         inversion disabled with --trigger-keepalive 0: the client's retry then
         completes the handshake).
         """
+        return bool(self.fall_back_many([public_key]))
+
+    def fall_back_many(self, public_keys: list[str]) -> list[str]:
+        """fall_back() for every key, the device written once; returns those aimed."""
         with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None or not entry.reinjected:
-                return False
-            # Unanswered or never sent: the data plane may not have taken it.
-            entry.reinjected = entry.first_seen_by_data_plane = False
-            if not self.role_inversion or entry.endpoint is None:
-                return False
-            entry.trigger_keepalive = True
-            self._put(entry)
-        return True
+            aimed = []
+            for key in public_keys:
+                entry = self._peers.get(key)
+                if entry is None or not entry.reinjected:
+                    continue
+                # Unanswered or never sent: the data plane may not have taken it.
+                entry.reinjected = entry.first_seen_by_data_plane = False
+                if not self.role_inversion or entry.endpoint is None:
+                    continue
+                entry.trigger_keepalive = True
+                aimed.append(entry)
+            self._put_many(aimed)
+        return [e.public_key for e in aimed]
 
     def retrigger(self, public_key: str) -> bool:
         """Install a peer afresh: its handshake did not complete within RETRIGGER_AFTER."""
+        return bool(self.retrigger_many([public_key]))
+
+    def retrigger_many(self, public_keys: list[str]) -> list[str]:
+        """retrigger() for every key: one removal and one install for them all."""
         with self._lock:
-            entry = self._peers.get(public_key)
-            if entry is None or not entry.trigger_pending:
-                return False
-            self.device.remove_peers([public_key])
-            self._put(entry)
-            entry.retriggers += 1
-        return True
+            entries = [e for k in public_keys
+                       if (e := self._peers.get(k)) is not None and e.trigger_pending]
+            if not entries:
+                return []
+            self.device.remove_peers([e.public_key for e in entries])
+            self._put_many(entries)
+            for entry in entries:
+                entry.retriggers += 1
+        return [e.public_key for e in entries]
 
     def update(self, peer: RegistryPeer) -> bool:
         """Apply changed allowed IPs / preshared key to an installed peer, in place.
@@ -294,15 +373,19 @@ class Installer:
             return [k for k, p in self._peers.items() if p.trigger_pending]
 
     def handshake_done(self, public_keys: list[str]) -> None:
-        """Stop watching peers that completed a handshake; turn off trigger keepalives."""
-        for key in public_keys:
-            with self._lock:
+        """Stop watching peers that completed a handshake; turn off trigger keepalives
+        (one device write for all of them)."""
+        with self._lock:
+            clear = []
+            for key in public_keys:
                 entry = self._peers.get(key)
                 if entry is None or not entry.trigger_pending:
                     continue
                 if entry.trigger_keepalive:
-                    self.device.clear_keepalive(key)
+                    clear.append(key)
                 entry.trigger_pending = entry.trigger_keepalive = entry.reinjected = False
+            if clear:
+                self.device.clear_keepalives(clear)
 
     def remove(self, public_keys: list[str]) -> list[str]:
         """Remove peers from the device (batched); returns those we had."""

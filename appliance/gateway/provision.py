@@ -117,11 +117,10 @@ class Provisioner:
         except Exception:
             log.exception("lookup of %d keys failed", len(admitted))
             return
-        for work in admitted:
-            try:
-                self._install(work, lookups[work.key])
-            except Exception:
-                log.exception("pull/install of %s failed", work.key)
+        try:
+            self._install_many(admitted, lookups)
+        except Exception:
+            log.exception("install of %d keys failed", len(admitted))
 
     def filter_admits(self, key: str) -> bool:
         """May a key the filter did not know be looked up? Yes if there is no filter
@@ -139,30 +138,51 @@ class Provisioner:
         events.emit("peer_unknown", public_key=key, reason="filtered")
         return False
 
-    def _install(self, work: Work, lookup: Lookup) -> None:
-        key, seen_at = work.key, work.seen_at
-        self.metrics.lookups.labels(lookup.outcome.value).inc()
-        if lookup.peer is None:
-            events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)
+    def _install_many(self, admitted: list[Work], lookups: dict[str, Lookup]) -> None:
+        """Install the found peers with one device write (Installer.install_many),
+        then finish each on its own: revocation check, bookkeeping, re-injection."""
+        found: list[tuple[Work, Lookup]] = []
+        for work in admitted:
+            key, lookup = work.key, lookups[work.key]
+            self.metrics.lookups.labels(lookup.outcome.value).inc()
+            if lookup.peer is None:
+                events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)
+                continue
+            events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
+                        ms=round(1000 * (time.time() - work.seen_at), 2))
+            # The client's latest initiation, should it have retried during a slow pull.
+            found.append((self.queue.latest(key) or work, lookup))
+        if not found:
             return
-        events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
-                    ms=round(1000 * (time.time() - seen_at), 2))
-        # The client's latest initiation, should it have retried during a slow pull.
-        work = self.queue.latest(key) or work
         reinject = self.reinjector is not None
-        try:
-            installed = self.installer.install(lookup.peer, work.endpoint, reinject=reinject)
-        except OverlapRefused:
+        results = self.installer.install_many(
+            [(lookup.peer, work.endpoint) for work, lookup in found if lookup.peer is not None],
+            reinject=reinject)
+        for work, lookup in found:
+            try:
+                self._installed(work, lookup, results[work.key], reinject)
+            except Exception:
+                log.exception("install of %s failed", work.key)
+
+    def _installed(self, work: Work, lookup: Lookup, result: bool | Exception,
+                   reinject: bool) -> None:
+        key, seen_at = work.key, work.seen_at
+        if isinstance(result, OverlapRefused):
             return  # counted and logged (rate-limited) by the installer's guard
-        except WgError as e:
+        if isinstance(result, WgError):
             self.metrics.install_errors.inc()
-            log.error("install of %s failed: %s", key, e)
+            log.error("install of %s failed: %s", key, result)
             installed = None
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            installed = result
         if undo_if_revoked(key, seen_at, bool(installed), feed=self.feed, cache=self.cache,
                            installer=self.installer, on_removed=self.evictor.removed_elsewhere):
             return
         if not installed:
             return
+        assert lookup.peer is not None
         self.served.note(key, work.endpoint)
         self.replay.keep(decode_key(key), work.timestamp)
         self.repair.forget(key)  # a new peer on the device: a new history

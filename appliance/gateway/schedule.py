@@ -49,6 +49,8 @@ class Jobs:
         self.scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MISSED
                                     | EVENT_JOB_MAX_INSTANCES)
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()  # reschedule vs shutdown (see reschedule)
+        self._stopping = False
         self._period: dict[str, float] = {}
         self._last_slot: dict[str, datetime] = {}
         self._unlogged: dict[str, int] = {}
@@ -72,8 +74,17 @@ class Jobs:
         with self._lock:
             self._period[job_id] = seconds
             self._last_slot.pop(job_id, None)
-        self.scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)
-        self.scheduler.modify_job(job_id, misfire_grace_time=max(1, math.ceil(seconds)))
+        # APScheduler's shutdown(wait=True) holds its job store lock while it waits
+        # for running jobs, and reschedule_job needs that lock: a job that
+        # reschedules itself (the handshake check's pace) during shutdown hung the
+        # daemon's stop (seen with py-spy after a 10,000-client herd). So a job
+        # store change and the start of shutdown exclude each other, and none is
+        # made once shutdown began.
+        with self._stop_lock:
+            if self._stopping:
+                return
+            self.scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)
+            self.scheduler.modify_job(job_id, misfire_grace_time=max(1, math.ceil(seconds)))
 
     def remove(self, job_id: str) -> None:
         """Stop running job_id, if it is scheduled."""
@@ -91,6 +102,8 @@ class Jobs:
         return self.scheduler.running
 
     def shutdown(self) -> None:
+        with self._stop_lock:
+            self._stopping = True
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
 

@@ -107,7 +107,12 @@ class WgDevice(ABC):
     def clear_keepalive(self, public_key: str) -> None:
         """Turn off a peer's trigger keepalive once it has handshaken, so that an idle
         peer really goes idle; a no-op when the peer is gone."""
-        self.set_keepalive(public_key, 0)
+        self.clear_keepalives([public_key])
+
+    def clear_keepalives(self, public_keys: Iterable[str]) -> None:
+        """clear_keepalive for several peers, batched like set_peers."""
+        self.set_peers((PeerConfig(k, persistent_keepalive=0) for k in public_keys),
+                       update_only=True)
 
     def set_endpoint(self, public_key: str, endpoint: Endpoint | str) -> None:
         """Point an existing peer at a new UDP address (an Endpoint or `host:port`)."""

@@ -347,3 +347,12 @@ def test_wireguard_go_answers_our_crafted_initiation(lab):
     assert struct.unpack_from("<I", first, 8)[0] == 0x11223344  # receiver = our sender index
     assert replayed == b""
     assert [d.payload for d in got] == [packet, packet]  # the watcher sees both copies
+
+
+def test_the_capture_queue_holds_a_herd_beyond_rmem_max() -> None:
+    # As root (CAP_NET_ADMIN) the buffer is not capped at net.core.rmem_max:
+    # 10,000 queued initiations need ~10 MB (capture.DEFAULT_RCVBUF).
+    from appliance.gateway.capture import DEFAULT_RCVBUF, open_packet_socket
+
+    with open_packet_socket("lo") as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= DEFAULT_RCVBUF

@@ -51,8 +51,9 @@ class World:
         self.watch.schedule()
 
     def install(self, *, reinject: bool) -> str:
-        k = key()
-        self.inst.install(RegistryPeer(k, ("198.18.1.4/32",), None), ENDPOINT, reinject=reinject)
+        k, n = key(), len(self.inst)  # a network of its own per peer
+        self.inst.install(RegistryPeer(k, (f"198.18.{n // 250}.{n % 250 + 1}/32",), None),
+                          ENDPOINT, reinject=reinject)
         self.now = self.inst.get(k).triggered_at
         return k
 
@@ -139,3 +140,58 @@ def test_the_period_follows_the_cost_of_the_read_within_bounds() -> None:
     assert len(w.jobs.rescheduled) == 1, "small changes do not reschedule"
     w.watch.pace(60)
     assert w.jobs.period(JOB) == HANDSHAKE_CHECK_MAX
+
+
+class CountingInstaller(Installer):
+    """Counts the per-peer questions the watch asks."""
+
+    asked = 0
+
+    def reinjection_overdue(self, public_key: str, now: float) -> bool:
+        self.asked += 1
+        return super().reinjection_overdue(public_key, now)
+
+    def retrigger_due(self, public_key: str, now: float) -> bool:
+        self.asked += 1
+        return super().retrigger_due(public_key, now)
+
+
+def test_answered_peers_waiting_for_their_handshake_cost_nothing_until_the_device_changes(
+        ) -> None:
+    w = World()
+    w.inst = CountingInstaller(w.dev)
+    w.watch = HandshakeWatch(w.inst, w.metrics, w.jobs, clock=lambda: w.now)
+    keys = [w.install(reinject=True) for _ in range(50)]
+    for k in keys:
+        w.dev.traffic(k, 148)
+    w.watch.check()  # all answered: quiet from now on
+    assert sample(w.metrics.reinjections, outcome="answered") == 50
+    w.inst.asked = 0
+    w.now += 10
+    w.watch.check()
+    assert w.inst.asked == 0, "nothing changed: no per-peer work"
+    w.handshake(keys[0])  # one of them completes
+    w.watch.check()
+    assert w.inst.pending_triggers().count(keys[0]) == 0 and len(w.inst.pending_triggers()) == 49
+    # A peer reinstalled (new entry) under the same key is looked at afresh.
+    w.inst.remove([keys[1]])
+    w.inst.install(RegistryPeer(keys[1], ("198.18.9.4/32",), None), ENDPOINT, reinject=True)
+    w.dev.traffic(keys[1], 148)
+    w.watch.check()
+    assert sample(w.metrics.reinjections, outcome="answered") == 51
+
+
+def test_due_retriggers_and_fallbacks_of_one_read_are_one_device_write_each() -> None:
+    w = World()
+    inverted = [w.install(reinject=False) for _ in range(20)]
+    w.now += RETRIGGER_AFTER * 2
+    w.watch.check()
+    assert sample(w.metrics.retriggers) == 20
+    assert len(w.dev.removals) == 1 and sorted(w.dev.removals[0]) == sorted(inverted)
+    w2 = World()
+    unanswered = [w2.install(reinject=True) for _ in range(20)]
+    w2.now += REINJECT_DEADLINE * 2
+    w2.watch.check()
+    assert sample(w2.metrics.reinjections, outcome="unanswered") == 20
+    assert all(str(w2.dev.table[k].endpoint) == ENDPOINT for k in unanswered)
+    assert w2.dev.removals == [], "a fall-back re-aims the peers, it does not remove them"

@@ -134,3 +134,25 @@ def test_reschedule_changes_the_period(jobs) -> None:
     # A new grid is not a gap: runs and misses fit in the new grid's slots (a stall on a
     # loaded machine may fold some, and those count).
     assert len(ran) + missed(metrics, "x") <= 2 + (time.monotonic() - rescheduled) / 0.05
+
+
+def test_a_job_rescheduling_itself_during_shutdown_does_not_hang_the_stop(jobs) -> None:
+    jobs, _ = jobs
+    # The handshake check paces itself with reschedule; APScheduler's shutdown
+    # waits for running jobs while holding the lock reschedule_job needs.
+    running, shutting = threading.Event(), threading.Event()
+
+    def job() -> None:
+        running.set()
+        shutting.wait(5)
+        time.sleep(0.2)  # shutdown is under way now
+        jobs.reschedule("pacer", 3.0)
+
+    jobs.every("pacer", 0.05, job)
+    jobs.start()
+    assert running.wait(5)
+    stopper = threading.Thread(target=jobs.shutdown)
+    stopper.start()
+    shutting.set()
+    stopper.join(10)
+    assert not stopper.is_alive(), "shutdown hung on the job's reschedule"

@@ -211,6 +211,26 @@ def test_remove_peers_batches_several_per_transaction(daemon):
     assert all(r.startswith("set=1\n") and "replace_peers" not in r for r in fake.requests)
 
 
+def test_set_peers_writes_a_batch_in_one_transaction_per_peers_per_transaction(daemon):
+    # Installer.install_many hands a worker's batch to set_peers: one set=1 each.
+    fake, dev = daemon(lambda req: "errno=0\n\n" if req.startswith("set") else WIREGUARD_GO_GET)
+    keys = [generate_keypair()[1] for _ in range(7)]
+    dev.set_peers([PeerConfig(k, allowed_ips=[f"198.18.0.{i}/32"],
+                              persistent_keepalive=25) for i, k in enumerate(keys)])
+    sets = [r for r in fake.requests if r.startswith("set=1")]
+    assert [r.count("public_key=") for r in sets] == [3, 3, 1]
+    assert [r.count("replace_allowed_ips=true") for r in sets] == [3, 3, 1]
+
+
+def test_clear_keepalives_is_one_update_only_transaction(daemon):
+    fake, dev = daemon(lambda req: "errno=0\n\n" if req.startswith("set") else WIREGUARD_GO_GET)
+    keys = [generate_keypair()[1] for _ in range(2)]
+    dev.clear_keepalives(keys)
+    sets = [r for r in fake.requests if r.startswith("set=1")]
+    assert len(sets) == 1
+    assert sets[0].count("update_only=true\npersistent_keepalive_interval=0") == 2
+
+
 def test_set_error_is_raised_with_errno(daemon):
     _, dev = daemon(lambda req: "errno=-22\n\n" if req.startswith("set") else WIREGUARD_GO_GET)
     with pytest.raises(ProtocolError) as info:
