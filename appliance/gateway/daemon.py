@@ -465,7 +465,7 @@ class Gateway:
             last["seconds_ago"] = round(now - last.pop("at"), 1)
         caught_up = p.feed.caught_up_at
         return {
-            "status": self.health()[1]["status"],
+            "status": "ok" if all(self._running()) else "failing",
             "interface": s.interface, "backend": p.device.backend,
             "listen_port": p.listen_port, "install_mode": s.install_mode,
             "uptime_seconds": round(time.monotonic() - self._started, 1),
@@ -485,10 +485,13 @@ class Gateway:
             "drops_last_minute": self._drops.last_window(),
         }
 
+    def _running(self) -> tuple[bool, bool]:
+        """Whether the capture thread and the scheduler are running."""
+        return self._capture.is_alive(), self.parts.jobs.running
+
     def health(self) -> tuple[bool, dict]:
         p = self.parts
-        capture_ok = self._capture.is_alive()
-        sched_ok = p.jobs.running
+        capture_ok, sched_ok = self._running()
         ok = capture_ok and sched_ok
         return ok, {
             "status": "ok" if ok else "failing",
