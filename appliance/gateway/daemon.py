@@ -15,7 +15,8 @@ Threads, and why:
   at once, each carrying the cache misses of many workers.
 - repair: puts back endpoints that replayed initiations stole (repair.py).
 - scheduler (APScheduler, one instance): eviction, change feed, known-key
-  filter, the handshake check (handshakes.py), cache expiry, registry probes.
+  filter, the handshake check (handshakes.py), cache expiry, the replay
+  memory's disk writes (replay.py), registry probes.
 - http: /metrics, /healthz and /status (`wgjit gateway status`).
 The interface outlives the daemon: a restart adopts the peers it holds.
 """
@@ -61,6 +62,7 @@ from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.rawsend import RawUdpSender
 from appliance.gateway.reinject import Reinjector
 from appliance.gateway.repair import EndpointRepair
+from appliance.gateway.replay import FLUSH_EVERY as REPLAY_FLUSH_EVERY
 from appliance.gateway.replay import ReplayGuard, ReplayStore
 from appliance.gateway.schedule import Jobs
 from appliance.gateway.served import ServedEndpoints
@@ -129,6 +131,7 @@ class GatewayParts:
     served: ServedEndpoints
     served_here: Callable[[str], bool]  # for the gate: an endpoint a peer of ours uses
     repair: EndpointRepair
+    replay: ReplayGuard
     lookups: LookupBatcher
     cache: PeerCache
     evictor: Evictor
@@ -240,7 +243,8 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
         metrics=metrics, device=device, responder=Responder(private_key), sender=sender,
         capture=capture, reinjector=reinjector, installer=installer, registry=registry,
         known=known, filter_loader=FilterLoader(known, registry.keys, registry.changes, metrics),
-        served=served, served_here=served_here, repair=repair, lookups=lookups, cache=cache,
+        served=served, served_here=served_here, repair=repair, replay=replay, lookups=lookups,
+        cache=cache,
         evictor=evictor, feed=feed, feed_reads=feed_reads, queue=queue,
         intake=Intake(replay, installer, served, queue, known, cache.knows, repair, metrics),
         provisioner=Provisioner(queue=queue, known=known, feed=feed, feed_reads=feed_reads,
@@ -300,6 +304,7 @@ class Gateway:
             p.jobs.every("known_keys", KNOWN_KEYS_RETRY, p.filter_loader.run, now=True)
         p.watch.schedule()
         p.jobs.every("cache_expire", CACHE_EXPIRE_EVERY, p.cache.expire)
+        p.jobs.every("replay_flush", REPLAY_FLUSH_EVERY, p.replay.flush)
         p.jobs.every("drops_window", SAMPLE_SECONDS, self._drops.sample)
         self._schedule_audit(s.reconcile_interval)
         p.jobs.every("registry_probe", PROBE_EVERY, p.registry.servers.probe)

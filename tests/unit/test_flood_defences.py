@@ -296,7 +296,24 @@ def test_replay_memory_of_installed_keys_survives_a_flood_and_a_restart(tmp_path
     assert guard.accept(real, ts(7))
     assert not guard.kept((999).to_bytes(32, "big"))  # never installed: not on disk
     guard.forget(real)
+    guard.flush()
     assert not ReplayGuard(store=ReplayStore(db)).kept(real)
+
+
+def test_replay_memory_is_written_behind_in_one_go(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store = ReplayStore(db)
+    guard = ReplayGuard(store=store)
+    keys = [bytes([i]) * 32 for i in range(1, 6)]
+    for key in keys:
+        guard.keep(key, ts(3))
+    assert guard.accept(keys[0], ts(4))  # a newer timestamp of a kept key: noted too
+    assert ReplayStore(db).load() == {}  # noted, not yet written (the capture never waits)
+    assert store.flush() == 5 and store.flush() == 0
+    assert ReplayStore(db).load() == {**{k: ts(3) for k in keys}, keys[0]: ts(4)}
+    guard.forget(keys[1])
+    store.close()  # a stop writes what is noted
+    assert set(ReplayStore(db).load()) == set(keys) - {keys[1]}
 
 
 # --- the gate: which initiations get DH work, a cookie, or nothing ----------------------

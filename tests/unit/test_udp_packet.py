@@ -121,3 +121,26 @@ def test_only_this_hosts_addresses_count_as_local() -> None:
     assert _is_local("127.0.0.1") and _is_local("::1")
     # Documentation addresses no test machine holds: never re-injected towards.
     assert not _is_local("192.0.2.254") and not _is_local("2001:db8:ffff::1")
+
+
+def test_a_local_address_is_trusted_for_a_second_and_a_foreign_one_never(monkeypatch) -> None:
+    from appliance.gateway import reinject
+
+    checks: list[str] = []
+    local = {"127.0.0.1"}
+
+    def is_local(ip: str, scope: int = 0) -> bool:
+        checks.append(ip)
+        return ip in local
+
+    monkeypatch.setattr(reinject, "_is_local", is_local)
+    now = [100.0]
+    r = reinject.Reinjector(clock=lambda: now[0])  # raw sockets: root, as every test here
+    assert r._local("127.0.0.1", 0) and r._local("127.0.0.1", 0)
+    assert checks == ["127.0.0.1"]  # the second answer came from memory
+    assert not r._local("192.0.2.254", 0) and not r._local("192.0.2.254", 0)
+    assert checks.count("192.0.2.254") == 2  # a refusal is never remembered
+    local.clear()  # the address is removed from the host
+    now[0] += reinject.LOCAL_FOR + 0.01
+    assert not r._local("127.0.0.1", 0)
+    r.close()
