@@ -20,6 +20,7 @@ from appliance import config, transport
 from appliance.config import Option
 from appliance.gateway import batch, load, sourcelimit
 from appliance.gateway.modes import DEFAULT_INSTALL_MODE, INSTALL_MODES
+from appliance.registry.limits import MAX_LOOKUP_KEYS
 
 # The keepalive that makes the device handshake towards a new peer at once
 # (role inversion): WireGuard's usual persistent keepalive.
@@ -41,8 +42,6 @@ def _non_negative(value: float) -> str | None:
 
 
 def _lookup_batch(value: int) -> str | None:
-    from appliance.registry.gateway import MAX_LOOKUP_KEYS  # Flask: only when checked
-
     return (None if 1 <= value <= MAX_LOOKUP_KEYS
             else f"must be from 1 to {MAX_LOOKUP_KEYS} (the registry's limit per call)")
 

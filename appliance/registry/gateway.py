@@ -31,14 +31,12 @@ from flask import Blueprint, jsonify, request
 from appliance.registry import auth, store, validate
 from appliance.registry.errors import APIError, invalid
 from appliance.registry.keysnapshot import KeySnapshots, salted_digests
+from appliance.registry.limits import MAX_LOOKUP_KEYS
 from appliance.registry.peers import path_key
 
 bp = Blueprint("gateway", __name__, url_prefix="/v1/gateway")
 
 MAX_CHANGES = 1000
-# Keys per batch lookup. 512 keys is a 24 KB body (under MAX_BODY_BYTES, 64 KB)
-# and one indexed IN/ANY query.
-MAX_LOOKUP_KEYS = 512
 KEY_DIGEST_SIZE = 4  # bytes per key in /keys: 4 MB for 1M keys
 SALT_SIZE = 16
 DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # store.shared.change_digest

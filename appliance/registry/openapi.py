@@ -10,7 +10,7 @@ from typing import Any
 
 from appliance.registry.auth import VERIFIED_TTL
 from appliance.registry.breadth import SHORTEST_PREFIX
-from appliance.registry.gateway import MAX_LOOKUP_KEYS
+from appliance.registry.limits import MAX_LOOKUP_KEYS
 
 KEY = {"type": "string", "description": "WireGuard public key, 32 bytes of base64",
        "pattern": "^[A-Za-z0-9+/_-]{43}=$"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from appliance.registry.gateway import MAX_LOOKUP_KEYS
+from appliance.registry.limits import MAX_LOOKUP_KEYS
 from appliance.registry.store import open_store
 from tests.registry.conftest import make_token, new_key
 

@@ -195,3 +195,16 @@ def test_the_parts_that_handle_peers_do_not_import_the_http_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_checking_the_gateways_settings_does_not_import_the_registry_server() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom appliance.gateway.settings import OPTIONS\n"
+            "check = next(o.check for o in OPTIONS if o.name == 'lookup-batch')\n"
+            "assert check(512) is None and '512' in check(513)\n"
+            "print(sorted({'flask', 'appliance.registry.gateway'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
