@@ -78,17 +78,45 @@ class _Handoff(logging.handlers.QueueHandler):
 DRAIN_AT_EXIT = 3.0
 
 
-class _Writer(threading.Thread):
-    """The one thread that formats and writes log records, until it gets None."""
+# Lines written with one write and one flush at most. StreamHandler writes and
+# flushes each record; the writer was a sixth of the daemon's busy samples in a
+# 10,000-client herd (~60,000 lines), mostly in those two calls per line.
+WRITE_BATCH = 512
 
-    def __init__(self, records: queue.SimpleQueue, handler: logging.Handler) -> None:
+
+class _Writer(threading.Thread):
+    """The one thread that formats and writes log records, until it gets None:
+    whatever is queued when it wakes, up to WRITE_BATCH records, in one write."""
+
+    def __init__(self, records: queue.SimpleQueue, handler: logging.StreamHandler) -> None:
         super().__init__(name="log-writer", daemon=True)
         self.records = records
         self.handler = handler
 
     def run(self) -> None:
-        while (record := self.records.get()) is not None:
-            self.handler.handle(record)
+        while True:
+            batch = [self.records.get()]
+            while len(batch) < WRITE_BATCH and not self.records.empty():
+                batch.append(self.records.get())
+            lines = []
+            for record in batch:
+                if record is None:
+                    self._write(lines)
+                    return
+                try:
+                    lines.append(self.handler.format(record) + "\n")
+                except Exception:  # noqa: BLE001 - logging's own rule: report, go on
+                    self.handler.handleError(record)
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            self.handler.stream.write("".join(lines))
+            self.handler.flush()
+        except Exception:  # noqa: BLE001 - a closed or full stream must not end the thread
+            self.handler.handleError(logging.makeLogRecord({"msg": "log write failed"}))
 
 
 _writer: _Writer | None = None
