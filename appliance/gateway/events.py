@@ -16,7 +16,7 @@ import logging.handlers
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("wgjit.events")
 
@@ -28,22 +28,40 @@ def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
         return
     for name in FORBIDDEN_FIELDS & fields.keys():
         fields[name] = "(redacted)"
-    # The record is made here rather than by log.log(): that looks up its caller
-    # by walking the stack, for a file and line an event never shows, and a herd
-    # of 10,000 clients emits ~40,000 events (~15% of the daemon's CPU went to
-    # logging in a py-spy profile of bench/herd.py).
+    # A herd of 10,000 clients emits ~60,000 events. When the writer thread is
+    # the only place they go (setup_logging, nobody added a handler since), an
+    # event goes to it as a tuple: a LogRecord and logging's handler walk cost
+    # ~8 us an event on the threads that verify and install, ~10% of the
+    # daemon's CPU in the herd, which is bound by one interpreter lock.
+    if _direct is not None and logging.root.handlers == _direct[1] and not log.handlers:
+        _direct[0].put(Event(time.time(), level, event, fields))
+        return
+    # Otherwise a record made here rather than by log.log(), which looks up its
+    # caller by walking the stack, for a file and line an event never shows.
     record = log.makeRecord(log.name, level, "(event)", 0, event, (), None,
                             extra={"wgjit_event": event, "wgjit_fields": fields})
     log.handle(record)
+
+
+class Event(NamedTuple):
+    """An event on its way to the writer thread without a LogRecord (emit)."""
+
+    created: float
+    level: int
+    event: str
+    fields: dict[str, Any]
 
 
 class JsonFormatter(logging.Formatter):
     """Every log record as one JSON line; events keep their fields at the top level."""
 
     def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, "wgjit_event", None)
+        if event is not None and not record.exc_info:
+            return self.format_event(Event(record.created, record.levelno, event,
+                                           getattr(record, "wgjit_fields", {})))
         obj: dict[str, Any] = {"ts": round(record.created, 6),
                                "level": record.levelname.lower()}
-        event = getattr(record, "wgjit_event", None)
         if event is not None:
             obj["event"] = event
             obj.update(getattr(record, "wgjit_fields", {}))
@@ -54,15 +72,25 @@ class JsonFormatter(logging.Formatter):
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)
 
+    def format_event(self, e: Event) -> str:
+        return json.dumps({"ts": round(e.created, 6),
+                           "level": logging.getLevelName(e.level).lower(),
+                           "event": e.event, **e.fields}, default=str)
+
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event = getattr(record, "wgjit_event", None)
         if event is None:
             return super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "wgjit_fields", {}).items())
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d} {record.levelname} {event} {fields}".rstrip()
+        return self.format_event(Event(record.created, record.levelno, event,
+                                       getattr(record, "wgjit_fields", {})))
+
+    def format_event(self, e: Event) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in e.fields.items())
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.created))
+        return (f"{stamp}.{int(e.created * 1000) % 1000:03d} {logging.getLevelName(e.level)} "
+                f"{e.event} {fields}").rstrip()
 
 
 class _Handoff(logging.handlers.QueueHandler):
@@ -104,9 +132,12 @@ class _Writer(threading.Thread):
                     self._write(lines)
                     return
                 try:
-                    lines.append(self.handler.format(record) + "\n")
+                    if isinstance(record, Event):
+                        lines.append(self.handler.formatter.format_event(record) + "\n")
+                    else:
+                        lines.append(self.handler.format(record) + "\n")
                 except Exception:  # noqa: BLE001 - logging's own rule: report, go on
-                    self.handler.handleError(record)
+                    self.handler.handleError(logging.makeLogRecord({"msg": repr(record)}))
             self._write(lines)
 
     def _write(self, lines: list[str]) -> None:
@@ -120,11 +151,14 @@ class _Writer(threading.Thread):
 
 
 _writer: _Writer | None = None
+# The writer's queue and the root handlers it was set up with (emit's fast path).
+_direct: tuple[queue.SimpleQueue, list[logging.Handler]] | None = None
 
 
 def stop_logging(timeout: float = DRAIN_AT_EXIT) -> None:
     """Write what is queued (for at most `timeout` s) and stop the writer; safe to repeat."""
-    global _writer
+    global _writer, _direct
+    _direct = None
     if _writer is not None:
         _writer.records.put(None)
         _writer.join(timeout)
@@ -134,24 +168,25 @@ def stop_logging(timeout: float = DRAIN_AT_EXIT) -> None:
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Log lines are written by one thread of their own.
 
-    A herd of 10,000 clients makes ~40,000 events; with a StreamHandler on the
+    A herd of 10,000 clients makes ~60,000 events; with a StreamHandler on the
     root, every emitting thread took the handler's lock and wrote itself, and
     the capture thread spent ~40% of its samples waiting for that lock
     (py-spy, bench/herd.py). Now emitting is putting on a queue. The queue is
     drained at exit for up to DRAIN_AT_EXIT (SIGTERM ends the daemon
     normally); a SIGKILL loses the lines not yet written.
     """
-    global _writer
+    global _writer, _direct
     stop_logging()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    records: queue.SimpleQueue[logging.LogRecord | Event | None] = queue.SimpleQueue()
     _writer = _Writer(records, handler)
     _writer.start()
     atexit.register(stop_logging)
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]
     root.setLevel(level)
+    _direct = (records, list(root.handlers))
     # APScheduler logs every job run at INFO; keep its warnings (missed runs).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

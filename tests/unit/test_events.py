@@ -26,3 +26,26 @@ def test_every_event_is_written_once_in_order_and_secrets_are_redacted() -> None
     assert {e["preshared_key"] for e in lines[:-1]} == {"(redacted)"}
     assert lines[-1]["msg"] == "plain line" and lines[-1]["logger"] == "wgjit.test"
     assert not any(e.get("event") == "dropped_below_level" for e in lines)
+
+
+TEXT = """
+import logging
+from appliance.gateway import events
+events.setup_logging("INFO", "text")
+events.emit("peer_evicted", level=logging.WARNING, public_key="k1", reason="idle")
+root = logging.getLogger()
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append(record.wgjit_event)
+root.addHandler(Keep())  # a handler added later: events go through logging again
+events.emit("peer_installed", public_key="k2")
+assert seen == ["peer_installed"], seen
+"""
+
+
+def test_text_lines_and_a_handler_added_later_still_gets_every_event() -> None:
+    out = subprocess.run([sys.executable, "-c", TEXT], capture_output=True, text=True,
+                         check=True, timeout=60).stderr.splitlines()
+    assert out[0].endswith(" WARNING peer_evicted public_key=k1 reason=idle"), out
+    assert out[1].endswith(" INFO peer_installed public_key=k2"), out
