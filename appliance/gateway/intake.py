@@ -1,6 +1,26 @@
 """What becomes of an initiation that proved its sender's key: the admission decision.
 
-In order, each outcome a drop reason or a place in the lookup queue:
+Before the proof, `refuses_unknown` may refuse it by the key it claims
+(unknown_key): the known-key filter says the registry does not hold the key,
+and the filter is fresh. The daemon asks between the two halves of the
+message (handshake.open_static, open_timestamp), so a random-key flood costs
+one X25519 an initiation instead of two.
+
+Fresh means the change feed reached the registry's head less than
+FEED_CATCH_UP_EVERY ago. A key missing from the filter may be a peer created
+since the last feed read; the lookup worker reads the feed (at most every
+FEED_CATCH_UP_EVERY, provision.py) before refusing such a key, and it is that
+read we must not skip. Within FEED_CATCH_UP_EVERY of a read the worker would
+not read again, and would refuse the key too: refusing it here changes the
+outcome for nobody, only its cost. Past it the initiation takes the old path
+(both X25519, the queue, the worker's read), so a flood of random keys makes
+the workers read the feed about once a second, and each read makes the next
+second's refusals early ones. Not also "whenever under load": under load the
+initiations that still reach verification carry a mac2 (proven sources, 20/s
+each, gate.py), few enough that the worker's read is the better bargain for
+a peer created a moment ago.
+
+Then, in order, each outcome a drop reason or a place in the lookup queue:
 - replay: its timestamp is not newer than one already seen for the key. Judged
   for installed peers too: when a peer came in by role inversion the data plane
   never saw the initiation that brought it (it had no such peer then), so it has
@@ -17,6 +37,7 @@ In order, each outcome a drop reason or a place in the lookup queue:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from appliance.gateway import events
@@ -25,6 +46,7 @@ from appliance.gateway.capture import Datagram
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.provision import FEED_CATCH_UP_EVERY
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.repair import EndpointRepair
 from appliance.gateway.replay import ReplayGuard
@@ -36,6 +58,7 @@ REPLAY = "replay"
 INSTALLED = "already_installed"
 QUEUED = "queued"
 PENDING = "pending"
+UNKNOWN_KEY = "unknown_key"
 # Replay events logged at most this often (a token bucket); the rest are counted.
 REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 
@@ -43,7 +66,12 @@ REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 class Intake:
     def __init__(self, replay: ReplayGuard, installer: Installer, served: ServedEndpoints,
                  queue: FairQueue, known: KnownKeys, cache_knows: Callable[[str], bool],
-                 repair: EndpointRepair, metrics: GatewayMetrics) -> None:
+                 repair: EndpointRepair, metrics: GatewayMetrics, *,
+                 feed_read_at: Callable[[], float | None] = lambda: None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """feed_read_at: when (time.time()) the change feed last reached the registry's
+        head, None if never (FeedFollower.caught_up_at); without it nothing is
+        refused early."""
         self.replay = replay
         self.installer = installer
         self.served = served
@@ -52,8 +80,21 @@ class Intake:
         self.cache_knows = cache_knows  # PeerCache.knows: the registry said yes once
         self.repair = repair
         self.metrics = metrics
+        self.feed_read_at = feed_read_at
+        self._clock = clock
         self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
         self._replays_unlogged = 0
+
+    def refuses_unknown(self, static: bytes) -> bool:
+        """Refuse a claimed (not yet proven) static key the fresh filter does not know?
+        Counts the drop when it does."""
+        if self.known.knows(static) is not False:
+            return False
+        read_at = self.feed_read_at()
+        if read_at is None or self._clock() - read_at >= FEED_CATCH_UP_EVERY:
+            return False
+        self.metrics.drops.labels(UNKNOWN_KEY).inc()
+        return True
 
     def admit(self, static: bytes, timestamp: bytes, d: Datagram, seen_at: float,
               on_known: Callable[[], None] | None = None) -> str:

@@ -1,7 +1,8 @@
 """When is the gateway under load, so that only initiations with a valid mac2 count?
 
 Under load is a statement about time: verification (two X25519 and two AEAD
-opens an initiation) no longer keeps up with the initiations that need it, so
+opens an initiation, or one of each when the known-key filter refuses the key
+after the first: intake.py) no longer keeps up with the initiations that need it, so
 a queue grows without bound and a real client's initiation waits behind it, or
 is lost when the capture's socket overflows. Below that, a cookie round (a
 5 s REKEY_TIMEOUT retry for the client) costs far more than the queue: at 90%
@@ -21,8 +22,12 @@ verifications on average. So the signal judges time, not packet counts:
   the served-endpoint check and the per-source limit, verified or answered
   with a cookie), times the measured wall time of one verification, would
   still take STAY_DEMAND of the window. The cost is an EWMA of real
-  verifications (~110 us on an idle core, bench/handshake.py; 400-600 us
-  per initiation on the CI machine kind at load 6-8, bench/flood.py).
+  verifications, each as far as it went (daemon.py times _verify whole): in a
+  flood of random keys most stop at the filter after one X25519, so the cost
+  and the demand it gives fall by about half, as the capacity rose (a full
+  verification 92-105 us on an idle core, the first half 50-54 us,
+  bench/handshake.py; 400-600 us per initiation on the CI machine kind at
+  load 6-8, bench/flood.py).
   Without holding, the state lapsed a second into a flood and the next
   window found the thread saturated again;
 - lookups: the lane of keys the gateway does not know (admission.py) is

@@ -13,10 +13,11 @@ import pytest
 from appliance.gateway.admission import FairQueue
 from appliance.gateway.capture import Datagram
 from appliance.gateway.install import Installer
-from appliance.gateway.intake import INSTALLED, PENDING, QUEUED, REPLAY, Intake
+from appliance.gateway.intake import INSTALLED, PENDING, QUEUED, REPLAY, UNKNOWN_KEY, Intake
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.peer import RegistryPeer
+from appliance.gateway.provision import FEED_CATCH_UP_EVERY
 from appliance.gateway.replay import ReplayGuard
 from appliance.gateway.served import ServedEndpoints
 from appliance.keys import encode_key
@@ -51,8 +52,11 @@ class World:
         self.cached: set[str] = set()
         self.repair = RecordingRepair()
         self.metrics = GatewayMetrics()
+        self.now = 1000.0
+        self.feed_read_at: float | None = None
         self.intake = Intake(self.replay, self.installer, self.served, self.queue, self.known,
-                             self.cached.__contains__, self.repair, self.metrics)
+                             self.cached.__contains__, self.repair, self.metrics,
+                             feed_read_at=lambda: self.feed_read_at, clock=lambda: self.now)
 
     def admit(self, static: bytes, n: int, d: Datagram | None = None) -> str:
         return self.intake.admit(static, ts(n), d or dgram(), 0.0)
@@ -145,3 +149,24 @@ def test_a_full_lane_takes_the_newcomer_and_counts_the_displaced(w: World) -> No
     assert w.admit(second, 1, dgram("192.0.2.2")) == QUEUED  # unknown lane holds one
     assert w.queue.take_dropped() == {"lane_full": 1}
     assert w.queue.get(timeout=0).key == encode_key(second)
+
+
+def test_an_unknown_key_is_refused_early_only_while_the_filter_is_fresh(w: World) -> None:
+    member, stranger = os.urandom(32), os.urandom(32)
+    w.feed_read_at = w.now
+    assert not w.intake.refuses_unknown(stranger), "no filter loaded: every key is looked up"
+    w.known.load({"digest_size": 4, "digests": "", "cursor": 0})
+    w.known.add(encode_key(member))
+    assert not w.intake.refuses_unknown(member)
+    assert w.intake.refuses_unknown(stranger)
+    w.now += FEED_CATCH_UP_EVERY - 0.01
+    assert w.intake.refuses_unknown(stranger)
+    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 2
+    # A feed read older than the worker's catch-up pace: the key may have been
+    # created since, so it takes the full path (the worker reads the feed first).
+    w.now += 0.01
+    assert not w.intake.refuses_unknown(stranger)
+    w.feed_read_at = None  # the feed never reached the registry's head
+    assert not w.intake.refuses_unknown(stranger)
+    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 2
+    assert len(w.queue) == 0 and sample(w.metrics.verified) == 0
