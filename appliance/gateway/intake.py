@@ -6,19 +6,25 @@ and the filter is fresh. The daemon asks between the two halves of the
 message (handshake.open_static, open_timestamp), so a random-key flood costs
 one X25519 an initiation instead of two.
 
-Fresh means the change feed reached the registry's head less than
-FEED_CATCH_UP_EVERY ago. A key missing from the filter may be a peer created
-since the last feed read; the lookup worker reads the feed (at most every
-FEED_CATCH_UP_EVERY, provision.py) before refusing such a key, and it is that
-read we must not skip. Within FEED_CATCH_UP_EVERY of a read the worker would
-not read again, and would refuse the key too: refusing it here changes the
-outcome for nobody, only its cost. Past it the initiation takes the old path
-(both X25519, the queue, the worker's read), so a flood of random keys makes
-the workers read the feed about once a second, and each read makes the next
-second's refusals early ones. Not also "whenever under load": under load the
-initiations that still reach verification carry a mac2 (proven sources, 20/s
-each, gate.py), few enough that the worker's read is the better bargain for
-a peer created a moment ago.
+When: the filter says no, and both of these held within the last
+FEED_CATCH_UP_EVERY: the change feed reached the registry's head (any read),
+and an initiation whose key the filter lacked went to the queue. A key missing
+from the filter may be a peer created since the last feed read; the lookup
+worker reads the feed (at most every FEED_CATCH_UP_EVERY, provision.py) before
+refusing such a key, and that read must not be skipped. The second condition
+says the workers are at it: they took an unknown key less than a second ago
+and either read the feed for it or had read it within the second before, and
+within that pace they refuse unknown keys unread, as we do here earlier. The
+first keeps a feed that cannot reach the registry from making the refusals
+blind. Fresh from the scheduled poll alone (every 5 s) is not enough: a peer
+created just after it, whose client connects at once (a provisioning script,
+the lab tests), would wait for its 5 s retry where the worker's read lets it
+in. So the first unknown key after a quiet spell takes the full path (both
+X25519, the queue, the worker's read), and in a flood of random keys each
+second's first few do; the rest are refused here. Not also "whenever under
+load": under load the initiations that still reach verification carry a mac2
+(proven sources, 20/s each, gate.py), few enough that the worker's read is the
+better bargain for a peer created a moment ago.
 
 Then, in order, each outcome a drop reason or a place in the lookup queue:
 - replay: its timestamp is not newer than one already seen for the key. Judged
@@ -82,6 +88,7 @@ class Intake:
         self.metrics = metrics
         self.feed_read_at = feed_read_at
         self._clock = clock
+        self._unknown_queued_at = float("-inf")  # clock(): a key the filter lacked went on
         self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
         self._replays_unlogged = 0
 
@@ -90,8 +97,9 @@ class Intake:
         Counts the drop when it does."""
         if self.known.knows(static) is not False:
             return False
-        read_at = self.feed_read_at()
-        if read_at is None or self._clock() - read_at >= FEED_CATCH_UP_EVERY:
+        now, read_at = self._clock(), self.feed_read_at()
+        if read_at is None or now - read_at >= FEED_CATCH_UP_EVERY or \
+                now - self._unknown_queued_at >= FEED_CATCH_UP_EVERY:
             return False
         self.metrics.drops.labels(UNKNOWN_KEY).inc()
         return True
@@ -112,7 +120,9 @@ class Intake:
             return INSTALLED
         self.metrics.verified.inc()
         known = self.known.knows(static)
-        if known is None:  # no filter yet: what the gateway itself has seen
+        if known is False:  # a worker will read the feed for it, or has just read it
+            self._unknown_queued_at = self._clock()
+        elif known is None:  # no filter yet: what the gateway itself has seen
             known = self.replay.kept(static) or self.cache_knows(key)
         if known and on_known is not None:
             on_known()

@@ -204,11 +204,13 @@ def test_a_key_the_fresh_filter_lacks_is_refused_before_the_second_dh(tmp_path) 
         gw.parts.known.load({"digest_size": 4, "digests": "", "cursor": 0})
         gw.parts.known.add(encode_key(public_key(client)))
         gw.parts.feed.caught_up_at = time.time()  # as a feed poll that reached the head
-        gw.on_datagram(s.initiation(stranger))
-        assert sample(gw.metrics.drops, reason="unknown_key") == 1
-        assert sample(gw.metrics.verified) == 0 and len(gw.parts.queue) == 0
-        gw.on_datagram(s.initiation(client, port=40001))
+        gw.on_datagram(s.initiation(stranger))  # the first: queued for a worker's feed read
         assert sample(gw.metrics.verified) == 1 and len(gw.parts.queue) == 1
+        gw.on_datagram(s.initiation(generate_private_key(), port=40001))
+        assert sample(gw.metrics.drops, reason="unknown_key") == 1
+        assert sample(gw.metrics.verified) == 1 and len(gw.parts.queue) == 1
+        gw.on_datagram(s.initiation(client, port=40002))
+        assert sample(gw.metrics.verified) == 2 and len(gw.parts.queue) == 2
         # A forgery claiming the client's key gets past the filter, not the timestamp.
         forged = build_initiation(stranger, public_key(s.private),
                                   claimed_static=public_key(client))

@@ -151,22 +151,30 @@ def test_a_full_lane_takes_the_newcomer_and_counts_the_displaced(w: World) -> No
     assert w.queue.get(timeout=0).key == encode_key(second)
 
 
-def test_an_unknown_key_is_refused_early_only_while_the_filter_is_fresh(w: World) -> None:
+def test_an_unknown_key_is_refused_early_only_while_the_workers_read_the_feed(w) -> None:
     member, stranger = os.urandom(32), os.urandom(32)
     w.feed_read_at = w.now
     assert not w.intake.refuses_unknown(stranger), "no filter loaded: every key is looked up"
     w.known.load({"digest_size": 4, "digests": "", "cursor": 0})
     w.known.add(encode_key(member))
+    assert not w.intake.refuses_unknown(stranger), \
+        "a fresh scheduled poll alone: the worker's read may still find the key"
+    assert w.admit(stranger, 1) == QUEUED  # the full path: a worker reads the feed for it
+    w.queue.done(w.queue.get(timeout=0).key)
     assert not w.intake.refuses_unknown(member)
-    assert w.intake.refuses_unknown(stranger)
+    assert w.intake.refuses_unknown(os.urandom(32))
     w.now += FEED_CATCH_UP_EVERY - 0.01
-    assert w.intake.refuses_unknown(stranger)
+    w.feed_read_at = w.now - 0.5  # the worker's read
+    assert w.intake.refuses_unknown(os.urandom(32))
     assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 2
-    # A feed read older than the worker's catch-up pace: the key may have been
-    # created since, so it takes the full path (the worker reads the feed first).
+    # A second after the last unknown key was queued: the next takes the full path.
     w.now += 0.01
-    assert not w.intake.refuses_unknown(stranger)
-    w.feed_read_at = None  # the feed never reached the registry's head
-    assert not w.intake.refuses_unknown(stranger)
-    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 2
-    assert len(w.queue) == 0 and sample(w.metrics.verified) == 0
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    assert w.admit(os.urandom(32), 1) == QUEUED
+    assert w.intake.refuses_unknown(os.urandom(32))
+    # A feed that has not reached the registry's head for a second: no early refusals.
+    w.now += 0.6
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    w.feed_read_at = None
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 3
