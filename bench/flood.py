@@ -208,6 +208,28 @@ def run_row(lab, args, defences: str, flood: str, rate: float, flood_packets: li
     }
 
 
+def _logs_of(lab) -> list[str]:
+    hosts = [lab.gateway("g1"), *lab.state.clients]
+    return [h.wg_log for h in hosts] + [lab.gateway("g1").daemon_log]
+
+
+def _log_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _copy_logs(mark: dict[str, int], dest: Path) -> None:
+    """What each log gained during the row (a restarted daemon's log starts over)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, size in mark.items():
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if os.path.getsize(path) >= size:
+                f.seek(size)
+            (dest / Path(path).name).write_bytes(f.read())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
@@ -225,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spacing", type=float, default=0.3, help="seconds between connects")
     ap.add_argument("--lead", type=float, default=1.0, help="flood seconds before connects")
     ap.add_argument("--timeout", type=float, default=12.0, help="per connect (12)")
+    ap.add_argument("--defences", default="on,off", help="which defence settings (on,off)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the rows without a flood")
+    ap.add_argument("--logs", type=Path, help="copy each row's daemon and wireguard-go "
+                    "logs here (set WGJIT_LAB_WG_LOG_LEVEL=verbose for the handshakes)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.command == "flooder":
@@ -242,12 +268,18 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  building {FLOOD_PACKETS} random-key initiations")
         flood_packets = [build_initiation(generate_private_key(), responder_public)
                          for _ in range(FLOOD_PACKETS)]
-        rows = [("none", 0.0)] + [(fl, r) for fl in floods for r in rates]
+        rows = ([] if args.no_baseline else [("none", 0.0)]) + \
+            [(fl, r) for fl in floods for r in rates]
+        defence_sets = [d.strip() for d in args.defences.split(",")]
         for flood, rate in rows:
-            for defences in DEFENCES:
+            for defences in defence_sets:
                 say(f"  {flood} {rate:g}/s, defences {defences}")
+                mark = {h: _log_size(h) for h in _logs_of(lab)} if args.logs else {}
                 results.append(run_row(lab, args, defences, flood, rate, flood_packets,
                                        Path(tmp)))
+                if args.logs:
+                    _copy_logs(mark, args.logs / f"{flood}-{rate:g}-{defences}".replace(
+                        " ", "").replace(",", "-"))
     info.finish()
 
     out = []
