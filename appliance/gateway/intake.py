@@ -6,25 +6,29 @@ and the filter is fresh. The daemon asks between the two halves of the
 message (handshake.open_static, open_timestamp), so a random-key flood costs
 one X25519 an initiation instead of two.
 
-When: the filter says no, and both of these held within the last
-FEED_CATCH_UP_EVERY: the change feed reached the registry's head (any read),
-and an initiation whose key the filter lacked went to the queue. A key missing
-from the filter may be a peer created since the last feed read; the lookup
-worker reads the feed (at most every FEED_CATCH_UP_EVERY, provision.py) before
-refusing such a key, and that read must not be skipped. The second condition
-says the workers are at it: they took an unknown key less than a second ago
-and either read the feed for it or had read it within the second before, and
-within that pace they refuse unknown keys unread, as we do here earlier. The
-first keeps a feed that cannot reach the registry from making the refusals
-blind. Fresh from the scheduled poll alone (every 5 s) is not enough: a peer
-created just after it, whose client connects at once (a provisioning script,
-the lab tests), would wait for its 5 s retry where the worker's read lets it
-in. So the first unknown key after a quiet spell takes the full path (both
-X25519, the queue, the worker's read), and in a flood of random keys each
-second's first few do; the rest are refused here. Not also "whenever under
-load": under load the initiations that still reach verification carry a mac2
-(proven sources, 20/s each, gate.py), few enough that the worker's read is the
-better bargain for a peer created a moment ago.
+When: the filter says no, an initiation whose key the filter lacked went to
+the queue within the last FEED_CATCH_UP_EVERY, and the change feed reached the
+registry's head within twice that. A key missing from the filter may be a peer
+created since the last feed read; the lookup worker reads the feed (at most
+every FEED_CATCH_UP_EVERY, provision.py) before refusing such a key, and that
+read must not be skipped for nothing. The queued stranger says the workers are
+at it: they took an unknown key less than a second ago and read the feed for
+it unless they had read it in the second before, and at that pace they refuse
+nearly every unknown key unread, as we do here earlier; a peer created during
+such a flood gets in on its client's next try, as before. The feed's age
+allows for the read itself: the workers' next read starts a second after the
+last one started and ends a queue wait and a registry round trip later; with
+one second a bench flood (5,000/s of random keys from forged sources) let
+hundreds of keys a second through to both X25519 and the queue in that gap. It
+also keeps a feed that cannot reach the registry from making refusals blind.
+Fresh from the scheduled poll alone (every 5 s) is not enough: a peer created
+just after it, whose client connects at once (a provisioning script, the lab
+tests), would wait for its 5 s retry where the worker's read lets it in. So
+the first unknown key after a quiet spell takes the full path (both X25519,
+the queue, the worker's read), and in a flood of random keys one a second
+does. Not also "whenever under load": under load the initiations that still
+reach verification carry a mac2 (proven sources, 20/s each, gate.py), few
+enough that the worker's read is the better bargain.
 
 Then, in order, each outcome a drop reason or a place in the lookup queue:
 - replay: its timestamp is not newer than one already seen for the key. Judged
@@ -65,6 +69,7 @@ INSTALLED = "already_installed"
 QUEUED = "queued"
 PENDING = "pending"
 UNKNOWN_KEY = "unknown_key"
+FEED_FRESH = 2 * FEED_CATCH_UP_EVERY  # feed read age for early refusals (see above)
 # Replay events logged at most this often (a token bucket); the rest are counted.
 REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 
@@ -98,7 +103,7 @@ class Intake:
         if self.known.knows(static) is not False:
             return False
         now, read_at = self._clock(), self.feed_read_at()
-        if read_at is None or now - read_at >= FEED_CATCH_UP_EVERY or \
+        if read_at is None or now - read_at >= FEED_FRESH or \
                 now - self._unknown_queued_at >= FEED_CATCH_UP_EVERY:
             return False
         self.metrics.drops.labels(UNKNOWN_KEY).inc()
