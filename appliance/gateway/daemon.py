@@ -387,11 +387,12 @@ class Gateway:
             for d in datagrams:
                 self.on_datagram(d)
             was = self.gate.load.under_load
-            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started)
+            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started,
+                                  p.capture.lag)
             if self.gate.load.under_load != was:  # what decided it, for the operator
                 load = self.gate.load
                 events.emit("under_load" if not was else "load_over", busy=round(load.busy, 3),
-                            demand=round(load.demand, 3),
+                            demand=round(load.demand, 3), lag_ms=round(load.lag * 1000),
                             verify_us=round(load.verify_cost * 1e6),
                             unknown_fill=round(p.queue.unknown_fill(), 3))
             self.metrics.under_load.set(self.gate.load.under_load)

@@ -99,8 +99,8 @@ class InitiationGate:
         self.load.verified(seconds, known=self._known)
         self._known = False
 
-    def end_of_read(self, queue_fill: float, busy: float = 0.0) -> None:
-        """A read of the capture is done, its datagrams handled in `busy` seconds:
-        report that and its backlog to the load signal."""
-        self.load.observe(self.backlog, queue_fill, busy)
+    def end_of_read(self, queue_fill: float, busy: float = 0.0, lag: float = 0.0) -> None:
+        """A read of the capture is done, its datagrams handled in `busy` seconds, its
+        newest frame `lag` seconds old: report that and its backlog to the load signal."""
+        self.load.observe(self.backlog, queue_fill, busy, lag)
         self.backlog = 0

@@ -40,7 +40,20 @@ verifications on average. So the signal judges time, not packet counts:
   sources (bench/flood.py, 2,000/s from 1,000 spoofed endpoints, no key
   filter) refill it within a tenth of a second, each cycle spending the
   registry's whole token budget on random keys.
-Either one sets the gateway under load for UNDER_LOAD_AFTER seconds (1 s, as
+- lag: every read of a window found frames that had waited LAG_ENTER or more in
+  the capture's buffer (capture.py: the kernel's receive stamp of the newest
+  frame read). The busy share cannot see all of it: time spent reading and
+  parsing frames, and waiting for the GIL, is not "handling", so a thread that
+  had fallen behind read 0.8-0.9 busy. In a bench flood (5,000/s of random
+  keys from forged sources, bench/flood.py) the gateway never went under load
+  while its backlog grew by 0.75 s a second: the tenth client, 2.7 s after
+  the first, waited 2.2 s behind it, and the 8 MB buffer (about 2 s of
+  such a flood) would next have dropped clients' initiations, costing them
+  retries with no cookie to carry. The minimum over the window, so a pause
+  of the thread (130 ms at load 6-8) that it then catches up on does not
+  count; half a second, because until the backlog grows past several
+  seconds waiting in it is cheaper for a client than a cookie's 5 s round.
+Any one sets the gateway under load for UNDER_LOAD_AFTER seconds (1 s, as
 wireguard-go), so the state does not flap with every read.
 
 This replaced "one read held 128 initiations needing DH". At 1,000/s from
@@ -82,6 +95,7 @@ COST_PRIOR = 50  # verifications the start value is worth: it gives way to measu
 COST_WEIGHT = 0.25  # of a window's average in the EWMA, once COST_PRIOR were measured in it
 QUEUE_FILL = 0.5  # of the unknown lane's places: enter
 QUEUE_LEAVE = 0.125  # ...and stay until below this
+LAG_ENTER = 0.5  # s every read of a window found frames waiting: the reader fell behind
 UNDER_LOAD_AFTER = 1.0
 
 
@@ -95,6 +109,8 @@ class LoadSignal:
         self.verify_cost = VERIFY_COST_START  # s of wall time per verification (EWMA)
         self.busy = 0.0  # share of the last full window spent handling reads
         self.demand = 0.0  # share of it verifying all that needed it would have taken
+        self.lag = 0.0  # least capture lag of the reads in the last full window, s
+        self._lag_min = float("inf")  # ...of this window's reads
         self._window_start = clock()
         self._busy_time = 0.0  # handling reads, since _window_start
         self._arrived = 0  # initiations needing verification since _window_start
@@ -111,12 +127,15 @@ class LoadSignal:
         if known:
             self._busy_time -= seconds
 
-    def observe(self, backlog: int, queue_fill: float, busy: float = 0.0) -> None:
+    def observe(self, backlog: int, queue_fill: float, busy: float = 0.0,
+                lag: float = 0.0) -> None:
         """Report a read that held `backlog` initiations needing verification and took
-        `busy` seconds to handle, and the unknown lane's fill (0..1)."""
+        `busy` seconds to handle, the age of its newest frame (`lag`, s, 0 for an
+        empty read), and the unknown lane's fill (0..1)."""
         now = self._clock()
         self._arrived += backlog
         self._busy_time += busy
+        self._lag_min = min(self._lag_min, lag)
         elapsed = now - self._window_start
         if elapsed >= WINDOW:
             self._end_window(now, elapsed)
@@ -134,9 +153,11 @@ class LoadSignal:
             self.verify_cost += weight * (self._verify_time / self._verified - self.verify_cost)
         self.busy = self._busy_time / elapsed
         self.demand = self._arrived * self.verify_cost / elapsed
-        if self.busy >= BUSY_ENTER or (now < self._until and self.demand >= STAY_DEMAND):
+        self.lag = self._lag_min
+        if self.busy >= BUSY_ENTER or self.lag >= LAG_ENTER or \
+                (now < self._until and self.demand >= STAY_DEMAND):
             self._until = now + UNDER_LOAD_AFTER
-        self._window_start, self._busy_time = now, 0.0
+        self._window_start, self._busy_time, self._lag_min = now, 0.0, float("inf")
         self._arrived, self._verified, self._verify_time = 0, 0, 0.0
 
     @property

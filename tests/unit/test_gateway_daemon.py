@@ -30,6 +30,7 @@ class FakeCapture:
     def __init__(self) -> None:
         self.inbox: queue.Queue[Datagram] = queue.Queue()
         self.malformed: Counter[str] = Counter()
+        self.lag = 0.0
         self.closed = False
 
     def recv(self, timeout: float | None = None) -> list[Datagram]:
