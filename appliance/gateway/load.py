@@ -53,8 +53,16 @@ verifications on average. So the signal judges time, not packet counts:
   of the thread (130 ms at load 6-8) that it then catches up on does not
   count; half a second, because until the backlog grows past several
   seconds waiting in it is cheaper for a client than a cookie's 5 s round.
-Any one sets the gateway under load for UNDER_LOAD_AFTER seconds (1 s, as
-wireguard-go), so the state does not flap with every read.
+Busy and lag enter the state only while verification is at least ENTER_DEMAND
+of the window (demand, above): what the state sheds is verification, and a
+thread kept busy by something else gains nothing from it while real clients
+lose a 5 s round each. In a bench replay flood (5,000/s of one capture from
+one address, bench/flood.py) the thread went 0.95 busy answering the source
+over its limit with cookies (which it gets under load too) at a demand of
+0.025, and a client that came then waited 5.6 s instead of 20 ms.
+The queue fill, busy-with-demand or lag sets the gateway under load for
+UNDER_LOAD_AFTER seconds (1 s, as wireguard-go), so the state does not flap
+with every read.
 
 This replaced "one read held 128 initiations needing DH". At 1,000/s from
 1,000 forged sources on a loaded 2-core machine (load 5-8) a 130 ms pause of
@@ -90,6 +98,7 @@ MODES = ("auto", "always", "off")
 WINDOW = 0.25  # seconds over which the busy share and demand are measured
 BUSY_ENTER = 0.95  # of the window the capture thread spent handling reads: it no longer waits
 STAY_DEMAND = 0.75  # of the window verification would take: hold the state
+ENTER_DEMAND = 0.5  # ...and at least this for busy or lag to enter it
 VERIFY_COST_START = 400e-6  # s, a verification on a loaded CI machine, until measured
 COST_PRIOR = 50  # verifications the start value is worth: it gives way to measurement
 COST_WEIGHT = 0.25  # of a window's average in the EWMA, once COST_PRIOR were measured in it
@@ -154,7 +163,8 @@ class LoadSignal:
         self.busy = self._busy_time / elapsed
         self.demand = self._arrived * self.verify_cost / elapsed
         self.lag = self._lag_min
-        if self.busy >= BUSY_ENTER or self.lag >= LAG_ENTER or \
+        behind = self.busy >= BUSY_ENTER or self.lag >= LAG_ENTER
+        if (behind and self.demand >= ENTER_DEMAND) or \
                 (now < self._until and self.demand >= STAY_DEMAND):
             self._until = now + UNDER_LOAD_AFTER
         self._window_start, self._busy_time, self._lag_min = now, 0.0, float("inf")

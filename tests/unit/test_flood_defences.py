@@ -296,6 +296,23 @@ def test_a_capture_falling_behind_is_load_though_the_thread_reads_as_not_busy() 
     assert load.busy < BUSY_ENTER and load.lag >= LAG_ENTER
 
 
+def test_a_thread_busy_with_cookies_for_one_source_is_not_load() -> None:
+    """A replay flood from one address: the thread answers the source over its limit
+    with cookies (it would under load too), busy and behind, with almost nothing to
+    verify. Cookies for everyone would spare nothing and cost each real client 5 s."""
+    clock = Clock()
+    load = LoadSignal(clock=clock)
+    reads = 40
+    for i in range(8 * reads):  # two seconds; 80/s within limits get verified
+        clock.now += WINDOW / reads
+        within = 1 if i % 2 == 0 else 0
+        if within:
+            load.verified(400e-6)
+        load.observe(within, 0.0, 0.99 * WINDOW / reads, 0.6)
+    assert load.busy > BUSY_ENTER and load.lag > LAG_ENTER and load.demand < 0.1
+    assert not load.under_load
+
+
 def ts(n: int) -> bytes:
     return n.to_bytes(12, "big")
 
