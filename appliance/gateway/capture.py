@@ -213,6 +213,7 @@ def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         # The first SIOCGSTAMP turns receive stamps on (and fails: none yet); from then
         # on it gives the kernel's receive time of the frame read last (capture lag).
+        # Stamps are then taken for every packet the host receives, a clock read each.
         with contextlib.suppress(OSError):
             fcntl.ioctl(sock, SIOCGSTAMP, bytes(16))
         sock.bind((ifname, ETH_P_ALL))
