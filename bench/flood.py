@@ -23,7 +23,9 @@ Defences:
         queue, bounded repair and the served-endpoint skip have no switch and
         stay on in both.
 
-Columns: connects that succeeded, p50/p99 connect latency, registry calls
+Columns: connects that succeeded, p50/p99 connect latency, p99 of the daemon's
+own share of it (a client's initiation seen to its re-injection; the rest is the
+data plane, which faces the same flood, and the client's cookie rounds), registry calls
 beyond the real clients' own, cookie replies, DH verifications, the daemon's
 CPU (share of one core while flooding) and RSS at the end, and the flood
 packets the daemon read (capture drops under load show as fewer).
@@ -69,6 +71,7 @@ from bench.common import (  # noqa: E402
     table,
     write_json,
 )
+from lab.timeline import EventFollower  # noqa: E402
 from tests.initiations import build_initiation  # noqa: E402
 
 DEFENCES = {"on": [], "off": ["--source-rate", "0", "--cookies", "off", "--key-filter", "off"]}
@@ -170,6 +173,7 @@ def run_row(lab, args, defences: str, flood: str, rate: float, flood_packets: li
         finally:
             tap.close()
     before = gateway_metrics(lab, g)
+    follower = EventFollower(g.daemon_log, g.name, from_end=True)
     duration = args.lead + len(clients) * args.spacing + args.timeout + 1
     fl = None
     if flood != "none":
@@ -191,11 +195,20 @@ def run_row(lab, args, defences: str, flood: str, rate: float, flood_packets: li
         return m.get(name, 0) - before.get(name, 0)
 
     lat = summarise([e.latency for e in echoes.values()])
+    # The daemon's own share: a client's initiation seen to its re-injection (install
+    # mode reinject), against the whole connect: the rest is the data plane's.
+    keys = {c.public_key for c in clients}
+    evs = follower.events()
+    gateway_ms = [e.get("ms") for e in evs
+                  if e.event == "initiation_reinjected" and e.get("public_key") in keys]
+    load_changes = [(round(e.ts, 3), e.event) for e in evs
+                    if e.event in ("under_load", "load_over")]
     drops = {k: v - labelled(before, "wgjit_gateway_drops_total").get(k, 0)
              for k, v in labelled(m, "wgjit_gateway_drops_total").items()}
     return {
         "defences": defences, "flood": flood, "rate": rate if fl else 0, "sent": sent,
         "connects": lat, "latencies_ms": [round(e.latency * 1000, 1) for e in echoes.values()],
+        "gateway_ms": summarise([m / 1000 for m in gateway_ms]), "load_changes": load_changes,
         "registry_calls_by_flood": max(0.0, delta("wgjit_gateway_registry_calls_total")
                                        - len(clients)),
         "cookie_replies": delta("wgjit_gateway_cookie_replies_total"),
@@ -206,6 +219,28 @@ def run_row(lab, args, defences: str, flood: str, rate: float, flood_packets: li
         "daemon_cpu_share": (cpu1 - cpu0) / (t1 - t0),
         "daemon_rss_mib": rss,
     }
+
+
+def _logs_of(lab) -> list[str]:
+    hosts = [lab.gateway("g1"), *lab.state.clients]
+    return [h.wg_log for h in hosts] + [lab.gateway("g1").daemon_log]
+
+
+def _log_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _copy_logs(mark: dict[str, int], dest: Path) -> None:
+    """What each log gained during the row (a restarted daemon's log starts over)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, size in mark.items():
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if os.path.getsize(path) >= size:
+                f.seek(size)
+            (dest / Path(path).name).write_bytes(f.read())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spacing", type=float, default=0.3, help="seconds between connects")
     ap.add_argument("--lead", type=float, default=1.0, help="flood seconds before connects")
     ap.add_argument("--timeout", type=float, default=12.0, help="per connect (12)")
+    ap.add_argument("--defences", default="on,off", help="which defence settings (on,off)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the rows without a flood")
+    ap.add_argument("--logs", type=Path, help="copy each row's daemon and wireguard-go "
+                    "logs here (set WGJIT_LAB_WG_LOG_LEVEL=verbose for the handshakes)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.command == "flooder":
@@ -242,25 +281,33 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  building {FLOOD_PACKETS} random-key initiations")
         flood_packets = [build_initiation(generate_private_key(), responder_public)
                          for _ in range(FLOOD_PACKETS)]
-        rows = [("none", 0.0)] + [(fl, r) for fl in floods for r in rates]
+        rows = ([] if args.no_baseline else [("none", 0.0)]) + \
+            [(fl, r) for fl in floods for r in rates]
+        defence_sets = [d.strip() for d in args.defences.split(",")]
         for flood, rate in rows:
-            for defences in DEFENCES:
+            for defences in defence_sets:
                 say(f"  {flood} {rate:g}/s, defences {defences}")
+                mark = {h: _log_size(h) for h in _logs_of(lab)} if args.logs else {}
                 results.append(run_row(lab, args, defences, flood, rate, flood_packets,
                                        Path(tmp)))
+                if args.logs:
+                    _copy_logs(mark, args.logs / f"{flood}-{rate:g}-{defences}".replace(
+                        " ", "").replace(",", "-"))
     info.finish()
 
     out = []
     for r in results:
         c = r["connects"]
         out.append([r["flood"], f"{r['rate']:g}", r["defences"], f"{c['ok']}/{c['n']}",
-                    ms(c["p50"]), ms(c["p99"]), f"{r['registry_calls_by_flood']:.0f}",
+                    ms(c["p50"]), ms(c["p99"]), ms(r["gateway_ms"]["p99"]),
+                    f"{r['registry_calls_by_flood']:.0f}",
                     f"{r['cookie_replies']:.0f}", f"{r['verified']:.0f}",
                     f"{100 * r['daemon_cpu_share']:.0f}%", f"{r['daemon_rss_mib']:.0f}",
                     f"{r['read']:.0f}/{r['sent']}"])
     print(f"Real clients' connect latency under a handshake flood, ms; {args.clients} "
           "connects per row")
-    print(table(["flood", "per s", "defences", "ok", "p50", "p99", "reg calls", "cookies",
+    print(table(["flood", "per s", "defences", "ok", "p50", "p99", "gw p99", "reg calls",
+                 "cookies",
                  "verified", "cpu", "rss MiB", "read/sent"], out))
     print(info.describe())
     write_json(args.json, "flood", info, {k: v for k, v in vars(args).items()

@@ -10,6 +10,9 @@ Rows:
                   public key costs
   static reject   junk with a valid mac1 (the sender knows our public key): one
                   X25519 and one failed AEAD
+  static opened   valid initiations read as far as the initiator's static key
+                  (open_static): what a random key the known-key filter refuses
+                  costs (intake.py, unknown_key)
 Best of --rounds, to shrug off other work on a shared machine; the rounds interleave
 the rows, and the speed-up is also given as the median of per-round ratios.
 Targets: >= 8,000 verified/s and >= 100,000 mac1 rejects/s.
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "noiseprotocol": (noise, valid),
         "mac1 reject": (expect_reject("mac1"), junk),
         "static reject": (expect_reject("static_aead"), junk_mac1),
+        "static opened": (responder.open_static, valid),
     }
     # Rounds outside, rows inside: on a shared machine the load drifts, and every row
     # then sees the same drift; ours and the baseline are also compared round by round.

@@ -54,7 +54,9 @@ def _enough_inotify_instances() -> None:
 
 def spawn_wireguard_go(ns: str, ifname: str, log: str | os.PathLike[str]) -> int:
     _enough_inotify_instances()
-    return spawn(ns, ["wireguard-go", "-f", ifname], log, env={**WG_GO_ENV, "LOG_LEVEL": "error"})
+    # WGJIT_LAB_WG_LOG_LEVEL=verbose logs every handshake message (bench/flood.py --logs).
+    level = os.environ.get("WGJIT_LAB_WG_LOG_LEVEL", "error")
+    return spawn(ns, ["wireguard-go", "-f", ifname], log, env={**WG_GO_ENV, "LOG_LEVEL": level})
 
 
 def alive(pid: int) -> bool:

@@ -51,6 +51,7 @@ ETH_P_8021AD = 0x88A8
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772  # loopback frames carry a (zeroed) Ethernet header
 SIOCGIFHWADDR = 0x8927
+SIOCGSTAMP = 0x8906  # the receive time of the last frame read (struct timeval)
 IPPROTO_UDP = 17
 
 ETH_HLEN = 14
@@ -210,12 +211,27 @@ def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        # The first SIOCGSTAMP turns receive stamps on (and fails: none yet); from then
+        # on it gives the kernel's receive time of the frame read last (capture lag).
+        # Stamps are then taken for every packet the host receives, a clock read each.
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(sock, SIOCGSTAMP, bytes(16))
         sock.bind((ifname, ETH_P_ALL))
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _age_of_last_frame(sock: socket.socket) -> float:
+    """Seconds since the kernel received the frame read last from `sock` (one ioctl,
+    ~5 us); 0.0 if the kernel keeps no stamp."""
+    try:
+        sec, usec = struct.unpack("qq", fcntl.ioctl(sock, SIOCGSTAMP, bytes(16)))
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - (sec + usec / 1e6))
 
 
 class Capture:
@@ -229,6 +245,10 @@ class Capture:
         self.snaplen = snaplen
         self.received = 0  # frames read from the kernel
         self.malformed: Counter[str] = Counter()
+        # How long the newest frame of the last recv waited in the kernel's buffer,
+        # seconds (0.0: it read nothing). Growing: the reader no longer keeps up,
+        # and a real client's initiation waits behind the whole backlog (load.py).
+        self.lag = 0.0
         self._socks: dict[int, tuple[socket.socket, str]] = {}
         self._epoll = select.epoll()
         try:
@@ -248,18 +268,21 @@ class Capture:
         """Wait up to `timeout` seconds (None: forever) for frames, then read them."""
         events = self._epoll.poll(-1 if timeout is None else timeout)
         out: list[Datagram] = []
+        self.lag = 0.0
         for fd, _ in events:
             sock, ifname = self._socks[fd]
-            self._drain(sock, ifname, max_frames, out)
+            if self._drain(sock, ifname, max_frames, out):
+                self.lag = max(self.lag, _age_of_last_frame(sock))
         return out
 
     def _drain(self, sock: socket.socket, ifname: str, max_frames: int,
-               out: list[Datagram]) -> None:
-        for _ in range(max_frames):
+               out: list[Datagram]) -> int:
+        """Read up to max_frames frames into `out`; how many were read."""
+        for n in range(max_frames):
             try:
                 frame, addr = sock.recvfrom(self.snaplen)
             except (BlockingIOError, InterruptedError):
-                return
+                return n
             self.received += 1
             if addr[2] != PACKET_HOST:
                 self.malformed["pkttype"] += 1
@@ -268,6 +291,7 @@ class Capture:
                 out.append(parse_frame(frame, ifname, self.port))
             except FrameError as e:
                 self.malformed[e.reason] += 1
+        return max_frames
 
     def kernel_stats(self) -> dict[str, tuple[int, int]]:
         """Per interface (frames passed by the filter, frames dropped) since the last call.

@@ -56,6 +56,12 @@ from appliance.gateway.handshake import (
 )
 
 COOKIE_REFRESH_TIME = 120.0  # seconds between changes of R_m (whitepaper 5.4.7)
+# A client spends its cookie on its next try, REKEY_TIMEOUT (5 s) plus up to 1/3 s
+# of jitter after the reply; one whose reply came just before R_m changed would
+# find its mac2 refused and pay a second 5 s round. So the previous R_m still
+# proves a source for this long after the change: two tries' worth. (wireguard-go
+# checks the current secret only; its cookie rounds are rarer than ours.)
+PREVIOUS_SECRET_GRACE = 10.0
 COOKIE_SIZE = MAC_SIZE  # tau is a 16-byte MAC
 XNONCE_SIZE = 24
 AEAD_TAG_SIZE = 16
@@ -102,12 +108,19 @@ class CookieResponder:
         self._random = random
         self._secret = random(SECRET_SIZE)
         self._secret_set_at = clock()
+        self._previous: bytes | None = None  # R_m before the last change
 
     def _current_secret(self) -> bytes:
         now = self._clock()
-        if now - self._secret_set_at >= COOKIE_REFRESH_TIME:
+        age = now - self._secret_set_at
+        if age >= COOKIE_REFRESH_TIME:
+            # Changed lazily, on the first use after it is due: an R_m that stayed
+            # longer (no cookie asked for) must not be honoured after it either.
+            # The grace runs from when the change was due.
+            due = age < COOKIE_REFRESH_TIME + PREVIOUS_SECRET_GRACE
+            self._previous = self._secret if due else None
             self._secret = self._random(SECRET_SIZE)
-            self._secret_set_at = now
+            self._secret_set_at = self._secret_set_at + COOKIE_REFRESH_TIME if due else now
         return self._secret
 
     def cookie(self, ip: str, port: int) -> bytes:
@@ -115,15 +128,22 @@ class CookieResponder:
         return MAC(self._current_secret(), source_bytes(ip, port))
 
     def mac2_valid(self, initiation: bytes, ip: str, port: int) -> bool:
-        """Does the initiation's mac2 prove it came from ip:port (with a current cookie)?
+        """Does the initiation's mac2 prove it came from ip:port (with a current cookie,
+        or one made with the previous R_m up to PREVIOUS_SECRET_GRACE after it changed)?
 
         Assumes a 148-byte initiation whose mac1 was checked.
         """
         mac2 = initiation[OFFSET_MAC2:OFFSET_MAC2 + MAC_SIZE]
         if not any(mac2):
             return False
-        expected = MAC(self.cookie(ip, port), initiation[:OFFSET_MAC2])
-        return hmac.compare_digest(expected, mac2)
+        signed = initiation[:OFFSET_MAC2]
+        if hmac.compare_digest(MAC(self.cookie(ip, port), signed), mac2):
+            return True
+        previous = self._previous
+        if previous is None or self._clock() - self._secret_set_at >= PREVIOUS_SECRET_GRACE:
+            return False
+        tau = MAC(previous, source_bytes(ip, port))
+        return hmac.compare_digest(MAC(tau, signed), mac2)
 
     def reply(self, initiation: bytes, ip: str, port: int) -> bytes:
         """The 64-byte cookie reply to an initiation that came from ip:port."""

@@ -246,7 +246,8 @@ def assemble(s: GatewaySettings, closing: ExitStack, *, metrics: GatewayMetrics,
         served=served, served_here=served_here, repair=repair, replay=replay, lookups=lookups,
         cache=cache,
         evictor=evictor, feed=feed, feed_reads=feed_reads, queue=queue,
-        intake=Intake(replay, installer, served, queue, known, cache.knows, repair, metrics),
+        intake=Intake(replay, installer, served, queue, known, cache.knows, repair, metrics,
+                      feed_read_at=lambda: feed.caught_up_at),
         provisioner=Provisioner(queue=queue, known=known, feed=feed, feed_reads=feed_reads,
                                 cache=cache, installer=installer, evictor=evictor,
                                 served=served, replay=replay, repair=repair,
@@ -391,11 +392,12 @@ class Gateway:
             for d in datagrams:
                 self.on_datagram(d)
             was = self.gate.load.under_load
-            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started)
+            self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started,
+                                  p.capture.lag)
             if self.gate.load.under_load != was:  # what decided it, for the operator
                 load = self.gate.load
                 events.emit("under_load" if not was else "load_over", busy=round(load.busy, 3),
-                            demand=round(load.demand, 3),
+                            demand=round(load.demand, 3), lag_ms=round(load.lag * 1000),
                             verify_us=round(load.verify_cost * 1e6),
                             unknown_fill=round(p.queue.unknown_fill(), 3))
             self.metrics.under_load.set(self.gate.load.under_load)
@@ -430,13 +432,17 @@ class Gateway:
             self.gate.verified(time.perf_counter() - started)
 
     def _verify(self, d: Datagram, seen_at: float) -> None:
+        responder, intake = self.parts.responder, self.parts.intake
         try:
-            init = self.parts.responder.consume_initiation(d.payload)
+            opened = responder.open_static(d.payload)
+            if intake.refuses_unknown(opened.initiator_static):  # spares the second X25519
+                return
+            init = responder.open_timestamp(opened)
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
-        if self.parts.intake.admit(init.initiator_static, init.timestamp, d, seen_at,
-                                   on_known=self.gate.verified_known) == QUEUED:
+        if intake.admit(init.initiator_static, init.timestamp, d, seen_at,
+                        on_known=self.gate.verified_known) == QUEUED:
             events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
             events.emit("identity_recovered", public_key=encode_key(init.initiator_static),
                         endpoint=d.endpoint)

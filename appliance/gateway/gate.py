@@ -4,7 +4,9 @@ The cheap checks, in the order that keeps a flood cheap. Costs per packet on
 the CI machine kind with other work running (load average ~6): mac1 2-4 us,
 the per-source limit 2-3 us, an absent mac2 under 1 us, building a cookie
 reply 30-40 us, a verification (two X25519, two AEAD opens) 380-450 us
-(~110 us on an idle core, bench/handshake.py):
+(92-105 us on an idle core, bench/handshake.py), or half of it for a key the
+fresh known-key filter refuses after the first X25519 (50-54 us idle: intake.py,
+unknown_key):
 
 1. header and mac1 (handshake.py): junk and messages for another key;
 2. an installed peer's own endpoint (served.py): the data plane's business;
@@ -97,8 +99,8 @@ class InitiationGate:
         self.load.verified(seconds, known=self._known)
         self._known = False
 
-    def end_of_read(self, queue_fill: float, busy: float = 0.0) -> None:
-        """A read of the capture is done, its datagrams handled in `busy` seconds:
-        report that and its backlog to the load signal."""
-        self.load.observe(self.backlog, queue_fill, busy)
+    def end_of_read(self, queue_fill: float, busy: float = 0.0, lag: float = 0.0) -> None:
+        """A read of the capture is done, its datagrams handled in `busy` seconds, its
+        newest frame `lag` seconds old: report that and its backlog to the load signal."""
+        self.load.observe(self.backlog, queue_fill, busy, lag)
         self.backlog = 0

@@ -19,7 +19,10 @@ else is rejected here as "short" or "long".
 
 Checks run cheapest first so that junk costs little: length, type, reserved,
 mac1 (one keyed BLAKE2s over 116 bytes), then the two X25519 operations with an
-AEAD open after each. Only a message whose timestamp opens is returned.
+AEAD open after each. Only a message whose timestamp opens is returned. The two
+halves can be run apart (open_static, then open_timestamp): after the first the
+claimed static key is known, and a gateway that would refuse that key anyway
+(it is not registered) saves the second X25519, half of a random-key flood's cost.
 """
 
 from __future__ import annotations
@@ -191,6 +194,18 @@ class Initiation:
         return tai64n_to_unix(self.timestamp)
 
 
+@dataclass(frozen=True, slots=True)
+class StaticOpened:
+    """A first message read as far as msg.static (Responder.open_static): the
+    responder's chaining key C_r and hash H_r at that point, and the static key
+    the message claims, not yet proven by the timestamp."""
+
+    packet: bytes
+    chaining_key: bytes
+    hash: bytes
+    initiator_static: bytes
+
+
 class Responder:
     """Reads initiations addressed to one WireGuard interface's key pair.
 
@@ -234,8 +249,16 @@ class Responder:
 
         Raises InitiationError (with `.reason`) for anything that is not a
         message from the holder of the static key it carries. Replay is not
-        judged here: see appliance.gateway.replay.
+        judged here: see appliance.gateway.replay. The same as open_static
+        then open_timestamp, for a caller with no reason to stop in between.
         """
+        return self.open_timestamp(self.open_static(packet))
+
+    def open_static(self, packet: bytes) -> StaticOpened:
+        """The message up to msg.static: header, mac1, e, es, and the initiator's
+        static key decrypted. One X25519. The key is not proven yet (anyone can
+        encrypt any public key to us), but a key the gateway would refuse anyway
+        can be refused here, before the second X25519 (daemon.py)."""
         packet = bytes(packet)
         self.check_header(packet)
         if not self.mac1_valid(packet):
@@ -243,7 +266,6 @@ class Responder:
 
         ephemeral = packet[OFFSET_EPHEMERAL:OFFSET_STATIC]
         encrypted_static = packet[OFFSET_STATIC:OFFSET_TIMESTAMP]
-        encrypted_timestamp = packet[OFFSET_TIMESTAMP:OFFSET_MAC1]
 
         # e: the initiator's ephemeral goes into both the chaining key and the hash.
         c = KDF1(INITIAL_CHAINING_KEY, ephemeral)
@@ -259,22 +281,28 @@ class Responder:
         except InvalidTag:
             raise InitiationError("static_aead") from None
         h = HASH(h + encrypted_static)
+        return StaticOpened(packet, c, h, initiator_static)
+
+    def open_timestamp(self, opened: StaticOpened) -> Initiation:
+        """The rest of the message: ss, then msg.timestamp, which only the holder of
+        the static key's private half could have encrypted. One X25519."""
+        packet, c, h = opened.packet, opened.chaining_key, opened.hash
         # ss
         try:
-            ss = DH(self._private, initiator_static)
+            ss = DH(self._private, opened.initiator_static)
         except ValueError:
             raise InitiationError("static") from None
         c, key = KDF2(c, ss)
         try:
-            timestamp = AEAD_DECRYPT(key, encrypted_timestamp, h)
+            timestamp = AEAD_DECRYPT(key, packet[OFFSET_TIMESTAMP:OFFSET_MAC1], h)
         except InvalidTag:
             raise InitiationError("timestamp_aead") from None
 
         (sender_index,) = struct.unpack_from("<I", packet, OFFSET_SENDER)
         return Initiation(
             sender_index=sender_index,
-            initiator_static=initiator_static,
+            initiator_static=opened.initiator_static,
             timestamp=timestamp,
-            ephemeral=ephemeral,
+            ephemeral=packet[OFFSET_EPHEMERAL:OFFSET_STATIC],
             mac2=packet[OFFSET_MAC2:],
         )

@@ -1,6 +1,36 @@
 """What becomes of an initiation that proved its sender's key: the admission decision.
 
-In order, each outcome a drop reason or a place in the lookup queue:
+Before the proof, `refuses_unknown` may refuse it by the key it claims
+(unknown_key): the known-key filter says the registry does not hold the key,
+and the filter is fresh. The daemon asks between the two halves of the
+message (handshake.open_static, open_timestamp), so a random-key flood costs
+one X25519 an initiation instead of two.
+
+When: the filter says no, an initiation whose key the filter lacked went to
+the queue within the last FEED_CATCH_UP_EVERY, and the change feed reached the
+registry's head within twice that. A key missing from the filter may be a peer
+created since the last feed read; the lookup worker reads the feed (at most
+every FEED_CATCH_UP_EVERY, provision.py) before refusing such a key, and that
+read must not be skipped for nothing. The queued stranger says the workers are
+at it: they took an unknown key less than a second ago and read the feed for
+it unless they had read it in the second before, and at that pace they refuse
+nearly every unknown key unread, as we do here earlier; a peer created during
+such a flood gets in on its client's next try, as before. The feed's age
+allows for the read itself: the workers' next read starts a second after the
+last one started and ends a queue wait and a registry round trip later; with
+one second, a bench flood (5,000/s of random keys from forged sources, 4 s)
+had 545 verified, mostly in bursts in those gaps; with two, 14. It
+also keeps a feed that cannot reach the registry from making refusals blind.
+Fresh from the scheduled poll alone (every 5 s) is not enough: a peer created
+just after it, whose client connects at once (a provisioning script, the lab
+tests), would wait for its 5 s retry where the worker's read lets it in. So
+the first unknown key after a quiet spell takes the full path (both X25519,
+the queue, the worker's read), and in a flood of random keys one a second
+does. Not also "whenever under load": under load the initiations that still
+reach verification carry a mac2 (proven sources, 20/s each, gate.py), few
+enough that the worker's read is the better bargain.
+
+Then, in order, each outcome a drop reason or a place in the lookup queue:
 - replay: its timestamp is not newer than one already seen for the key. Judged
   for installed peers too: when a peer came in by role inversion the data plane
   never saw the initiation that brought it (it had no such peer then), so it has
@@ -17,6 +47,7 @@ In order, each outcome a drop reason or a place in the lookup queue:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from appliance.gateway import events
@@ -25,6 +56,7 @@ from appliance.gateway.capture import Datagram
 from appliance.gateway.install import Installer
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.provision import FEED_CATCH_UP_EVERY
 from appliance.gateway.ratelimit import TokenBucket
 from appliance.gateway.repair import EndpointRepair
 from appliance.gateway.replay import ReplayGuard
@@ -36,6 +68,8 @@ REPLAY = "replay"
 INSTALLED = "already_installed"
 QUEUED = "queued"
 PENDING = "pending"
+UNKNOWN_KEY = "unknown_key"
+FEED_FRESH = 2 * FEED_CATCH_UP_EVERY  # feed read age for early refusals (see above)
 # Replay events logged at most this often (a token bucket); the rest are counted.
 REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 
@@ -43,7 +77,12 @@ REPLAY_LOG_RATE, REPLAY_LOG_BURST = 1.0, 10
 class Intake:
     def __init__(self, replay: ReplayGuard, installer: Installer, served: ServedEndpoints,
                  queue: FairQueue, known: KnownKeys, cache_knows: Callable[[str], bool],
-                 repair: EndpointRepair, metrics: GatewayMetrics) -> None:
+                 repair: EndpointRepair, metrics: GatewayMetrics, *,
+                 feed_read_at: Callable[[], float | None] = lambda: None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """feed_read_at: when (time.time()) the change feed last reached the registry's
+        head, None if never (FeedFollower.caught_up_at); without it nothing is
+        refused early."""
         self.replay = replay
         self.installer = installer
         self.served = served
@@ -52,8 +91,23 @@ class Intake:
         self.cache_knows = cache_knows  # PeerCache.knows: the registry said yes once
         self.repair = repair
         self.metrics = metrics
+        self.feed_read_at = feed_read_at
+        self._clock = clock
+        self._unknown_queued_at = float("-inf")  # clock(): a key the filter lacked went on
         self._replay_log = TokenBucket(REPLAY_LOG_RATE, REPLAY_LOG_BURST)
         self._replays_unlogged = 0
+
+    def refuses_unknown(self, static: bytes) -> bool:
+        """Refuse a claimed (not yet proven) static key the fresh filter does not know?
+        Counts the drop when it does."""
+        if self.known.knows(static) is not False:
+            return False
+        now, read_at = self._clock(), self.feed_read_at()
+        if read_at is None or now - read_at >= FEED_FRESH or \
+                now - self._unknown_queued_at >= FEED_CATCH_UP_EVERY:
+            return False
+        self.metrics.drops.labels(UNKNOWN_KEY).inc()
+        return True
 
     def admit(self, static: bytes, timestamp: bytes, d: Datagram, seen_at: float,
               on_known: Callable[[], None] | None = None) -> str:
@@ -71,7 +125,9 @@ class Intake:
             return INSTALLED
         self.metrics.verified.inc()
         known = self.known.knows(static)
-        if known is None:  # no filter yet: what the gateway itself has seen
+        if known is False:  # a worker will read the feed for it, or has just read it
+            self._unknown_queued_at = self._clock()
+        elif known is None:  # no filter yet: what the gateway itself has seen
             known = self.replay.kept(static) or self.cache_knows(key)
         if known and on_known is not None:
             on_known()

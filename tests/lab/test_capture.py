@@ -356,3 +356,19 @@ def test_the_capture_queue_holds_a_herd_beyond_rmem_max() -> None:
 
     with open_packet_socket("lo") as sock:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= DEFAULT_RCVBUF
+
+
+def test_the_capture_reports_how_long_its_newest_frame_waited() -> None:
+    """Capture.lag: the kernel's receive stamp of the newest frame read, against now
+    (the load signal's sign of a reader falling behind, load.py)."""
+    port = 51000 + secrets.randbelow(500)
+    packet = build_initiation(generate_private_key(), public_key(generate_private_key()))
+    with Capture(["lo"], port) as cap, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        assert cap.recv(timeout=0) == [] and cap.lag == 0.0
+        s.sendto(packet, ("127.0.0.1", port))
+        time.sleep(0.3)  # not read for 0.3 s: it waited at least that long
+        got = cap.recv(timeout=1)
+        assert len(got) == 1 and 0.25 <= cap.lag < 60
+        waited = cap.lag
+        s.sendto(packet, ("127.0.0.1", port))
+        assert len(cap.recv(timeout=5)) == 1 and cap.lag < waited

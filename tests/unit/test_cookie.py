@@ -16,6 +16,7 @@ from nacl.exceptions import CryptoError
 from appliance.gateway.cookie import (
     COOKIE_REFRESH_TIME,
     MESSAGE_COOKIE_REPLY_SIZE,
+    PREVIOUS_SECRET_GRACE,
     XAEAD,
     CookieResponder,
     consume_cookie_reply,
@@ -37,6 +38,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REAL = json.loads((FIXTURES / "wireguard_go_initiations.json").read_text())
 RESPONDER_PUBLIC = decode_key(REAL["responder_public_key"])
 PACKET = bytes.fromhex(REAL["packets"][0])
+REKEY_TIMEOUT = 5.0  # a WireGuard client's wait before it tries again
 
 
 class Clock:
@@ -118,11 +120,19 @@ def test_a_real_clients_initiation_round_trip_through_the_initiator_side() -> No
     with pytest.raises(CryptoError):
         consume_cookie_reply(reply, bytes(32), PACKET[OFFSET_MAC1:OFFSET_MAC2])
 
-    # R_m changes every two minutes: an old cookie no longer counts.
+    # R_m changes every two minutes; a cookie made just before still counts on the
+    # client's next try (PREVIOUS_SECRET_GRACE), then no longer.
     clock.now += COOKIE_REFRESH_TIME - 1
     assert cookies.mac2_valid(signed, "192.0.2.7", 40000)
-    clock.now += 1
+    clock.now += 1 + REKEY_TIMEOUT
+    assert cookies.mac2_valid(signed, "192.0.2.7", 40000), "made 6 s ago, before the change"
+    assert cookies.cookie("192.0.2.7", 40000) != tau, "new cookies from the new R_m"
+    clock.now += PREVIOUS_SECRET_GRACE - REKEY_TIMEOUT
     assert not cookies.mac2_valid(signed, "192.0.2.7", 40000)
+    # A secret left unused past its time is not honoured after its change.
+    stale = with_mac2(retry, cookies.cookie("192.0.2.7", 40000))
+    clock.now += 3 * COOKIE_REFRESH_TIME
+    assert not cookies.mac2_valid(stale, "192.0.2.7", 40000)
 
 
 def test_source_bytes_are_address_then_port_in_network_order() -> None:

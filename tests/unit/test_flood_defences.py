@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.gateway.admission import FairQueue, Work
-from appliance.gateway.load import LoadSignal
+from appliance.gateway.load import BUSY_ENTER, LAG_ENTER, WINDOW, LoadSignal
 from appliance.gateway.repair import EndpointRepair
 from appliance.gateway.replay import ReplayGuard, ReplayStore
 from appliance.gateway.served import ServedEndpoints
@@ -271,6 +271,46 @@ def test_load_signal_holds_for_a_second_after_a_busy_window_or_a_filling_queue()
     assert LoadSignal("always").under_load and not LoadSignal("off", clock=clock).under_load
     with pytest.raises(ValueError):
         LoadSignal("sometimes")
+
+
+def test_a_capture_falling_behind_is_load_though_the_thread_reads_as_not_busy() -> None:
+    """The backlog in the capture's buffer grows while the handling share stays below
+    BUSY_ENTER (time in recv and GIL waits are not handling): the frames' age says it.
+    A pause the thread catches up on within the window is not load."""
+    clock = Clock()
+    load = LoadSignal(clock=clock)
+    reads = 40  # per 0.25 s window
+    for lag in (0.6, 0.05, 0.02):  # a 0.6 s pause, then caught up
+        clock.now += WINDOW / reads
+        load.observe(10, 0.0, 0.5 * WINDOW / reads, lag)
+    for _ in range(reads):
+        clock.now += WINDOW / reads
+        load.observe(10, 0.0, 0.5 * WINDOW / reads, 0.02)
+    assert not load.under_load and load.lag < LAG_ENTER
+    lag = 0.2
+    while not load.under_load:  # 0.85 busy, and the backlog grows 0.75 s a second
+        clock.now += WINDOW / reads
+        lag += 0.75 * WINDOW / reads
+        load.observe(10, 0.0, 0.85 * WINDOW / reads, lag)
+        assert lag < LAG_ENTER + 2 * WINDOW, "entered within a window of the lag passing it"
+    assert load.busy < BUSY_ENTER and load.lag >= LAG_ENTER
+
+
+def test_a_thread_busy_with_cookies_for_one_source_is_not_load() -> None:
+    """A replay flood from one address: the thread answers the source over its limit
+    with cookies (it would under load too), busy and behind, with almost nothing to
+    verify. Cookies for everyone would spare nothing and cost each real client 5 s."""
+    clock = Clock()
+    load = LoadSignal(clock=clock)
+    reads = 40
+    for i in range(8 * reads):  # two seconds; 80/s within limits get verified
+        clock.now += WINDOW / reads
+        within = 1 if i % 2 == 0 else 0
+        if within:
+            load.verified(400e-6)
+        load.observe(within, 0.0, 0.99 * WINDOW / reads, 0.6)
+    assert load.busy > BUSY_ENTER and load.lag > LAG_ENTER and load.demand < 0.1
+    assert not load.under_load
 
 
 def ts(n: int) -> bytes:

@@ -30,6 +30,7 @@ class FakeCapture:
     def __init__(self) -> None:
         self.inbox: queue.Queue[Datagram] = queue.Queue()
         self.malformed: Counter[str] = Counter()
+        self.lag = 0.0
         self.closed = False
 
     def recv(self, timeout: float | None = None) -> list[Datagram]:
@@ -208,3 +209,27 @@ def test_checking_the_gateways_settings_does_not_import_the_registry_server() ->
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_key_the_fresh_filter_lacks_is_refused_before_the_second_dh(tmp_path) -> None:
+    s = Setup(tmp_path)
+    gw, client, stranger = s.gw, generate_private_key(), generate_private_key()
+    try:
+        gw.parts.known.load({"digest_size": 4, "digests": "", "cursor": 0})
+        gw.parts.known.add(encode_key(public_key(client)))
+        gw.parts.feed.caught_up_at = time.time()  # as a feed poll that reached the head
+        gw.on_datagram(s.initiation(stranger))  # the first: queued for a worker's feed read
+        assert sample(gw.metrics.verified) == 1 and len(gw.parts.queue) == 1
+        gw.on_datagram(s.initiation(generate_private_key(), port=40001))
+        assert sample(gw.metrics.drops, reason="unknown_key") == 1
+        assert sample(gw.metrics.verified) == 1 and len(gw.parts.queue) == 1
+        gw.on_datagram(s.initiation(client, port=40002))
+        assert sample(gw.metrics.verified) == 2 and len(gw.parts.queue) == 2
+        # A forgery claiming the client's key gets past the filter, not the timestamp.
+        forged = build_initiation(stranger, public_key(s.private),
+                                  claimed_static=public_key(client))
+        gw.on_datagram(Datagram("192.0.2.51", 40000, forged, "eth0", "192.0.2.1", 51820))
+        assert sample(gw.metrics.drops, reason="timestamp_aead") == 1
+        assert s.reg.peer_calls == 0
+    finally:
+        gw.parts.closing.close()

@@ -271,3 +271,25 @@ def test_replay_guard_is_bounded_lru():
     assert guard.accept(keys[0], tai64n(11))
     with pytest.raises(ValueError):
         ReplayGuard(capacity=0)
+
+
+def test_the_two_halves_read_what_the_whole_reads(keys):
+    packet = build_initiation(keys["i"], keys["R"], timestamp=tai64n(77))
+    opened = keys["resp"].open_static(packet)
+    assert opened.initiator_static == keys["I"], "the claimed key after one X25519"
+    assert keys["resp"].open_timestamp(opened) == keys["resp"].consume_initiation(packet)
+    # A forgery claims someone else's key: the first half reads the claim, the
+    # second refuses it (the timestamp was keyed with another private key).
+    forged = build_initiation(generate_private_key(), keys["R"], claimed_static=keys["I"])
+    claimed = keys["resp"].open_static(forged)
+    assert claimed.initiator_static == keys["I"]
+    with pytest.raises(InitiationError) as e:
+        keys["resp"].open_timestamp(claimed)
+    assert e.value.reason == "timestamp_aead"
+    # The first half makes the cheap checks first.
+    for bad, why in ((packet[:-1], "short"), (flip(packet, OFFSET_MAC1), "mac1"),
+                     (flip(packet, OFFSET_STATIC), "mac1"),
+                     (with_mac1(flip(packet, OFFSET_STATIC), keys["R"]), "static_aead")):
+        with pytest.raises(InitiationError) as e:
+            keys["resp"].open_static(bad)
+        assert e.value.reason == why

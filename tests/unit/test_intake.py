@@ -13,10 +13,19 @@ import pytest
 from appliance.gateway.admission import FairQueue
 from appliance.gateway.capture import Datagram
 from appliance.gateway.install import Installer
-from appliance.gateway.intake import INSTALLED, PENDING, QUEUED, REPLAY, Intake
+from appliance.gateway.intake import (
+    FEED_FRESH,
+    INSTALLED,
+    PENDING,
+    QUEUED,
+    REPLAY,
+    UNKNOWN_KEY,
+    Intake,
+)
 from appliance.gateway.keyfilter import KnownKeys
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.peer import RegistryPeer
+from appliance.gateway.provision import FEED_CATCH_UP_EVERY
 from appliance.gateway.replay import ReplayGuard
 from appliance.gateway.served import ServedEndpoints
 from appliance.keys import encode_key
@@ -51,8 +60,11 @@ class World:
         self.cached: set[str] = set()
         self.repair = RecordingRepair()
         self.metrics = GatewayMetrics()
+        self.now = 1000.0
+        self.feed_read_at: float | None = None
         self.intake = Intake(self.replay, self.installer, self.served, self.queue, self.known,
-                             self.cached.__contains__, self.repair, self.metrics)
+                             self.cached.__contains__, self.repair, self.metrics,
+                             feed_read_at=lambda: self.feed_read_at, clock=lambda: self.now)
 
     def admit(self, static: bytes, n: int, d: Datagram | None = None) -> str:
         return self.intake.admit(static, ts(n), d or dgram(), 0.0)
@@ -145,3 +157,37 @@ def test_a_full_lane_takes_the_newcomer_and_counts_the_displaced(w: World) -> No
     assert w.admit(second, 1, dgram("192.0.2.2")) == QUEUED  # unknown lane holds one
     assert w.queue.take_dropped() == {"lane_full": 1}
     assert w.queue.get(timeout=0).key == encode_key(second)
+
+
+def test_an_unknown_key_is_refused_early_only_while_the_workers_read_the_feed(w) -> None:
+    member, stranger = os.urandom(32), os.urandom(32)
+    w.feed_read_at = w.now
+    assert not w.intake.refuses_unknown(stranger), "no filter loaded: every key is looked up"
+    w.known.load({"digest_size": 4, "digests": "", "cursor": 0})
+    w.known.add(encode_key(member))
+    assert not w.intake.refuses_unknown(stranger), \
+        "a fresh scheduled poll alone: the worker's read may still find the key"
+    assert w.admit(stranger, 1) == QUEUED  # the full path: a worker reads the feed for it
+    w.queue.done(w.queue.get(timeout=0).key)
+    assert not w.intake.refuses_unknown(member)
+    assert w.intake.refuses_unknown(os.urandom(32))
+    w.now += FEED_CATCH_UP_EVERY - 0.01
+    w.feed_read_at = w.now - 0.5  # the worker's read
+    assert w.intake.refuses_unknown(os.urandom(32))
+    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 2
+    # A second after the last unknown key was queued: the next takes the full path.
+    w.now += 0.01
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    assert w.admit(os.urandom(32), 1) == QUEUED
+    assert w.intake.refuses_unknown(os.urandom(32))
+    # The feed's last read may be up to FEED_FRESH old (the workers' next read takes
+    # its time); older, and nothing is refused early.
+    w.now += FEED_FRESH - 1.0
+    w.queue.done(w.queue.get(timeout=0).key)
+    assert w.admit(os.urandom(32), 1) == QUEUED
+    assert w.intake.refuses_unknown(os.urandom(32))
+    w.now += 0.6
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    w.feed_read_at = None
+    assert not w.intake.refuses_unknown(os.urandom(32))
+    assert sample(w.metrics.drops, reason=UNKNOWN_KEY) == 4
