@@ -10,6 +10,7 @@ preshared keys never reach an event.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import logging.handlers
@@ -52,6 +53,15 @@ class Event(NamedTuple):
     fields: dict[str, Any]
 
 
+# One encoder for every line: json.dumps(default=...) builds a new one per call.
+_ENCODE = json.JSONEncoder(default=str).encode
+
+
+@functools.lru_cache(maxsize=64)
+def _level_name(level: int) -> str:
+    return logging.getLevelName(level).lower()
+
+
 class JsonFormatter(logging.Formatter):
     """Every log record as one JSON line; events keep their fields at the top level."""
 
@@ -73,9 +83,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
     def format_event(self, e: Event) -> str:
-        return json.dumps({"ts": round(e.created, 6),
-                           "level": logging.getLevelName(e.level).lower(),
-                           "event": e.event, **e.fields}, default=str)
+        return _ENCODE({"ts": round(e.created, 6), "level": _level_name(e.level),
+                        "event": e.event, **e.fields})
 
 
 class TextFormatter(logging.Formatter):

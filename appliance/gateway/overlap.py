@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from appliance.gateway import events
+from appliance.wg.model import parse_network
 
 # A refused key is logged again after this many seconds at the earliest.
 LOG_EVERY = 60.0
@@ -51,7 +52,7 @@ class OverlapRefused(Exception):
 
 
 def parse(text: str) -> Net:
-    net = ipaddress.ip_network(text, strict=False)
+    net = parse_network(text)  # its fast parser, and its cache (model.py)
     first = int(net.network_address)
     return (net.version, net.prefixlen, first, first | int(net.hostmask))
 
