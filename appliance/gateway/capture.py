@@ -214,6 +214,8 @@ def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
         # The first SIOCGSTAMP turns receive stamps on (and fails: none yet); from then
         # on it gives the kernel's receive time of the frame read last (capture lag).
         # Stamps are then taken for every packet the host receives, a clock read each.
+        # The kernel switches them on from a work item, moments later: a frame that
+        # arrives before reads as not waiting at all, which only makes lag err low.
         with contextlib.suppress(OSError):
             fcntl.ioctl(sock, SIOCGSTAMP, bytes(16))
         sock.bind((ifname, ETH_P_ALL))
