@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab import addressing, procs
 from lab.netns import LabError, sh, wg
 from lab.nsexec import NetnsWorker
-from lab.registry import wgjit_argv
+from lab.registry import gateway_token, wgjit_argv
 from lab.state import Client, Gateway, Registry
 
 MODES = ("jit", "plain")
@@ -87,7 +87,7 @@ def daemon_argv(g: Gateway, regs: Sequence[Registry], state_dir: str, idle_timeo
     servers = [arg for r in regs for arg in ("--registry", r.url)]
     ca = ["--registry-ca", regs[0].ca_file] if regs[0].ca_file else []
     return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
-            *servers, *ca, "--token-file", regs[0].gateway_token_file,
+            *servers, *ca, "--token-file", gateway_token(regs[0], g.name),
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",
             "--evict-interval", f"{evict_interval:g}", "--backend", "uapi",

@@ -36,10 +36,13 @@ def wgjit_argv() -> list[str]:
     return [sys.executable, "-m", "appliance"]
 
 
-def create_token(db: str, scope: str, tenant: str | None = None) -> str:
+def create_token(db: str, scope: str, tenant: str | None = None,
+                 name: str | None = None) -> str:
     argv = [*wgjit_argv(), "token", "create", "--db", db, "--scope", scope]
     if tenant:
         argv += ["--tenant", tenant]
+    if name:
+        argv += ["--name", name]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
         raise LabError(f"wgjit token create --scope {scope} failed: {p.stderr.strip()[-500:]}")
@@ -77,6 +80,16 @@ def start_registry(state_dir: str, ns: str) -> Registry:
     write_secret(reg.gateway_token_file, create_token(reg.db, "gateway"))
     serve(reg)
     return reg
+
+
+def gateway_token(reg: Registry, gateway: str) -> str:
+    """The file of the gateway's own token, named after it (made on first use), as
+    the deploy gives every gateway host its own credential. The registry's
+    `gateway_token_file` stays the lab's shared one, for tests and tools."""
+    path = Path(reg.gateway_token_file).with_name(f"gateway-{gateway}.token")
+    if not path.exists():
+        write_secret(path, create_token(reg.db, "gateway", name=gateway))
+    return str(path)
 
 
 def another_server(first: Registry, n: int, ns: str, state_dir: str) -> Registry:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from appliance.secrets import write_secret
 from lab import gateway as lab_gateway
 from lab import procs
 from lab.netns import wg
+from lab.registry import wgjit_argv
 from lab.topology import Lab
 from tests.initiations import build_initiation
 from tests.lab.gateway_e2e import (
@@ -135,6 +137,19 @@ def test_registered_client_connects_just_in_time(lab: Lab) -> None:
     assert counters.delta("wgjit_gateway_registry_lookup_keys_total") == 1
     assert counters.delta("wgjit_gateway_cache_lookups_total", outcome="fetched") == 1
     assert counters.now.value("wgjit_gateway_installed_peers") >= 1
+
+
+def test_the_gateway_holds_a_credential_of_its_own(lab: Lab) -> None:
+    """As the deploy does: a gateway token named after the gateway (0600), not the
+    lab's shared one (the connects in this module are made with it)."""
+    argv = lab.gateway(GW).daemon_argv
+    token_file = argv[argv.index("--token-file") + 1]
+    reg = lab.state.registries[0]
+    assert token_file != reg.gateway_token_file and Path(token_file).stat().st_mode & 0o077 == 0
+    out = subprocess.run([*wgjit_argv(), "token", "list", "--db", reg.db, "--json"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    mine = [t for t in json.loads(out) if t.get("name") == GW]
+    assert len(mine) == 1 and mine[0]["scope"] == "gateway" and not mine[0]["revoked_at"]
 
 
 def test_ipv6_underlay_client_connects_just_in_time(lab: Lab) -> None:
