@@ -14,6 +14,12 @@ and dropped.
 Why a packet socket per named interface rather than one for all: a socket bound
 to no interface also sees interfaces without an Ethernet header (the WireGuard
 interface itself, tun devices), where the filter's fixed offsets mean nothing.
+
+With cookie_replies, each interface gets a second packet socket that sees only the
+cookie replies the host itself sends from the WireGuard port (PACKET_OUTGOING
+frames, bpf.cookie_reply_filter): the data plane's own cookies, which the daemon
+learns so that it and the data plane do not hand a client two competing ones
+(cookie_learn.py). Its datagrams come out of recv with outgoing=True.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import json
@@ -33,7 +40,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from appliance.gateway.bpf import DEFAULT_SNAPLEN, WIREGUARD_PORT, initiation_filter, pack
+from appliance.gateway.bpf import (
+    DEFAULT_SNAPLEN,
+    WIREGUARD_PORT,
+    cookie_reply_filter,
+    initiation_filter,
+    pack,
+)
 
 # Linux ABI numbers missing from Python's socket module (linux/if_packet.h,
 # asm-generic/socket.h, linux/if_ether.h, linux/if_arp.h, linux/sockios.h).
@@ -69,6 +82,9 @@ UDP_HLEN = 8
 # net.core.rmem_max needs SO_RCVBUFFORCE (CAP_NET_ADMIN, which the gateway has);
 # without it the kernel caps the request at rmem_max.
 DEFAULT_RCVBUF = 8 << 20
+# The cookie-reply socket's queue: the data plane sends at most one reply per
+# initiation it reads, and a reply lost here only costs the daemon one lesson.
+COOKIE_REPLY_RCVBUF = 1 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # Every reason a frame can be dropped for, as counted in Capture.malformed.
@@ -105,6 +121,7 @@ class Datagram:
     ifname: str
     dst_ip: str = ""
     dst_port: int = 0
+    outgoing: bool = False  # sent by this host (a cookie reply), not received
 
     @property
     def endpoint(self) -> str:
@@ -188,8 +205,11 @@ def _hardware_type(sock: socket.socket, ifname: str) -> int:
 
 def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
                        snaplen: int = DEFAULT_SNAPLEN,
-                       rcvbuf: int = DEFAULT_RCVBUF) -> socket.socket:
-    """A non-blocking packet socket on one Ethernet interface, filter attached.
+                       rcvbuf: int = DEFAULT_RCVBUF, *,
+                       cookie_replies: bool = False) -> socket.socket:
+    """A non-blocking packet socket on one Ethernet interface, filter attached: the
+    initiation filter, or with cookie_replies the filter for this host's own cookie
+    replies (which keeps outgoing frames).
 
     Created with protocol 0, which receives nothing, and bound only after the
     filter is in place, so no unfiltered frame is ever queued.
@@ -200,13 +220,15 @@ def open_packet_socket(ifname: str, port: int = WIREGUARD_PORT,
         if hwtype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
             raise CaptureError(f"{ifname} has no Ethernet header (ARPHRD {hwtype}); "
                                "capture on the underlay interface instead")
-        code = ctypes.create_string_buffer(pack(initiation_filter(port, snaplen)))
+        program = (cookie_reply_filter if cookie_replies else initiation_filter)(port, snaplen)
+        code = ctypes.create_string_buffer(pack(program))
         fprog = struct.pack("HP", len(code.raw) // 8, ctypes.addressof(code))
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        # Our own sends (wireguard-go's responses leave from the same port) are of
-        # no interest; on kernels without the option the pkttype check drops them.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        if not cookie_replies:
+            # Our own sends (wireguard-go's responses leave from the same port) are of
+            # no interest; on kernels without the option the pkttype check drops them.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
@@ -240,7 +262,8 @@ class Capture:
     """Initiation-candidate datagrams from one or more underlay interfaces."""
 
     def __init__(self, interfaces: Sequence[str], port: int = WIREGUARD_PORT, *,
-                 snaplen: int = DEFAULT_SNAPLEN, rcvbuf: int = DEFAULT_RCVBUF) -> None:
+                 snaplen: int = DEFAULT_SNAPLEN, rcvbuf: int = DEFAULT_RCVBUF,
+                 cookie_replies: bool = False) -> None:
         if not interfaces:
             raise ValueError("at least one interface")
         self.port = port
@@ -251,20 +274,26 @@ class Capture:
         # seconds (0.0: it read nothing). Growing: the reader no longer keeps up,
         # and a real client's initiation waits behind the whole backlog (load.py).
         self.lag = 0.0
-        self._socks: dict[int, tuple[socket.socket, str]] = {}
+        # fd -> (socket, interface, whether it carries our own outgoing cookie replies)
+        self._socks: dict[int, tuple[socket.socket, str, bool]] = {}
         self._epoll = select.epoll()
         try:
             for ifname in dict.fromkeys(interfaces):
-                sock = open_packet_socket(ifname, port, snaplen, rcvbuf)
-                self._socks[sock.fileno()] = (sock, ifname)
-                self._epoll.register(sock.fileno(), select.EPOLLIN)
+                self._add(open_packet_socket(ifname, port, snaplen, rcvbuf), ifname, False)
+                if cookie_replies:
+                    self._add(open_packet_socket(ifname, port, snaplen, COOKIE_REPLY_RCVBUF,
+                                                 cookie_replies=True), ifname, True)
         except BaseException:
             self.close()
             raise
 
+    def _add(self, sock: socket.socket, ifname: str, outgoing: bool) -> None:
+        self._socks[sock.fileno()] = (sock, ifname, outgoing)
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+
     @property
     def interfaces(self) -> list[str]:
-        return [name for _, name in self._socks.values()]
+        return [name for _, name, outgoing in self._socks.values() if not outgoing]
 
     def recv(self, timeout: float | None = None, max_frames: int = 256) -> list[Datagram]:
         """Wait up to `timeout` seconds (None: forever) for frames, then read them."""
@@ -272,8 +301,10 @@ class Capture:
         out: list[Datagram] = []
         self.lag = 0.0
         for fd, _ in events:
-            sock, ifname = self._socks[fd]
-            if self._drain(sock, ifname, max_frames, out):
+            sock, ifname, outgoing = self._socks[fd]
+            if outgoing:
+                self._drain_replies(sock, ifname, max_frames, out)
+            elif self._drain(sock, ifname, max_frames, out):
                 self.lag = max(self.lag, _age_of_last_frame(sock))
         return out
 
@@ -295,19 +326,39 @@ class Capture:
                 self.malformed[e.reason] += 1
         return max_frames
 
+    def _drain_replies(self, sock: socket.socket, ifname: str, max_frames: int,
+                       out: list[Datagram]) -> None:
+        """Our own outgoing cookie replies: not counted as received nor as malformed
+        (the initiation counters stay what they were)."""
+        for _ in range(max_frames):
+            try:
+                frame, addr = sock.recvfrom(self.snaplen)
+            except (BlockingIOError, InterruptedError):
+                return
+            if addr[2] != PACKET_OUTGOING:
+                continue
+            try:
+                d = parse_frame(frame, ifname)
+            except FrameError:
+                continue
+            if d.src_port == self.port:
+                out.append(dataclasses.replace(d, outgoing=True))
+
     def kernel_stats(self) -> dict[str, tuple[int, int]]:
         """Per interface (frames passed by the filter, frames dropped) since the last call.
 
         The kernel resets its counters on each read.
         """
         stats = {}
-        for sock, ifname in self._socks.values():
+        for sock, ifname, outgoing in self._socks.values():
+            if outgoing:
+                continue
             packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
             stats[ifname] = (packets, drops)
         return stats
 
     def close(self) -> None:
-        for sock, _ in self._socks.values():
+        for sock, _, _ in self._socks.values():
             sock.close()
         self._socks.clear()
         self._epoll.close()

@@ -28,6 +28,11 @@ Message layout (64 bytes):
 
 XAEAD is XChaCha20Poly1305; `cryptography` has no 24-byte-nonce variant, so it
 comes from libsodium through PyNaCl.
+
+msg.nonce is 16 random bytes and an 8-byte tag, MAC(a per-responder key, those 16
+bytes): still unpredictable and never repeated, and it lets the daemon tell its
+own replies from the data plane's when it sees both leave the host
+(cookie_learn.py) without keeping a list of what it sent.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ COOKIE_SIZE = MAC_SIZE  # tau is a 16-byte MAC
 XNONCE_SIZE = 24
 AEAD_TAG_SIZE = 16
 SECRET_SIZE = 32
+NONCE_RANDOM_SIZE = 16  # of msg.nonce; the rest is the tag that marks our own replies
+NONCE_TAG_SIZE = XNONCE_SIZE - NONCE_RANDOM_SIZE
 
 # Cookie reply offsets.
 OFFSET_RECEIVER = 4
@@ -109,6 +116,7 @@ class CookieResponder:
         self._secret = random(SECRET_SIZE)
         self._secret_set_at = clock()
         self._previous: bytes | None = None  # R_m before the last change
+        self._mark = random(SECRET_SIZE)  # keys the tag in msg.nonce (is_own)
 
     def _current_secret(self) -> bytes:
         now = self._clock()
@@ -149,10 +157,19 @@ class CookieResponder:
         """The 64-byte cookie reply to an initiation that came from ip:port."""
         receiver = initiation[OFFSET_SENDER:OFFSET_SENDER + 4]
         mac1 = initiation[OFFSET_MAC1:OFFSET_MAC2]
-        nonce = self._random(XNONCE_SIZE)
+        nonce = self._nonce(self._random(NONCE_RANDOM_SIZE))
         encrypted_cookie = XAEAD(self._key, nonce, self.cookie(ip, port), mac1)
         return (struct.pack("<B3x", MESSAGE_COOKIE_REPLY_TYPE) + receiver + nonce
                 + encrypted_cookie)
+
+
+    def _nonce(self, random_part: bytes) -> bytes:
+        return random_part + MAC(self._mark, random_part)[:NONCE_TAG_SIZE]
+
+    def is_own(self, reply: bytes) -> bool:
+        """Did this responder make `reply` (a 64-byte cookie reply)? One MAC."""
+        nonce = reply[OFFSET_NONCE:OFFSET_COOKIE]
+        return hmac.compare_digest(self._nonce(nonce[:NONCE_RANDOM_SIZE]), nonce)
 
 
 # --- The initiator's side: what a client does with the reply (tests and benches) ---

@@ -42,11 +42,12 @@ from appliance.gateway.batch import LookupBatcher
 from appliance.gateway.cache import FEED_WINDOW_POLLS, CachePolicy, PeerCache
 from appliance.gateway.capture import Capture, Datagram
 from appliance.gateway.cookie import CookieResponder
+from appliance.gateway.cookie_learn import CookieLearner
 from appliance.gateway.evict import REJECT_AFTER_TIME, EvictionPolicy, Evictor
 from appliance.gateway.failover import PROBE_EVERY
 from appliance.gateway.feed import FeedFollower
 from appliance.gateway.filterload import KNOWN_KEYS_RETRY, FilterLoader
-from appliance.gateway.gate import COOKIE, VERIFY, InitiationGate
+from appliance.gateway.gate import COOKIE, VERIFY, WITHHELD, InitiationGate
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.handshakes import HandshakeWatch
 from appliance.gateway.install import Installer
@@ -91,8 +92,9 @@ def build_gate(s: GatewaySettings, responder: Responder,
     if s.source_rate > 0:
         limiters = (SourceLimiter(s.source_rate, s.source_burst),
                     SourceLimiter(s.source_rate, s.source_burst))
-    return InitiationGate(responder, CookieResponder(responder.public_key),
-                          LoadSignal(s.cookies), limiters, served)
+    cookies = CookieResponder(responder.public_key)
+    return InitiationGate(responder, cookies, LoadSignal(s.cookies), limiters, served,
+                          CookieLearner(responder.public_key, cookies.is_own))
 
 
 def underlay_interfaces(exclude: str) -> list[str]:
@@ -176,7 +178,8 @@ def build_gateway(s: GatewaySettings) -> Gateway:
         port = info.listen_port or s.listen_port
         sender = RawUdpSender()
         closing.callback(sender.close)
-        capture = closing.enter_context(Capture(underlay, port=port))
+        # cookie_replies: the data plane's own, to learn (cookie_learn.py)
+        capture = closing.enter_context(Capture(underlay, port=port, cookie_replies=True))
         reinjector = Reinjector() if s.install_mode == "reinject" else None
         if reinjector is not None:
             closing.callback(reinjector.close)
@@ -416,13 +419,22 @@ class Gateway:
     def on_datagram(self, d: Datagram) -> None:
         """One captured initiation: the cheap checks, then at most one DH pair and
         the admission decision (intake.py). Every early return counts a drop reason."""
+        if d.outgoing:  # a cookie reply this host sent (capture.py)
+            self._saw_cookie_reply(d)
+            return
         seen_at = time.time()
         self.metrics.initiations.inc()
         packet = d.payload
+        learner = self.gate.learner
+        used = learner.used if learner is not None else 0
         verdict = self.gate.judge(packet, d.src_ip, d.src_port, d.endpoint)
+        if learner is not None and learner.used != used:
+            self.metrics.learned_mac2.inc()
         if verdict.action != VERIFY:
             if verdict.action == COOKIE:
                 self._send_cookie(d)
+            elif verdict.action == WITHHELD:
+                self.metrics.cookies_withheld.inc()
             self.metrics.drops.labels(verdict.reason).inc()
             return
         started = time.perf_counter()
@@ -446,6 +458,14 @@ class Gateway:
             events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
             events.emit("identity_recovered", public_key=encode_key(init.initiator_static),
                         endpoint=d.endpoint)
+
+    def _saw_cookie_reply(self, d: Datagram) -> None:
+        learner = self.gate.learner
+        if learner is None:
+            return
+        learned = learner.learned
+        learner.saw_reply(d.payload, d.dst_ip, d.dst_port)
+        self.metrics.cookies_learned.inc(learner.learned - learned)
 
     def _send_cookie(self, d: Datagram) -> None:
         """Answer an initiation without a valid mac2 with a cookie reply (gate.py says when)."""

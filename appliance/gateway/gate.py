@@ -10,8 +10,9 @@ unknown_key):
 
 1. header and mac1 (handshake.py): junk and messages for another key;
 2. an installed peer's own endpoint (served.py): the data plane's business;
-3. a valid mac2 (cookie.py) proves the source address: such initiations meet
-   the per-source limit of proven sources and are verified;
+3. a valid mac2 (cookie.py), made with our cookie or with one the data plane
+   gave that source (cookie_learn.py), proves the source address: such
+   initiations meet the per-source limit of proven sources and are verified;
 4. without one, the per-source limit of unproven sources (sourcelimit.py).
    A source over its limit gets a cookie reply rather than silence: the
    limit is keyed on an address anyone can forge, so a forger sending 20/s
@@ -20,6 +21,9 @@ unknown_key):
    which forged packets cannot reach.
 5. under load (load.py), an unproven initiation gets a cookie reply and no
    verification (whitepaper 5.4.7).
+In 4 and 5 the daemon withholds its cookie reply while the data plane is
+issuing its own (cookie_learn.py: a client holding the data plane's cookie
+gets through both, one holding ours only through the daemon).
 
 Initiations reaching 4 and 5 within the limit are the verification backlog
 the load signal watches, whether they were verified or answered with a
@@ -41,26 +45,30 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from appliance.gateway.cookie import CookieResponder
+from appliance.gateway.cookie_learn import CookieLearner
 from appliance.gateway.handshake import InitiationError, Responder
 from appliance.gateway.load import LoadSignal
 from appliance.gateway.sourcelimit import SourceLimiter
 
 VERIFY, COOKIE, DROP = "verify", "cookie", "drop"
+WITHHELD = "withheld"  # would have been COOKIE, but the data plane is answering it
 
 
 class Verdict(NamedTuple):
-    action: str  # VERIFY, COOKIE (reply with a cookie, then drop) or DROP
+    action: str  # VERIFY, COOKIE (reply with a cookie, then drop), WITHHELD or DROP
     reason: str = ""  # the drop reason for COOKIE and DROP
 
 
 class InitiationGate:
     def __init__(self, responder: Responder, cookies: CookieResponder, load: LoadSignal,
                  limiters: tuple[SourceLimiter, SourceLimiter] | None,
-                 served: Callable[[str], bool]) -> None:
+                 served: Callable[[str], bool], learner: CookieLearner | None = None) -> None:
         """limiters: (unproven, proven) per-source limits, or None for no limit.
-        served(endpoint): is an installed peer served at this host:port?"""
+        served(endpoint): is an installed peer served at this host:port?
+        learner: the data plane's cookies (None: not watched)."""
         self.responder = responder
         self.cookies = cookies
+        self.learner = learner
         self.load = load
         self.limiters = limiters
         self.served = served
@@ -76,18 +84,28 @@ class InitiationGate:
             return Verdict(DROP, "mac1")
         if self.served(endpoint):
             return Verdict(DROP, "served_endpoint")
-        if self.cookies.mac2_valid(packet, ip, port):
+        learner = self.learner
+        if learner is not None:
+            learner.saw_initiation(packet, ip, port)
+        if self.cookies.mac2_valid(packet, ip, port) or (
+                learner is not None and learner.mac2_valid(packet, ip, port)):
             if self.limiters is not None and not self.limiters[1].allow(ip):
                 return Verdict(DROP, "ratelimited")
             self.backlog += 1
             return Verdict(VERIFY)
         cookies_on = self.load.mode != "off"
         if self.limiters is not None and not self.limiters[0].allow(ip):
-            return Verdict(COOKIE if cookies_on else DROP, "ratelimited")
+            return self._cookie("ratelimited") if cookies_on else Verdict(DROP, "ratelimited")
         self.backlog += 1
         if self.load.under_load:
-            return Verdict(COOKIE, "mac2")
+            return self._cookie("mac2")
         return Verdict(VERIFY)
+
+    def _cookie(self, reason: str) -> Verdict:
+        """COOKIE, or WITHHELD while the data plane issues cookies (cookie_learn.py)."""
+        if self.learner is not None and self.learner.issuing:
+            return Verdict(WITHHELD, reason)
+        return Verdict(COOKIE, reason)
 
     def verified_known(self) -> None:
         """The initiation just verified is fresh and from an expected key: not load."""

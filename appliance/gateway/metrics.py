@@ -109,6 +109,19 @@ class GatewayMetrics:
             "wgjit_gateway_cookie_replies_total",
             "Cookie replies sent to initiations without a valid mac2 while under load",
             registry=r)
+        # cookie_learn.py: the data plane's own cookie replies
+        self.cookies_learned = Counter(
+            "wgjit_gateway_dataplane_cookies_total",
+            "Cookie replies from the data plane seen leaving, matched to their initiation",
+            registry=r)
+        self.cookies_withheld = Counter(
+            "wgjit_gateway_cookie_replies_withheld_total",
+            "Cookie replies not sent because the data plane was answering with its own",
+            registry=r)
+        self.learned_mac2 = Counter(
+            "wgjit_gateway_dataplane_mac2_total",
+            "Initiations whose mac2 was valid under a cookie the data plane gave that source",
+            registry=r)
         self.under_load = Gauge("wgjit_gateway_under_load",
                                 "1 while only initiations with a valid mac2 are processed",
                                 registry=r)

@@ -73,7 +73,9 @@ def test_xaead_is_xchacha20poly1305_as_the_cfrg_draft_vector_says() -> None:
 def test_reply_layout_and_contents_follow_the_whitepaper() -> None:
     clock = Clock()
     cookies = CookieResponder(RESPONDER_PUBLIC, clock=clock, random=counting_random())
-    secret, nonce = b"\x01" * 32, b"\x02" * 24  # R_m is drawn first, then the nonce
+    # R_m is drawn first, then the key of the nonce's tag, then the nonce's random part.
+    secret, mark = b"\x01" * 32, b"\x02" * 32
+    nonce = b"\x03" * 16 + MAC(mark, b"\x03" * 16)[:8]
     reply = cookies.reply(PACKET, "192.0.2.7", 40000)
 
     assert len(reply) == MESSAGE_COOKIE_REPLY_SIZE == 64
@@ -86,10 +88,15 @@ def test_reply_layout_and_contents_follow_the_whitepaper() -> None:
                                PACKET[OFFSET_MAC1:OFFSET_MAC2])
     # Pinned, so that a change to any of the above shows.
     assert reply.hex() == REPLY_VECTOR
+    # The tag tells this responder's replies from anyone else's (cookie_learn.py).
+    assert cookies.is_own(reply)
+    other = CookieResponder(RESPONDER_PUBLIC, clock=clock)
+    assert not cookies.is_own(other.reply(PACKET, "192.0.2.7", 40000))
+    assert not cookies.is_own(reply[:8] + bytes(24) + reply[32:])
 
 
-REPLY_VECTOR = ("030000000822186e" + "02" * 24 + "1388664b98947b33afe7b3507df9810e"
-                "e3d5df50053f5e01ef7d64ebe645e6a7")
+REPLY_VECTOR = ("030000000822186e" + "03" * 16 + "af06c209121b59c0"
+                "9b36d27cbdfbb244301984cd322ad1d41807b3954851046a4040e51d3cc2ca66")
 
 
 def test_a_real_clients_initiation_round_trip_through_the_initiator_side() -> None:
