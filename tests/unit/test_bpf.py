@@ -19,10 +19,12 @@ import subprocess
 import pytest
 
 from appliance.gateway.bpf import (
+    COOKIE_REPLY_FILTER_EXPRESSION,
     DEFAULT_SNAPLEN,
     FILTER_EXPRESSION,
     PORT_INSTRUCTIONS,
     Instruction,
+    cookie_reply_filter,
     initiation_filter,
     pack,
 )
@@ -247,3 +249,42 @@ def test_parser_survives_every_truncation_and_junk():
         junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 120)))
         with pytest.raises(FrameError):
             parse_frame(MAC + rng.choice([b"\x08\x00", b"\x86\xdd"]) + junk, "x", 51820)
+
+
+# --- the cookie-reply program (outgoing type-3 messages from our port) -----------------
+
+def tcpdump_compile_cookie_replies(port: int, snaplen: int) -> list[Instruction]:
+    out = subprocess.run(
+        [shutil.which("tcpdump") or "tcpdump", "-dd", "-y", "EN10MB", "-s", str(snaplen),
+         COOKIE_REPLY_FILTER_EXPRESSION.format(port=port)],
+        capture_output=True, text=True, check=True, timeout=30).stdout
+    return [Instruction(*(int(v, 0) for v in m.groups())) for m in ROW.finditer(out)]
+
+
+@pytest.mark.parametrize("port,snaplen", [(51820, DEFAULT_SNAPLEN), (4242, 1500), (65535, 96)])
+def test_embedded_cookie_reply_program_is_what_tcpdump_compiles(port, snaplen):
+    assert cookie_reply_filter(port, snaplen) == tcpdump_compile_cookie_replies(port, snaplen)
+
+
+COOKIE_REPLY = b"\x03\x00\x00\x00" + bytes(60)
+COOKIE_FRAMES = {
+    "ipv4 cookie reply": (eth(0x0800, ipv4(udp(51820, 40000, COOKIE_REPLY))), True),
+    "ipv6 cookie reply": (eth(0x86DD, ipv6(udp(51820, 40000, COOKIE_REPLY))), True),
+    "ipv4 with options": (eth(0x0800, ipv4(udp(51820, 1, COOKIE_REPLY), options=bytes(8))),
+                          True),
+    "to our port, not from it": (eth(0x0800, ipv4(udp(40000, 51820, COOKIE_REPLY))), False),
+    "ipv6 from another port": (eth(0x86DD, ipv6(udp(51821, 40000, COOKIE_REPLY))), False),
+    "ipv4 response": (eth(0x0800, ipv4(udp(51820, 40000, b"\x02" + bytes(91)))), False),
+    "ipv4 initiation": (eth(0x0800, ipv4(udp(51820, 40000, INITIATION))), False),
+    "ipv4 type 3, 65 bytes": (eth(0x0800, ipv4(udp(51820, 40000, COOKIE_REPLY + b"x"))),
+                              False),
+    "ipv6 type 3, 63 bytes": (eth(0x86DD, ipv6(udp(51820, 40000, COOKIE_REPLY[:63]))), False),
+    "ipv4 later fragment": (eth(0x0800, ipv4(udp(51820, 1, COOKIE_REPLY), frag=0x0010)),
+                            False),
+}
+
+
+@pytest.mark.parametrize("name", COOKIE_FRAMES)
+def test_cookie_reply_filter_on_crafted_frames(name):
+    frame, passes = COOKIE_FRAMES[name]
+    assert (run_bpf(cookie_reply_filter(51820), frame) > 0) == passes
