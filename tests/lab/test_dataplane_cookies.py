@@ -117,6 +117,7 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
         bursts.stop()
         reading.set()
         reader.join(timeout=5)
+        tap.read()  # what came since the reader's last read
         tap.close()
 
     msgs = [(direction, kind, d) for direction, kind, d in tap.seen
