@@ -31,12 +31,16 @@ the daemon answers again with its own, which the data plane, not under load,
 does not check.
 
 The race: the daemon judges a client's initiation when it reads it, the data
-plane's reply to it comes later. While the data plane is issuing, the daemon
-is silent, so there is nothing to race with. At the moment the data plane
-starts (the first of its replies not yet seen), the daemon may still send its
-own; its reply leaves first (the capture reads the copy before wireguard-go
-has dequeued the original), the client keeps the last to arrive, the data
-plane's, and the daemon accepts that one too.
+plane's reply to it comes later. At the moment the data plane starts issuing
+(the first of its replies not yet seen), the daemon may still send its own;
+its reply leaves first (the capture reads the copy before wireguard-go has
+dequeued the original), the client keeps the last to arrive, the data
+plane's, and the daemon accepts that one too. While the data plane is
+issuing, the daemon withholds its reply but remembers the initiation: if no
+reply of the data plane's to it has left after OWED_AFTER (its queue was
+full and it dropped the initiation, or it just left load), the daemon sends
+its own after all (owed()), so no try goes unanswered. Late is safe: should
+the data plane's reply still come, it arrives last and the client keeps it.
 
 Lazily: a reply is only stored (nonce, ciphertext, the mac1 it answers) until
 an initiation from its destination arrives with a mac2 the daemon's own cookie
@@ -92,6 +96,9 @@ LEARNED_MAX = 32768  # sources; ~200 bytes each, ~6.5 MB full
 # wireguard-go stays under load for UnderLoadAfterTime (1 s) after its handshake
 # queue was last 1/8 full, and answers every initiation without its mac2 meanwhile.
 ISSUING_FOR = 1.0
+# A withheld initiation the data plane has not answered within this long gets the
+# daemon's cookie after all. MEASURED below (lab, wireguard-go under load).
+OWED_AFTER = 0.1
 
 
 class CookieLearner:
@@ -109,6 +116,8 @@ class CookieLearner:
         self._orphans: dict[int, tuple[bytes, bytes, float]] = {}
         # A_m -> (tau, or the reply and the mac1 it answers, to open when needed; at)
         self._learned: dict[bytes, tuple[bytes, bytes, float]] = {}
+        # sender index -> (token, source, withheld at): initiations not answered yet
+        self._owed: dict[int, tuple[object, bytes, float]] = {}
         self._last_reply = float("-inf")
         self.learned = 0  # replies from the data plane matched to their initiation
         self.used = 0  # initiations proven by a learned cookie
@@ -140,11 +149,39 @@ class CookieLearner:
         (index,) = struct.unpack_from("<I", reply, OFFSET_RECEIVER)
         source = source_bytes(ip, port)
         pending = self._initiations.get(index)
+        owed = self._owed.get(index)
+        if owed is not None and owed[1] == source:
+            del self._owed[index]
         if pending is None or pending[0] != source or now - pending[2] >= PENDING_FOR:
             _put(self._orphans, index, (source, reply, now), PENDING_MAX)
             return
         # Kept: the same initiation re-injected is answered with the same mac1.
         self._learn(source, reply, pending[1], now)
+
+    def withhold(self, packet: bytes, ip: str, port: int, token: object) -> None:
+        """The daemon did not answer this initiation (saw_initiation'd just before),
+        counting on the data plane; `token` comes back from owed() if it does not."""
+        (index,) = struct.unpack_from("<I", packet, OFFSET_SENDER)
+        source = source_bytes(ip, port)
+        pending = self._initiations.get(index)
+        if pending is None or pending[0] != source:  # its reply was read already
+            return
+        self._owed.pop(index, None)
+        _put(self._owed, index, (token, source, self._clock()), PENDING_MAX)
+
+    def owed(self) -> list[object]:
+        """Tokens of withheld initiations the data plane has left unanswered for
+        OWED_AFTER seconds: the daemon answers them itself."""
+        due = self._clock() - OWED_AFTER
+        out = []
+        while self._owed:
+            index = next(iter(self._owed))
+            token, _, at = self._owed[index]
+            if at > due:
+                break
+            del self._owed[index]
+            out.append(token)
+        return out
 
     def _learn(self, source: bytes, reply: bytes, mac1: bytes, at: float) -> None:
         self.learned += 1

@@ -394,6 +394,7 @@ class Gateway:
             started = time.perf_counter()
             for d in datagrams:
                 self.on_datagram(d)
+            self._pay_owed_cookies()
             was = self.gate.load.under_load
             self.gate.end_of_read(p.queue.unknown_fill(), time.perf_counter() - started,
                                   p.capture.lag)
@@ -433,7 +434,8 @@ class Gateway:
         if verdict.action != VERIFY:
             if verdict.action == COOKIE:
                 self._send_cookie(d)
-            elif verdict.action == WITHHELD:
+            elif verdict.action == WITHHELD and learner is not None:
+                learner.withhold(packet, d.src_ip, d.src_port, d)
                 self.metrics.cookies_withheld.inc()
             self.metrics.drops.labels(verdict.reason).inc()
             return
@@ -458,6 +460,15 @@ class Gateway:
             events.emit("initiation_seen", ts=seen_at, endpoint=d.endpoint, interface=d.ifname)
             events.emit("identity_recovered", public_key=encode_key(init.initiator_static),
                         endpoint=d.endpoint)
+
+    def _pay_owed_cookies(self) -> None:
+        """Withheld initiations the data plane did not answer get our cookie after all."""
+        learner = self.gate.learner
+        if learner is None:
+            return
+        for d in learner.owed():
+            self._send_cookie(d)  # the Datagram handed to withhold()
+            self.metrics.owed_cookies.inc()
 
     def _saw_cookie_reply(self, d: Datagram) -> None:
         learner = self.gate.learner

@@ -118,6 +118,10 @@ class GatewayMetrics:
             "wgjit_gateway_cookie_replies_withheld_total",
             "Cookie replies not sent because the data plane was answering with its own",
             registry=r)
+        self.owed_cookies = Counter(
+            "wgjit_gateway_cookie_replies_owed_total",
+            "Withheld cookie replies sent after all: the data plane left the initiation "
+            "unanswered", registry=r)
         self.learned_mac2 = Counter(
             "wgjit_gateway_dataplane_mac2_total",
             "Initiations whose mac2 was valid under a cookie the data plane gave that source",
