@@ -97,7 +97,12 @@ LEARNED_MAX = 32768  # sources; ~200 bytes each, ~6.5 MB full
 # queue was last 1/8 full, and answers every initiation without its mac2 meanwhile.
 ISSUING_FOR = 1.0
 # A withheld initiation the data plane has not answered within this long gets the
-# daemon's cookie after all. MEASURED below (lab, wireguard-go under load).
+# daemon's cookie after all. Measured in the lab (tests/lab/test_dataplane_cookies.py,
+# wireguard-go under load from bursts of 4,000/s, 2-core machine shared with other
+# work): wireguard-go's reply was seen leaving 3-5 ms (p50) and 10-26 ms (p99) after
+# the daemon read the initiation, never more than 26 ms in ~16,000 replies. Four
+# times that: an answer the data plane gives is not doubled, and one it does not
+# give costs the client 0.1 s, not a 5 s round.
 OWED_AFTER = 0.1
 
 

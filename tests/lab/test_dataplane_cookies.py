@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -44,8 +45,9 @@ SO_RCVBUFFORCE = 33
 
 
 def mac1_only(responder_public: bytes, n: int) -> list[bytes]:
-    """Initiations with a valid mac1 and random contents: each costs wireguard-go, out
-    of load, one X25519 and a failed open; under load, a cookie reply."""
+    """Initiations with a valid mac1 and random contents (fresh for every burst, as a
+    flood's are): each costs wireguard-go, out of load, one X25519 and a failed open;
+    under load, a cookie reply."""
     key = HASH(LABEL_MAC1 + responder_public)
     out = []
     for _ in range(n):
@@ -55,14 +57,15 @@ def mac1_only(responder_public: bytes, n: int) -> list[bytes]:
 
 
 class Bursts:
-    def __init__(self, lab: Lab, host: str, dest: str, port: int, payloads: list[bytes]) -> None:
+    def __init__(self, lab: Lab, host: str, dest: str, port: int,
+                 payloads: Callable[[], list[bytes]]) -> None:
         self._stop = threading.Event()
         self.bursts = 0
 
         def run() -> None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 while not self._stop.is_set():
-                    for p in payloads:
+                    for p in payloads():
                         try:
                             s.sendto(p, (dest, port))
                         except OSError:  # a full send buffer: the rest of this burst
@@ -104,7 +107,8 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
 
     reader = threading.Thread(target=keep_reading, daemon=True)
     reader.start()
-    bursts = Bursts(lab, "c2", g.underlay4, g.listen_port, mac1_only(gateway_public, BURST))
+    bursts = Bursts(lab, "c2", g.underlay4, g.listen_port,
+                    lambda: mac1_only(gateway_public, BURST))
     try:
         # wireguard-go answers the bursts with cookies, the daemon sees them leave and
         # withholds its own.

@@ -197,3 +197,25 @@ def test_gate_withholds_its_cookie_while_the_data_plane_issues_and_takes_its_mac
     # When the data plane has been quiet for a second, the daemon answers again.
     clock.now += ISSUING_FOR
     assert gate.judge(stranger, "203.0.113.5", 9, "203.0.113.5:9").action == COOKIE
+
+
+def test_a_withheld_initiation_the_data_plane_leaves_unanswered_is_owed_our_cookie(
+        setup) -> None:
+    clock, responder, _, learner, dataplane = setup
+    answered, dropped = (client_initiation(responder.public_key) for _ in range(2))
+    for packet, token in ((answered, "a"), (dropped, "d")):
+        learner.saw_initiation(packet, *CLIENT)
+        learner.withhold(packet, *CLIENT, token)
+    assert learner.owed() == []  # not yet due
+    learner.saw_reply(dataplane.reply(answered, *CLIENT), *CLIENT)
+    clock.now += cookie_learn.OWED_AFTER
+    assert learner.owed() == ["d"]  # the data plane answered the other one
+    assert learner.owed() == []
+    # A reply read before its initiation (an orphan, matched by saw_initiation): the
+    # initiation is answered already and nothing is owed for it.
+    late = client_initiation(responder.public_key)
+    learner.saw_reply(dataplane.reply(late, *CLIENT), *CLIENT)
+    learner.saw_initiation(late, *CLIENT)
+    learner.withhold(late, *CLIENT, "l")
+    clock.now += cookie_learn.OWED_AFTER
+    assert learner.owed() == []
