@@ -212,6 +212,12 @@ def run_row(lab, args, defences: str, flood: str, rate: float, flood_packets: li
         "registry_calls_by_flood": max(0.0, delta("wgjit_gateway_registry_calls_total")
                                        - len(clients)),
         "cookie_replies": delta("wgjit_gateway_cookie_replies_total"),
+        # cookie_learn.py: the data plane's cookies seen, ours withheld for them (and
+        # sent late where it left an initiation unanswered), mac2s proven by them
+        "dataplane_cookies": delta("wgjit_gateway_dataplane_cookies_total"),
+        "cookie_replies_withheld": delta("wgjit_gateway_cookie_replies_withheld_total"),
+        "cookie_replies_owed": delta("wgjit_gateway_cookie_replies_owed_total"),
+        "dataplane_mac2": delta("wgjit_gateway_dataplane_mac2_total"),
         "verified": delta("wgjit_gateway_initiations_verified_total"),
         "read": delta("wgjit_gateway_initiations_total"),
         "endpoint_repairs": labelled(m, "wgjit_gateway_endpoint_repairs_total"),
