@@ -93,8 +93,10 @@ def build_gate(s: GatewaySettings, responder: Responder,
         limiters = (SourceLimiter(s.source_rate, s.source_burst),
                     SourceLimiter(s.source_rate, s.source_burst))
     cookies = CookieResponder(responder.public_key)
-    return InitiationGate(responder, cookies, LoadSignal(s.cookies), limiters, served,
-                          CookieLearner(responder.public_key, cookies.is_own))
+    # With cookies off the daemon never asks for mac2: nothing to learn (cookie_learn.py).
+    learner = None if s.cookies == "off" else CookieLearner(responder.public_key,
+                                                            cookies.is_own)
+    return InitiationGate(responder, cookies, LoadSignal(s.cookies), limiters, served, learner)
 
 
 def underlay_interfaces(exclude: str) -> list[str]:
