@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import fcntl
 import json
@@ -342,7 +341,8 @@ class Capture:
             except FrameError:
                 continue
             if d.src_port == self.port:
-                out.append(dataclasses.replace(d, outgoing=True))
+                out.append(Datagram(d.src_ip, d.src_port, d.payload, ifname, d.dst_ip,
+                                    d.dst_port, outgoing=True))
 
     def kernel_stats(self) -> dict[str, tuple[int, int]]:
         """Per interface (frames passed by the filter, frames dropped) since the last call.

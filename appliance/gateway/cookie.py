@@ -38,8 +38,8 @@ own replies from the data plane's when it sees both leave the host
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -92,7 +92,10 @@ def XAEAD_DECRYPT(key: bytes, nonce: bytes, ciphertext: bytes, auth: bytes) -> b
 
 def source_bytes(ip: str, port: int) -> bytes:
     """A_m: the source address (4 or 16 bytes) then the port, both in network order."""
-    return ipaddress.ip_address(ip).packed + struct.pack("!H", port)
+    # inet_pton: 0.4 us against 2 us for ipaddress, on every mac2 check and lesson
+    # (cookie_learn.py). Raises OSError for what is not an address.
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return socket.inet_pton(family, ip) + port.to_bytes(2, "big")
 
 
 def cookie_key(responder_public: bytes) -> bytes:

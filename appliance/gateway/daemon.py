@@ -78,6 +78,14 @@ from appliance.wg import WgDevice, WgError, ensure_device
 log = logging.getLogger(__name__)
 
 ARPHRD_ETHER = 1
+# Withheld initiations read later than this after they arrived are not owed a cookie
+# of ours (cookie_learn.py): the data plane's reply to them left long before, was read
+# from the other socket first and may have been pushed out of the learner's bounded
+# table of replies waiting for their initiation (16,384, ~0.8 s of the data plane's
+# replies at 20,000/s). A late cookie of ours would then reach the client after the
+# data plane's and replace it, and the data plane would refuse the retry. In a
+# 20,000/s forged flood (bench/flood.py) the capture read 1-2.6 s behind.
+OWE_WITHIN = 0.5
 CACHE_EXPIRE_EVERY = 300.0  # seconds between sweeps of entries too old even to serve stale
 
 
@@ -437,7 +445,8 @@ class Gateway:
             if verdict.action == COOKIE:
                 self._send_cookie(d)
             elif verdict.action == WITHHELD and learner is not None:
-                learner.withhold(packet, d.src_ip, d.src_port, d)
+                if self.parts.capture.lag < OWE_WITHIN:
+                    learner.withhold(packet, d.src_ip, d.src_port, d)
                 self.metrics.cookies_withheld.inc()
             self.metrics.drops.labels(verdict.reason).inc()
             return
