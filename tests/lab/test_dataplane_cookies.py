@@ -31,7 +31,9 @@ from tests.lab.gateway_e2e import WireTap, first_reply_after_start, installed, q
 
 pytestmark = [pytest.mark.lab]
 
-LAB_SPEC = {"gateways": ["jit"], "clients": 2, "endpoint_family": "4", "registry": "yes",
+# c1 reaches the gateway over IPv4, c2 over IPv6 (the two halves of the cookie-reply
+# filter); c3 floods over IPv4: wireguard-go's load is one state for both families.
+LAB_SPEC = {"gateways": ["jit"], "clients": 3, "endpoint_family": "mixed", "registry": "yes",
             "daemon_args": {"g1": ["--cookies", "always"]}}
 REKEY_TIMEOUT = 5.0
 # wireguard-go is under load while its handshake queue (1,024 places) holds 128 or
@@ -87,9 +89,11 @@ def _quiet_after(lab: Lab):
     quiet_all(lab)
 
 
+@pytest.mark.parametrize("name", ["c1", "c2"], ids=["ipv4", "ipv6"])
 def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_load(
-        lab: Lab) -> None:
-    g, c = lab.gateway("g1"), lab.client("c1")
+        lab: Lab, name: str) -> None:
+    g, c = lab.gateway("g1"), lab.client(name)
+    client_ip = c.underlay4 if name == "c1" else c.underlay6
     gateway_public = decode_key(g.public_key)
     tap = WireTap(lab, "g1")
     tap.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
@@ -107,7 +111,7 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
 
     reader = threading.Thread(target=keep_reading, daemon=True)
     reader.start()
-    bursts = Bursts(lab, "c2", g.underlay4, g.listen_port,
+    bursts = Bursts(lab, "c3", g.underlay4, g.listen_port,
                     lambda: mac1_only(gateway_public, BURST))
     try:
         # wireguard-go answers the bursts with cookies, the daemon sees them leave and
@@ -115,8 +119,8 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
         wait_for(lambda: delta("wgjit_gateway_dataplane_cookies_total") > 0
                  and delta("wgjit_gateway_cookie_replies_withheld_total") > 0, 20,
                  "wireguard-go's cookie replies, learned by the daemon")
-        lab.connect("c1", fresh=True)
-        took = first_reply_after_start(lab, "c1", timeout=REKEY_TIMEOUT * 4)
+        lab.connect(name, fresh=True)
+        took = first_reply_after_start(lab, name, timeout=REKEY_TIMEOUT * 4)
     finally:
         bursts.stop()
         reading.set()
@@ -125,7 +129,7 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
         tap.close()
 
     msgs = [(direction, kind, d) for direction, kind, d in tap.seen
-            if c.underlay4 in (d.src_ip, d.dst_ip)]
+            if client_ip in (d.src_ip, d.dst_ip)]
     seq = [(direction, kind) for direction, kind, _ in msgs]
     # wireguard-go answered the client's own handshake (re-injected), no role inversion:
     # before the fix, each try got two cookies, the retry was refused, and the gateway
