@@ -532,6 +532,8 @@ class Gateway:
                      else round(now - caught_up, 1)},
             "known_keys": len(p.known) if p.known.loaded else None,
             "under_load": self.gate.load.under_load,
+            "dataplane_issuing_cookies": (self.gate.learner is not None
+                                          and self.gate.learner.issuing),
             "capture_busy": round(self.gate.load.busy, 3),
             "verify_demand": round(self.gate.load.demand, 3),
             "last_evict_pass": last,

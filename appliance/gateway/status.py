@@ -112,6 +112,8 @@ def render(s: dict) -> str:
     known = s.get("known_keys")
     add(("known keys", "not loaded" if known is None else str(known)))
     add(("under load", "yes (cookie replies)" if s.get("under_load") else "no"))
+    if s.get("dataplane_issuing_cookies"):  # cookie_learn.py
+        add(("", "the data plane is sending cookie replies: ours are withheld"))
     last = s.get("last_evict_pass") or {}
     add(("last eviction", "none yet" if not last else
          f"{_ago(last.get('seconds_ago'))}: {last['evicted']} of {last['peers']} peers "

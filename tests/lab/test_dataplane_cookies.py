@@ -9,7 +9,8 @@ first initiation with a cookie, and whichever it kept, one of them refused its
 retry. Now the daemon learns wireguard-go's cookie replies as they leave,
 sends none of its own while they come, and takes a mac2 made with
 wireguard-go's cookie: the client's retry is installed by the daemon and its
-re-injected copy answered by wireguard-go.
+re-injected copy answered by wireguard-go. Once over IPv4, once over IPv6
+(the two halves of the cookie-reply filter, and a re-injection over IPv6).
 """
 
 from __future__ import annotations

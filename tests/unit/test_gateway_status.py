@@ -68,6 +68,13 @@ def test_render_shows_what_an_operator_asks_first() -> None:
                for line in text.splitlines())
 
 
+def test_render_says_when_the_data_plane_issues_the_cookies() -> None:
+    assert "ours are withheld" not in render(DOC)
+    text = render({**DOC, "under_load": True, "dataplane_issuing_cookies": True})
+    assert "yes (cookie replies)" in text
+    assert "the data plane is sending cookie replies: ours are withheld" in text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
