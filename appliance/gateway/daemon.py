@@ -281,6 +281,7 @@ class Gateway:
         self.parts = p = parts
         self.metrics = p.metrics
         self.gate = build_gate(settings, p.responder, p.served_here)
+        p.provisioner.dataplane_cookie = self._dataplane_cookie
         self._stop = threading.Event()
         self._capture = threading.Thread(target=self._capture_loop, name="capture",
                                          daemon=True)
@@ -488,6 +489,12 @@ class Gateway:
         learned = learner.learned
         learner.saw_reply(d.payload, d.dst_ip, d.dst_port)
         self.metrics.cookies_learned.inc(learner.learned - learned)
+
+    def _dataplane_cookie(self, ip: str, port: int) -> bytes | None:
+        """The data plane's cookie for ip:port, for a re-injected copy's mac2 (the
+        gate, and its learner, are replaced when a reload changes --cookies)."""
+        learner = self.gate.learner
+        return learner.cookie(ip, port) if learner is not None else None
 
     def _send_cookie(self, d: Datagram) -> None:
         """Answer an initiation without a valid mac2 with a cookie reply (gate.py says when)."""

@@ -95,6 +95,9 @@ class Provisioner:
         self.replay = replay
         self.repair = repair
         self.reinjector = reinjector  # None: install mode invert
+        # The data plane's cookie for a client address, when it sent one
+        # (cookie_learn.py); the gateway wires in its gate's learner.
+        self.dataplane_cookie: Callable[[str, int], bytes | None] = lambda ip, port: None
         self.metrics = metrics
 
     def work(self) -> None:
@@ -205,8 +208,9 @@ class Provisioner:
     def _reinject(self, work: Work) -> None:
         assert self.reinjector is not None
         d = work.datagram
+        cookie = self.dataplane_cookie(d.src_ip, d.src_port)
         try:
-            self.reinjector.send(d)
+            self.reinjector.send(d, cookie)
         except OSError as e:
             self.metrics.reinjections.labels("failed").inc()
             log.error("re-injecting the initiation of %s failed: %s", work.key, e)
@@ -216,4 +220,5 @@ class Provisioner:
             return
         self.metrics.reinjections.labels("sent").inc()
         events.emit("initiation_reinjected", public_key=work.key, endpoint=d.endpoint,
-                    ms=round(1000 * (time.time() - work.seen_at), 2))
+                    ms=round(1000 * (time.time() - work.seen_at), 2),
+                    mac2="dataplane" if cookie is not None else "client")

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 from appliance.gateway.capture import Datagram
+from appliance.gateway.handshake import MAC, MESSAGE_INITIATION_SIZE, OFFSET_MAC2
 from appliance.gateway.udp_packet import udp_packet
 
 IPV6_HDRINCL = 36  # linux/in6.h; implied by IPPROTO_RAW, set anyway for older kernels
@@ -67,8 +68,13 @@ class Reinjector:
         with contextlib.suppress(OSError):
             self._v6.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
 
-    def send(self, d: Datagram) -> None:
+    def send(self, d: Datagram, cookie: bytes | None = None) -> None:
         """Deliver `d` (a captured datagram) to where it was addressed, from its source.
+
+        `cookie`: the data plane's tau for the client's address (cookie_learn.py):
+        the copy's mac2 is made under it, so that a data plane under load answers
+        the copy instead of demanding a cookie. The Noise part, which the client
+        checks the response against, does not cover the macs.
 
         Raises OSError if the destination is not an address of this host (the
         capture also sees datagrams this host only forwards; re-injecting one
@@ -81,7 +87,8 @@ class Reinjector:
         if not self._local(d.dst_ip, scope):
             raise OSError(errno.EADDRNOTAVAIL,
                           f"{d.dst_ip} is not an address of this host: not re-injected")
-        packet = udp_packet(d.src_ip, d.src_port, d.dst_ip, d.dst_port, d.payload)
+        payload = d.payload if cookie is None else with_mac2(d.payload, cookie)
+        packet = udp_packet(d.src_ip, d.src_port, d.dst_ip, d.dst_port, payload)
         if six:
             self._v6.sendto(packet, (d.dst_ip, 0, 0, scope))
         else:
@@ -100,6 +107,14 @@ class Reinjector:
     def close(self) -> None:
         self._v4.close()
         self._v6.close()
+
+
+def with_mac2(initiation: bytes, cookie: bytes) -> bytes:
+    """The initiation with msg.mac2 = MAC(cookie, msg up to mac2) (whitepaper 5.4.4);
+    anything but a 148-byte initiation is returned as it is."""
+    if len(initiation) != MESSAGE_INITIATION_SIZE:
+        return initiation
+    return initiation[:OFFSET_MAC2] + MAC(cookie, initiation[:OFFSET_MAC2])
 
 
 def _is_local(ip: str, scope: int = 0) -> bool:

@@ -28,13 +28,22 @@ from appliance.gateway.cookie import consume_cookie_reply
 from appliance.gateway.handshake import HASH, LABEL_MAC1, MAC, OFFSET_MAC1, OFFSET_MAC2
 from appliance.keys import decode_key
 from lab.topology import Lab
-from tests.lab.gateway_e2e import WireTap, first_reply_after_start, installed, quiet_all, wait_for
+from tests.lab.gateway_e2e import (
+    WireTap,
+    first_reply_after_start,
+    installed,
+    key_events,
+    quiet_all,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.lab]
 
 # c1 reaches the gateway over IPv4, c2 over IPv6 (the two halves of the cookie-reply
 # filter); c3 floods over IPv4: wireguard-go's load is one state for both families.
-LAB_SPEC = {"gateways": ["jit"], "clients": 3, "endpoint_family": "mixed", "registry": "yes",
+# g2 runs with the default --cookies auto, for the re-injected copy's mac2; c4 is its client.
+LAB_SPEC = {"gateways": ["jit", "jit"], "clients": 4, "endpoint_family": "mixed",
+            "registry": "yes", "client_gateways": ["g1", "g1", "g1", "g2"],
             "daemon_args": {"g1": ["--cookies", "always"]}}
 REKEY_TIMEOUT = 5.0
 # wireguard-go is under load while its handshake queue (1,024 places) holds 128 or
@@ -156,3 +165,56 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
     assert delta("wgjit_gateway_installs_total") == 1
     assert c.public_key in installed(lab, "g1")
     assert took > REKEY_TIMEOUT - 1  # it did need the round (a lower bound: no race)
+
+
+def test_a_reinjected_copy_carries_the_data_planes_cookie_and_is_answered_at_once(
+        lab: Lab) -> None:
+    """The daemon is not under load (--cookies auto; the bursts come from one source,
+    over its per-source limit), wireguard-go is. The client's first try needs no
+    mac2 for the daemon, which installs the peer; wireguard-go refused the original
+    with a cookie, and would refuse a byte-for-byte copy too. The copy goes in with
+    its mac2 made under the cookie the daemon learned (cookie_learn.py) and is
+    answered: the client is in on its first try, with no role inversion."""
+    g, c = lab.gateway("g2"), lab.client("c4")
+    gateway_public = decode_key(g.public_key)
+    tap = WireTap(lab, "g2")
+    tap.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+    before = lab.metrics("g2")
+
+    def delta(name: str, **labels: str) -> float:
+        return lab.metrics("g2").value(name, **labels) - before.value(name, **labels)
+
+    reading = threading.Event()
+
+    def keep_reading() -> None:
+        while not reading.is_set():
+            tap.read()
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=keep_reading, daemon=True)
+    reader.start()
+    bursts = Bursts(lab, "c3", g.underlay4, g.listen_port,
+                    lambda: mac1_only(gateway_public, BURST))
+    try:
+        wait_for(lambda: delta("wgjit_gateway_dataplane_cookies_total") > 0, 20,
+                 "wireguard-go under load, its cookie replies seen by the daemon")
+        lab.connect("c4", fresh=True)
+        took = first_reply_after_start(lab, "c4", timeout=REKEY_TIMEOUT * 4)
+    finally:
+        bursts.stop()
+        reading.set()
+        reader.join(timeout=5)
+        tap.read()
+        tap.close()
+
+    client_ip = c.underlay4 if c.endpoint_family == 4 else c.underlay6
+    seq = [(direction, kind) for direction, kind, d in tap.seen
+           if client_ip in (d.src_ip, d.dst_ip)]
+    assert ("out", 2) in seq and ("out", 1) not in seq, seq  # answered, not inverted
+    first_response = seq.index(("out", 2))
+    assert seq[:first_response].count(("in", 1)) == 1, seq  # the first try, no retry
+    assert ("out", 3) in seq[:first_response], seq  # wireguard-go did refuse the original
+    (reinjected,) = key_events(lab, "g2", c.public_key, "initiation_reinjected")
+    assert reinjected["mac2"] == "dataplane", reinjected
+    assert not key_events(lab, "g2", c.public_key, "reinjection_fallback")
+    assert took < REKEY_TIMEOUT

@@ -144,3 +144,24 @@ def test_a_local_address_is_trusted_for_a_second_and_a_foreign_one_never(monkeyp
     now[0] += reinject.LOCAL_FOR + 0.01
     assert not r._local("127.0.0.1", 0)
     r.close()
+
+
+def test_a_reinjected_copy_gets_the_data_planes_mac2_and_stays_the_clients_message() -> None:
+    from appliance.gateway.handshake import MAC, OFFSET_MAC2, Responder
+    from appliance.gateway.reinject import with_mac2
+    from appliance.keys import generate_private_key, public_key
+    from tests.initiations import build_initiation
+
+    gateway, client = generate_private_key(), generate_private_key()
+    packet = build_initiation(client, public_key(gateway))
+    tau = bytes(range(16))
+    copy = with_mac2(packet, tau)
+    assert copy[:OFFSET_MAC2] == packet[:OFFSET_MAC2] and not any(packet[OFFSET_MAC2:])
+    assert copy[OFFSET_MAC2:] == MAC(tau, packet[:OFFSET_MAC2])
+    # The macs are outside the Noise message: the data plane reads the same handshake.
+    responder = Responder(gateway)
+    a, b = responder.consume_initiation(packet), responder.consume_initiation(copy)
+    assert (a.initiator_static, a.timestamp, a.ephemeral) == \
+        (b.initiator_static, b.timestamp, b.ephemeral)
+    assert a.initiator_static == public_key(client)
+    assert with_mac2(packet[:100], tau) == packet[:100]
