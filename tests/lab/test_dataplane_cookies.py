@@ -93,6 +93,41 @@ class Bursts:
         self._thread.join(timeout=30)
 
 
+class UnderLoad:
+    """wireguard-go on `gateway` kept under load by bursts from c3, and a tap on its
+    underlay read all along (the bursts would overflow it between reads)."""
+
+    def __init__(self, lab: Lab, gateway: str) -> None:
+        self.lab, self.gateway = lab, gateway
+        g = lab.gateway(gateway)
+        self.tap = WireTap(lab, gateway)
+        self.tap.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+        self.before = lab.metrics(gateway)
+        self._reading = threading.Event()
+        self._reader = threading.Thread(target=self._keep_reading, daemon=True)
+        self._reader.start()
+        public = decode_key(g.public_key)
+        self._bursts = Bursts(lab, "c3", g.underlay4, g.listen_port,
+                              lambda: mac1_only(public, BURST))
+
+    def _keep_reading(self) -> None:
+        while not self._reading.is_set():
+            self.tap.read()
+            time.sleep(0.01)
+
+    def delta(self, name: str) -> float:
+        return self.lab.metrics(self.gateway).value(name) - self.before.value(name)
+
+    def stop(self) -> list:
+        """Stop the bursts and the reader; every handshake message the tap saw."""
+        self._bursts.stop()
+        self._reading.set()
+        self._reader.join(timeout=5)
+        self.tap.read()  # what came since the reader's last read
+        self.tap.close()
+        return self.tap.seen
+
+
 @pytest.fixture(autouse=True)
 def _quiet_after(lab: Lab):
     yield
@@ -105,24 +140,8 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
     g, c = lab.gateway("g1"), lab.client(name)
     client_ip = c.underlay4 if name == "c1" else c.underlay6
     gateway_public = decode_key(g.public_key)
-    tap = WireTap(lab, "g1")
-    tap.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-    before = lab.metrics("g1")
-
-    def delta(name: str) -> float:
-        return lab.metrics("g1").value(name) - before.value(name)
-
-    reading = threading.Event()
-
-    def keep_reading() -> None:  # the flood would overflow the tap between reads
-        while not reading.is_set():
-            tap.read()
-            time.sleep(0.01)
-
-    reader = threading.Thread(target=keep_reading, daemon=True)
-    reader.start()
-    bursts = Bursts(lab, "c3", g.underlay4, g.listen_port,
-                    lambda: mac1_only(gateway_public, BURST))
+    load = UnderLoad(lab, "g1")
+    delta = load.delta
     try:
         # wireguard-go answers the bursts with cookies, the daemon sees them leave and
         # withholds its own.
@@ -132,13 +151,9 @@ def test_a_client_gets_in_after_one_cookie_round_while_wireguard_go_is_under_loa
         lab.connect(name, fresh=True)
         took = first_reply_after_start(lab, name, timeout=REKEY_TIMEOUT * 4)
     finally:
-        bursts.stop()
-        reading.set()
-        reader.join(timeout=5)
-        tap.read()  # what came since the reader's last read
-        tap.close()
+        seen = load.stop()
 
-    msgs = [(direction, kind, d) for direction, kind, d in tap.seen
+    msgs = [(direction, kind, d) for direction, kind, d in seen
             if client_ip in (d.src_ip, d.dst_ip)]
     seq = [(direction, kind) for direction, kind, _ in msgs]
     # wireguard-go answered the client's own handshake (re-injected), no role inversion:
@@ -175,40 +190,18 @@ def test_a_reinjected_copy_carries_the_data_planes_cookie_and_is_answered_at_onc
     with a cookie, and would refuse a byte-for-byte copy too. The copy goes in with
     its mac2 made under the cookie the daemon learned (cookie_learn.py) and is
     answered: the client is in on its first try, with no role inversion."""
-    g, c = lab.gateway("g2"), lab.client("c4")
-    gateway_public = decode_key(g.public_key)
-    tap = WireTap(lab, "g2")
-    tap.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-    before = lab.metrics("g2")
-
-    def delta(name: str, **labels: str) -> float:
-        return lab.metrics("g2").value(name, **labels) - before.value(name, **labels)
-
-    reading = threading.Event()
-
-    def keep_reading() -> None:
-        while not reading.is_set():
-            tap.read()
-            time.sleep(0.01)
-
-    reader = threading.Thread(target=keep_reading, daemon=True)
-    reader.start()
-    bursts = Bursts(lab, "c3", g.underlay4, g.listen_port,
-                    lambda: mac1_only(gateway_public, BURST))
+    c = lab.client("c4")
+    load = UnderLoad(lab, "g2")
     try:
-        wait_for(lambda: delta("wgjit_gateway_dataplane_cookies_total") > 0, 20,
+        wait_for(lambda: load.delta("wgjit_gateway_dataplane_cookies_total") > 0, 20,
                  "wireguard-go under load, its cookie replies seen by the daemon")
         lab.connect("c4", fresh=True)
         took = first_reply_after_start(lab, "c4", timeout=REKEY_TIMEOUT * 4)
     finally:
-        bursts.stop()
-        reading.set()
-        reader.join(timeout=5)
-        tap.read()
-        tap.close()
+        seen = load.stop()
 
     client_ip = c.underlay4 if c.endpoint_family == 4 else c.underlay6
-    seq = [(direction, kind) for direction, kind, d in tap.seen
+    seq = [(direction, kind) for direction, kind, d in seen
            if client_ip in (d.src_ip, d.dst_ip)]
     assert ("out", 2) in seq and ("out", 1) not in seq, seq  # answered, not inverted
     first_response = seq.index(("out", 2))
