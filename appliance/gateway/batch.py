@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from appliance.gateway.peer import RegistryUnavailable
 from appliance.gateway.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class LookupBatcher:
         with self._cond:
             if self._closed:
                 for f in futures:
-                    f.set_exception(RuntimeError("lookup batcher closed"))
+                    f.set_exception(RegistryUnavailable("lookup batcher closed"))
                 return futures
             self._pending.extend((k, f, now) for k, f in zip(keys, futures, strict=True))
             self._cond.notify()
@@ -96,7 +97,8 @@ class LookupBatcher:
             self.max_batch, self.linger = max_batch, linger
 
     def close(self) -> None:
-        """Fail what still waits, finish the calls under way."""
+        """Fail what still waits (RegistryUnavailable: the cache then serves what it
+        has), finish the calls under way. Safe to repeat."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -109,7 +111,7 @@ class LookupBatcher:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    self._fail(list(self._pending), RuntimeError("lookup batcher closed"))
+                    self._fail(list(self._pending), RegistryUnavailable("lookup batcher closed"))
                     self._pending.clear()
                     return
                 # Linger for company while other calls are under way (a herd),

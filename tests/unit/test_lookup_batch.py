@@ -4,6 +4,7 @@ bench/herd.py run the real registry route behind it."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -120,8 +121,27 @@ def test_closing_fails_what_still_waits():
     b.close()
     assert running[0].result(5) == "peer:k0"
     assert all(f.done() for f in waiting)
-    with pytest.raises(RuntimeError):
+    for f in waiting:  # as an unreachable registry: the cache serves what it has
+        with pytest.raises(RegistryUnavailable):
+            f.result(0)
+    with pytest.raises(RegistryUnavailable):
         b.submit(["k9"])[0].result(1)
+    b.close()  # again: nothing left to do
+
+
+def test_closing_does_not_wait_for_tokens_that_would_serve_the_queue_for_minutes():
+    # A stop after a herd with one key per call: thousands of keys behind a token
+    # bucket of 50 a second. They are failed at once, not one token_wait each (the
+    # daemon closes the batcher before it waits for its workers, daemon.stop).
+    b = batcher(Fetch(), bucket=TokenBucket(50, 1), max_batch=1, linger=0, in_flight=8,
+                token_wait=1.0)
+    waiting = b.submit([f"k{i}" for i in range(2000)])
+    started = time.monotonic()
+    b.close()
+    assert all(f.done() for f in waiting)
+    assert time.monotonic() - started < 10  # ~1 s: the token wait under way ends first
+    failed = sum(1 for f in waiting if isinstance(f.exception(0), RegistryUnavailable))
+    assert failed > 1900
 
 
 def test_a_worker_takes_the_ready_items_in_turn_order():
