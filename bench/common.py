@@ -249,22 +249,29 @@ def daemon_events(g: Gateway, since: float = 0.0) -> list[Event]:
 
 def pipeline(events: Sequence[Event], t0: float) -> dict[str, Any]:
     """Where the daemon's time went: per-client milliseconds its events report
-    (peer_pulled.ms, peer_installed.ms: since the initiation was seen) and when the
-    last of each step happened, in seconds after t0."""
+    (peer_installed.pulled_ms and .ms, or peer_pulled.ms where the daemon logs its
+    DEBUG steps: since the initiation was seen) and when the last of each step
+    happened, in seconds after t0."""
+    installs = [e for e in events if e.event == "peer_installed"]
+
     def last(name: str) -> float:
         ts = [e.ts for e in events if e.event == name]
         return max(ts) - t0 if ts else math.nan
 
-    def field_ms(name: str) -> dict[str, float]:
-        vals = [e.get("ms") / 1000 for e in events
-                if e.event == name and isinstance(e.get("ms"), (int, float))]
+    def field_ms(evs: Sequence[Event], name: str) -> dict[str, float]:
+        vals = [e.get(name) / 1000 for e in evs if isinstance(e.get(name), (int, float))]
         return summarise(vals)
     counts: dict[str, int] = {}
     for e in events:
         counts[e.event] = counts.get(e.event, 0) + 1
-    return {"counts": counts, "pulled": field_ms("peer_pulled"),
-            "installed": field_ms("peer_installed"),
-            "last_seen_s": last("initiation_seen"), "last_installed_s": last("peer_installed"),
+    pulled = [e for e in events if e.event == "peer_pulled"]
+    seen = [e.get("seen") for e in installs if isinstance(e.get("seen"), (int, float))]
+    return {"counts": counts,
+            "pulled": field_ms(pulled, "ms") if pulled else field_ms(installs, "pulled_ms"),
+            "installed": field_ms(installs, "ms"),
+            "last_seen_s": last("initiation_seen") if counts.get("initiation_seen")
+            else (max(seen) - t0 if seen else math.nan),
+            "last_installed_s": last("peer_installed"),
             "last_handshake_s": last("handshake_completed")}
 
 

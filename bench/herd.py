@@ -79,6 +79,9 @@ from tests.initiations import build_initiation  # noqa: E402
 
 CASES = ("cold-single", "cold", "warm", "gap")
 CASE_FLAGS = {"cold-single": ["--lookup-batch", "1"]}
+# The daemon's own default, as operators run it (the lab's daemons log each step of
+# an install at DEBUG; peer_installed carries what this bench reads of them).
+LOG_FLAGS = ["--log-level", "INFO"]
 TARGETS = {1000: 2.0, 10000: 5.0}  # seconds until every peer is installed
 REKEY_TIMEOUT = 5.0
 DOWN_FOR = 600.0  # how old the warm cases' cache entries are (positive TTL: 300 s)
@@ -171,7 +174,7 @@ def wait_metric(lab, g, name: str, at_least: float, timeout: float) -> None:
 def prepare(lab, g, case: str, extra: list[str]) -> dict:
     """Stop/clean/start the daemon for `case`; what was done to its state."""
     state_dir = Path(lab.state.dir) / f"gateway-{g.name}"
-    flags = CASE_FLAGS.get(case, []) + extra
+    flags = CASE_FLAGS.get(case, []) + LOG_FLAGS + extra
     if case.startswith("cold"):
         restart_daemon_empty(lab, g, flags)
         return {"aged_entries": 0}
@@ -203,7 +206,7 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
     last_sent = [math.nan] * n  # of the latest retry
     retries = [0] * n
     installed: dict[int, float] = {}
-    seen: dict[int, float] = {}  # the daemon verified the client's initiation
+    seen: dict[int, float] = {}  # the daemon's capture read the initiation installed
     events: list = []
     wave = threading.Thread(target=router.call, args=(send_wave, packets, dst, spread, sent_at),
                             daemon=True)
@@ -219,8 +222,8 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
                 continue
             if ev.event == "peer_installed":
                 installed.setdefault(i, ev.ts)
-            elif ev.event == "identity_recovered":
-                seen.setdefault(i, ev.ts)
+                if isinstance(ev.get("seen"), (int, float)):
+                    seen.setdefault(i, ev.get("seen"))
         now = time.time()
         due = [] if wave.is_alive() else [
             i for i in range(n) if i not in installed
@@ -263,9 +266,9 @@ def run_round(lab, herd: Herd, n: int, case: str, extra: list[str], spread: floa
         "lookups": lookups,
         "drops": delta_labelled("wgjit_gateway_drops_total"),
         "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu1},
-        # Where the time went: sent -> verified by the daemon, and the daemon's own
-        # per-client ms from verification to pulled / installed.
-        "verified": summarise([seen[i] - sent_at[i] for i in seen]),
+        # Where the time went: sent -> read by the daemon's capture, and the daemon's
+        # own per-client ms from there to pulled / installed.
+        "seen": summarise([seen[i] - sent_at[i] for i in seen]),
         "daemon": pipeline(events, start),
         "initiations_built_s": build_s,
         # Every 5th percentile of the clients' latencies (the raw list of 10,000
@@ -350,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                   r["retried"], f"{r['registry_calls']:.0f}", f"{r['keys_per_call']:.1f}",
                   f"{r['rate_limited']:.0f}", f"{r['cpu_s']['daemon']:.2f}",
                   f"{1000 * r['cpu_s']['daemon'] / r['clients']:.2f}"] for r in rounds]))
-    print("\nWhere the time went (ms; p50/p99 per client): initiation sent -> verified by "
-          "the daemon, verified -> pulled from cache or registry, verified -> installed")
-    print(table(["clients", "case", "verified", "pulled", "installed"],
+    print("\nWhere the time went (ms; p50/p99 per client): initiation sent -> read by the "
+          "daemon's capture (seen), seen -> pulled from cache or registry, seen -> installed")
+    print(table(["clients", "case", "seen", "pulled", "installed"],
                 [[r["clients"], r["case"],
-                  f"{ms(r['verified']['p50'])}/{ms(r['verified']['p99'])}",
+                  f"{ms(r['seen']['p50'])}/{ms(r['seen']['p99'])}",
                   f"{ms(r['daemon']['pulled']['p50'])}/{ms(r['daemon']['pulled']['p99'])}",
                   f"{ms(r['daemon']['installed']['p50'])}/"
                   f"{ms(r['daemon']['installed']['p99'])}"] for r in rounds]))

@@ -86,7 +86,9 @@ def daemon_argv(g: Gateway, regs: Sequence[Registry], state_dir: str, idle_timeo
     """
     servers = [arg for r in regs for arg in ("--registry", r.url)]
     ca = ["--registry-ca", regs[0].ca_file] if regs[0].ca_file else []
-    return [*wgjit_argv(), "gateway", "run", "--interface", g.ifname,
+    # DEBUG: the steps of every install as events, the story the demo, the tests and
+    # the benches read (a daemon's INFO has one line per install).
+    return [*wgjit_argv(), "gateway", "run", "--log-level", "DEBUG", "--interface", g.ifname,
             *servers, *ca, "--token-file", gateway_token(regs[0], g.name),
             "--listen-port", str(g.listen_port), "--state-dir", state_dir,
             "--metrics-listen", g.metrics, "--idle-timeout", f"{idle_timeout:g}",

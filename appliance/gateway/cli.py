@@ -80,6 +80,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "pulled from the registry, and evict idle ones. Every option may also "
                     "come from the [gateway] table of --config or a WGJIT_<OPTION> variable.")
     run.add_argument("--config", metavar="FILE", help="TOML config file ([gateway] table)")
+    # Also here, after the command, so that a later flag overrides the global one
+    # (the lab runs its daemons at DEBUG, a bench may want INFO back).
+    run.add_argument("--log-level", default=argparse.SUPPRESS,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="as wgjit --log-level; INFO: one line per install, DEBUG: "
+                          "each step of it too")
     config.add_flags(run, OPTIONS)
     run.set_defaults(func=cmd_run)
 

@@ -155,24 +155,25 @@ class Provisioner:
             if lookup.peer is None:
                 events.emit("peer_unknown", public_key=key, reason=lookup.outcome.value)
                 continue
-            events.emit("peer_pulled", public_key=key, source=SOURCES[lookup.outcome],
-                        ms=round(1000 * (time.time() - work.seen_at), 2))
+            pulled_ms = round(1000 * (time.time() - work.seen_at), 2)
+            events.emit("peer_pulled", level=logging.DEBUG, public_key=key,
+                        source=SOURCES[lookup.outcome], ms=pulled_ms)
             # The client's latest initiation, should it have retried during a slow pull.
-            found.append((self.queue.latest(key) or work, lookup))
+            found.append((self.queue.latest(key) or work, lookup, pulled_ms))
         if not found:
             return
         reinject = self.reinjector is not None
         results = self.installer.install_many(
-            [(lookup.peer, work.endpoint) for work, lookup in found if lookup.peer is not None],
-            reinject=reinject)
-        for work, lookup in found:
+            [(lookup.peer, work.endpoint) for work, lookup, _ in found
+             if lookup.peer is not None], reinject=reinject)
+        for work, lookup, pulled_ms in found:
             try:
-                self._installed(work, lookup, results[work.key], reinject)
+                self._installed(work, lookup, results[work.key], reinject, pulled_ms)
             except Exception:
                 log.exception("install of %s failed", work.key)
 
     def _installed(self, work: Work, lookup: Lookup, result: bool | Exception,
-                   reinject: bool) -> None:
+                   reinject: bool, pulled_ms: float) -> None:
         key, seen_at = work.key, work.seen_at
         if isinstance(result, OverlapRefused):
             return  # counted and logged (rate-limited) by the installer's guard
@@ -198,10 +199,14 @@ class Provisioner:
         self.metrics.install_latency.observe(elapsed)
         self.metrics.installed.set(len(self.installer))
         self.evictor.note_install(key)
+        # The one line per install at INFO: what the DEBUG steps say, in sum (seen:
+        # when the capture read the initiation; pulled_ms, ms: since then).
         events.emit("peer_installed", public_key=key, endpoint=work.endpoint,
                     allowed_ips=list(lookup.peer.allowed_ips), ms=round(1000 * elapsed, 2),
                     mode=("reinject" if reinject else "invert"
-                          if self.installer.role_inversion else "responder"))
+                          if self.installer.role_inversion else "responder"),
+                    source=SOURCES[lookup.outcome], seen=round(seen_at, 6),
+                    pulled_ms=pulled_ms)
         if reinject:
             self._reinject(work)
 
@@ -219,6 +224,7 @@ class Provisioner:
                             public_key=work.key, endpoint=d.endpoint, reason="send_failed")
             return
         self.metrics.reinjections.labels("sent").inc()
-        events.emit("initiation_reinjected", public_key=work.key, endpoint=d.endpoint,
+        events.emit("initiation_reinjected", level=logging.DEBUG, public_key=work.key,
+                    endpoint=d.endpoint,
                     ms=round(1000 * (time.time() - work.seen_at), 2),
                     mac2="dataplane" if cookie is not None else "client")
