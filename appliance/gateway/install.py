@@ -281,15 +281,11 @@ class Installer:
 
     def retrigger_due(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
-        return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
-                and not entry.adopted and entry.retriggers < MAX_RETRIGGERS
-                and now - entry.triggered_at > RETRIGGER_AFTER)
+        return _may_retrigger(entry) and now - entry.triggered_at > RETRIGGER_AFTER
 
     def may_retrigger(self, public_key: str) -> bool:
         """Could retrigger_due ever become true for it (without a new install)?"""
-        entry = self._peers.get(public_key)
-        return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
-                and not entry.adopted and entry.retriggers < MAX_RETRIGGERS)
+        return _may_retrigger(self._peers.get(public_key))
 
     def reinjection_overdue(self, public_key: str, now: float) -> bool:
         entry = self._peers.get(public_key)
@@ -332,12 +328,10 @@ class Installer:
             self._put_many(aimed)
         return [e.public_key for e in aimed]
 
-    def retrigger(self, public_key: str) -> bool:
-        """Install a peer afresh: its handshake did not complete within RETRIGGER_AFTER."""
-        return bool(self.retrigger_many([public_key]))
-
     def retrigger_many(self, public_keys: list[str]) -> list[str]:
-        """retrigger() for every key: one removal and one install for them all."""
+        """Install these peers afresh (their handshakes did not complete within
+        RETRIGGER_AFTER): one removal and one install for them all; returns those
+        still watched, which were."""
         with self._lock:
             entries = [e for k in public_keys
                        if (e := self._peers.get(k)) is not None and e.trigger_pending]
@@ -424,3 +418,9 @@ class Installer:
 def _networks(cidrs: tuple[str, ...]) -> set:
     # The device reports networks normalised (host bits dropped); so compare them so.
     return {parse_network(c) for c in cidrs}
+
+
+def _may_retrigger(entry: Installed | None) -> bool:
+    """Role inversion's trigger still pending, and re-triggers left (not adopted)."""
+    return (entry is not None and entry.trigger_pending and entry.trigger_keepalive
+            and not entry.adopted and entry.retriggers < MAX_RETRIGGERS)
