@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import json
@@ -36,7 +37,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from appliance.gateway.bpf import (
@@ -307,42 +308,44 @@ class Capture:
                 self.lag = max(self.lag, _age_of_last_frame(sock))
         return out
 
-    def _drain(self, sock: socket.socket, ifname: str, max_frames: int,
-               out: list[Datagram]) -> int:
-        """Read up to max_frames frames into `out`; how many were read."""
-        for n in range(max_frames):
+    def _frames(self, sock: socket.socket, max_frames: int) -> Iterator[tuple[bytes, int]]:
+        """(frame, packet type) for up to max_frames frames queued on `sock` now."""
+        for _ in range(max_frames):
             try:
                 frame, addr = sock.recvfrom(self.snaplen)
             except (BlockingIOError, InterruptedError):
-                return n
+                return
+            yield frame, addr[2]
+
+    def _drain(self, sock: socket.socket, ifname: str, max_frames: int,
+               out: list[Datagram]) -> int:
+        """Read up to max_frames frames into `out`; how many were read."""
+        n = 0
+        for frame, pkttype in self._frames(sock, max_frames):
+            n += 1
             self.received += 1
-            if addr[2] != PACKET_HOST:
+            if pkttype != PACKET_HOST:
                 self.malformed["pkttype"] += 1
                 continue
             try:
                 out.append(parse_frame(frame, ifname, self.port))
             except FrameError as e:
                 self.malformed[e.reason] += 1
-        return max_frames
+        return n
 
     def _drain_replies(self, sock: socket.socket, ifname: str, max_frames: int,
                        out: list[Datagram]) -> None:
         """Our own outgoing cookie replies: not counted as received nor as malformed
         (the initiation counters stay what they were)."""
-        for _ in range(max_frames):
-            try:
-                frame, addr = sock.recvfrom(self.snaplen)
-            except (BlockingIOError, InterruptedError):
-                return
-            if addr[2] != PACKET_OUTGOING:
+        for frame, pkttype in self._frames(sock, max_frames):
+            if pkttype != PACKET_OUTGOING:
                 continue
             try:
                 d = parse_frame(frame, ifname)
             except FrameError:
                 continue
             if d.src_port == self.port:
-                out.append(Datagram(d.src_ip, d.src_port, d.payload, ifname, d.dst_ip,
-                                    d.dst_port, outgoing=True))
+                out.append(dataclasses.replace(d, outgoing=True))
 
     def kernel_stats(self) -> dict[str, tuple[int, int]]:
         """Per interface (frames passed by the filter, frames dropped) since the last call.
