@@ -471,11 +471,13 @@ class Gateway:
         except InitiationError as e:
             self.metrics.drops.labels(e.reason).inc()
             return
-        if intake.admit(init.initiator_static, init.timestamp, d, seen_at,
-                        on_known=self.gate.verified_known) == QUEUED:
-            # The steps of an install are DEBUG; peer_installed sums them up at INFO
-            # (provision.py): six lines a client cost a fifth of the daemon's CPU
-            # in a 10,000-client herd.
+        queued = intake.admit(init.initiator_static, init.timestamp, d, seen_at,
+                              on_known=self.gate.verified_known) == QUEUED
+        # The steps of an install are DEBUG; peer_installed sums them up at INFO
+        # (provision.py): six lines a client cost a fifth of the daemon's CPU in a
+        # 10,000-client herd. Their fields are not even made at INFO: this is the
+        # capture thread.
+        if queued and events.enabled(logging.DEBUG):
             events.emit("initiation_seen", level=logging.DEBUG, ts=seen_at,
                         endpoint=d.endpoint, interface=d.ifname)
             events.emit("identity_recovered", level=logging.DEBUG,

@@ -24,6 +24,11 @@ log = logging.getLogger("wgjit.events")
 FORBIDDEN_FIELDS = frozenset({"private_key", "preshared_key", "token"})
 
 
+def enabled(level: int) -> bool:
+    """Would an event at `level` be logged? For callers whose fields cost work."""
+    return log.isEnabledFor(level)
+
+
 def emit(event: str, level: int = logging.INFO, **fields: Any) -> None:
     if not log.isEnabledFor(level):
         return
